@@ -1,0 +1,1 @@
+"""lit_dpvae: differentially private VAEs for PyTorch Lightning (term-wise DP-SGD)."""

@@ -1,0 +1,163 @@
+"""Rank-synchronised Poisson sampling.
+
+Privacy amplification by subsampling (the accountant's ``sample_rate``) assumes each record enters
+each step's batch independently with probability ``q``. Opacus' distributed Poisson sampler draws
+per rank and skips empty local batches, so ranks take different numbers of steps and the job hangs
+(DESIGN §4). Here every rank draws the *same global* Poisson batch from a shared seed, keeps its
+share ``global_batch[rank::world_size]``, and yields it even when it is empty. Every rank therefore
+takes exactly ``steps_per_epoch`` steps, and the union of the local batches is one Poisson sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils.collate import default_collate
+
+
+class PoissonBatchSampler(Sampler[list[int]]):
+    """Poisson batches of a dataset of ``num_samples`` records, identical across ranks.
+
+    Each call to ``__iter__`` is one epoch of ``steps_per_epoch`` steps (default ``round(1/q)``);
+    step ``t`` of epoch ``e`` includes record ``j`` iff ``u_j < q`` for ``u`` drawn from a generator
+    seeded by ``(seed, e, t)``. The epoch counter advances by itself at the end of each epoch
+    (Lightning never calls ``set_epoch`` on a batch sampler) and is part of ``state_dict()``.
+
+    Args:
+        num_samples: dataset size ``N``.
+        sample_rate: inclusion probability ``q`` in (0, 1].
+        seed: shared seed; must be the same on every rank.
+        num_replicas, rank: the process group's size and this process's rank.
+        steps_per_epoch: steps per epoch (default ``max(1, round(1 / q))``).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        *,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        steps_per_epoch: int | None = None,
+    ) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(
+                f"sample_rate must be in (0, 1], got {sample_rate} (expected batch size / N)"
+            )
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
+        self.num_samples = int(num_samples)
+        self.sample_rate = float(sample_rate)
+        self.seed = int(seed)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.steps_per_epoch = (
+            int(steps_per_epoch) if steps_per_epoch else max(1, round(1.0 / self.sample_rate))
+        )
+        self.epoch = 0
+
+    @property
+    def expected_batch_size(self) -> float:
+        """``B = q N``, the public normaliser of the update (global, over all ranks)."""
+        return self.sample_rate * self.num_samples
+
+    def global_batch(self, epoch: int, step: int) -> torch.Tensor:
+        """Indices of the global Poisson batch of ``(epoch, step)`` (same on every rank)."""
+        gen = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + epoch) * 1_000_003 + step
+        )
+        mask = torch.rand(self.num_samples, generator=gen) < self.sample_rate
+        return mask.nonzero(as_tuple=False).flatten()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = self.epoch
+        for step in range(self.steps_per_epoch):
+            batch = self.global_batch(epoch, step)
+            yield batch[self.rank :: self.num_replicas].tolist()
+        self.epoch = epoch + 1
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "seed": self.seed, "sample_rate": self.sample_rate}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.seed = int(state["seed"])
+        self.sample_rate = float(state["sample_rate"])
+
+
+class EmptySafeCollate:
+    """``default_collate`` that turns an empty list of records into a zero-length batch.
+
+    The structure of an empty batch is taken from ``dataset[0]`` (collated, then sliced to zero
+    rows), so every empty batch has the right trailing shapes and dtypes. No record content leaks:
+    the empty batch has no rows.
+    """
+
+    def __init__(self, dataset: Dataset, collate_fn: Any = default_collate) -> None:
+        self.collate_fn = collate_fn
+        self._empty = _slice_empty(collate_fn([dataset[0]]))
+
+    def __call__(self, records: list[Any]) -> Any:
+        if len(records) == 0:
+            return self._empty
+        return self.collate_fn(records)
+
+
+def _slice_empty(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[:0].clone()
+    if isinstance(batch, dict):
+        return {k: _slice_empty(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_slice_empty(v) for v in batch)
+    raise TypeError(
+        f"cannot build an empty batch from a {type(batch).__name__}; Poisson sampling needs "
+        "batches made of tensors (or lists/tuples/dicts of tensors)"
+    )
+
+
+def poisson_dataloader(
+    dataset: Dataset,
+    sample_rate: float,
+    *,
+    seed: int = 0,
+    num_replicas: int = 1,
+    rank: int = 0,
+    steps_per_epoch: int | None = None,
+    num_workers: int = 0,
+    collate_fn: Any = default_collate,
+) -> DataLoader:
+    """A DataLoader over rank-synchronised Poisson batches (empty batches included)."""
+    if not isinstance(dataset, Sized):
+        raise TypeError("Poisson sampling needs a map-style dataset with __len__")
+    sampler = PoissonBatchSampler(
+        len(dataset),
+        sample_rate,
+        seed=seed,
+        num_replicas=num_replicas,
+        rank=rank,
+        steps_per_epoch=steps_per_epoch,
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=EmptySafeCollate(dataset, collate_fn),
+        num_workers=num_workers,
+    )
+
+
+def is_poisson_loader(loader: Any) -> bool:
+    """True if ``loader`` draws its batches with :class:`PoissonBatchSampler`."""
+    return isinstance(getattr(loader, "batch_sampler", None), PoissonBatchSampler)

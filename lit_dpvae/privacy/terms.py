@@ -1,0 +1,146 @@
+"""The loss-term contract between models and privacy mechanisms.
+
+A model exposes ``loss_terms(batch) -> LossTerms``. Sample-wise terms hold one value per record
+(term ``i`` reads record ``i`` only); batch-wise terms are scalars that may read the whole batch.
+Weights (β, λ) are applied by the model. At the scale of a mean the loss of a batch of expected
+size ``B`` is
+
+    L(S) = (1/B) Σ_i Σ_name sample[name][i]  +  Σ_name batch[name].
+
+The privacy code never guesses which term is which: the model declares it here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class LossTermsError(ValueError):
+    """A model returned loss terms that break the contract."""
+
+
+@dataclass
+class LossTerms:
+    """Named loss terms of one batch.
+
+    Attributes:
+        sample: name -> tensor of shape ``[n]``, one value per record (sample-wise terms).
+        batch: name -> scalar tensor (batch-wise terms, e.g. a divergence estimated on the batch).
+    """
+
+    sample: dict[str, Tensor] = field(default_factory=dict)
+    batch: dict[str, Tensor] = field(default_factory=dict)
+
+    def validate(self, n: int | None = None, *, check_finite: bool = True) -> int:
+        """Check shapes and values; return the number of records ``n``.
+
+        Raises:
+            LossTermsError: a sample term that is not ``[n]``, sample terms of different lengths,
+                a batch term that is not a scalar, a term that is not a tensor, or NaN/Inf.
+        """
+        if not isinstance(self.sample, Mapping) or not isinstance(self.batch, Mapping):
+            raise LossTermsError("LossTerms.sample and LossTerms.batch must be dicts name -> tensor")
+        if not self.sample and not self.batch:
+            raise LossTermsError("LossTerms is empty: declare at least one sample or batch term")
+        for name, value in {**self.sample, **self.batch}.items():
+            if not isinstance(value, Tensor):
+                raise LossTermsError(f"loss term {name!r} is {type(value).__name__}, not a tensor")
+        for name, value in self.sample.items():
+            if value.dim() != 1:
+                raise LossTermsError(
+                    f"sample-wise term {name!r} has shape {tuple(value.shape)}; it must have shape "
+                    "[n] (one value per record). Do not reduce it: the mechanism clips per record."
+                )
+            if n is None:
+                n = value.shape[0]
+            elif value.shape[0] != n:
+                raise LossTermsError(
+                    f"sample-wise term {name!r} has {value.shape[0]} values but the batch has {n} "
+                    "records: every sample-wise term needs exactly one value per record"
+                )
+        for name, value in self.batch.items():
+            if value.dim() != 0:
+                raise LossTermsError(
+                    f"batch-wise term {name!r} has shape {tuple(value.shape)}; it must be a scalar. "
+                    "A term with one value per record is sample-wise: put it in LossTerms.sample."
+                )
+        if check_finite:
+            for kind, terms in (("sample", self.sample), ("batch", self.batch)):
+                for name, value in terms.items():
+                    if not bool(torch.isfinite(value.detach()).all()):
+                        raise LossTermsError(
+                            f"{kind}-wise term {name!r} contains NaN or Inf. Refusing to take a "
+                            "private step on it (check the learning rate, the likelihood's input "
+                            "range and the data)."
+                        )
+        return 0 if n is None else int(n)
+
+    def per_record(self) -> Tensor | None:
+        """Σ_name sample[name]: the per-record loss ``ℓ_i``, shape ``[n]`` (None if no terms)."""
+        if not self.sample:
+            return None
+        return torch.stack(list(self.sample.values())).sum(0)
+
+    def batch_total(self) -> Tensor | None:
+        """Σ_name batch[name]: the batch-wise part of the loss (None if no terms)."""
+        if not self.batch:
+            return None
+        return torch.stack(list(self.batch.values())).sum()
+
+    def mean_loss(self, expected_batch_size: float | None = None) -> Tensor:
+        """The loss at the scale of a mean: ``Σ ℓ_i / B + Σ D_k`` (``B`` defaults to ``n``)."""
+        total: Tensor | None = None
+        per_record = self.per_record()
+        if per_record is not None:
+            denom = expected_batch_size if expected_batch_size is not None else per_record.numel()
+            total = per_record.sum() / max(float(denom), 1.0)
+        batch = self.batch_total()
+        if batch is not None:
+            total = batch if total is None else total + batch
+        assert total is not None  # validate() rejects empty LossTerms
+        return total
+
+    def detached(self) -> dict[str, float]:
+        """Mean of each term as a float, for logging (sample terms averaged over records)."""
+        out = {k: float(v.detach().mean()) if v.numel() else 0.0 for k, v in self.sample.items()}
+        out.update({k: float(v.detach()) for k, v in self.batch.items()})
+        return out
+
+
+def loss_terms_of(module: nn.Module, batch: Any) -> LossTerms:
+    """Call ``module.loss_terms(batch)`` with a clear error when the contract is not met."""
+    fn = getattr(module, "loss_terms", None)
+    if not callable(fn):
+        raise TypeError(
+            f"{type(module).__name__} has no loss_terms(batch) method. A DP mechanism needs to know "
+            "which loss terms are per record and which read the whole batch: implement "
+            "loss_terms(batch) -> lit_dpvae.privacy.LossTerms (see lit_dpvae.models.base)."
+        )
+    terms = fn(batch)
+    if not isinstance(terms, LossTerms):
+        raise TypeError(
+            f"{type(module).__name__}.loss_terms returned {type(terms).__name__}; it must return "
+            "lit_dpvae.privacy.LossTerms(sample={...}, batch={...})"
+        )
+    return terms
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of records in a batch: the leading dimension of its first tensor."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            if isinstance(item, Tensor):
+                return int(item.shape[0])
+    raise TypeError(
+        f"cannot tell the number of records in a batch of type {type(batch).__name__}: "
+        "a batch must be a tensor or a tuple/list/dict whose first tensor is batch-first"
+    )
