@@ -1,6 +1,22 @@
 """Privacy engine: loss-term contract, mechanisms, per-sample gradient backends, accounting and
 Poisson sampling. Pure torch + opacus; importing it never imports Lightning."""
 
+from lit_dpvae.privacy.accounting import (
+    PrivacyAccountant,
+    calibrate_noise,
+    check_budget,
+    joint_noise_multiplier,
+    split_noise_multiplier,
+)
+from lit_dpvae.privacy.grad_sample import BACKENDS, AttributionError
+from lit_dpvae.privacy.mechanisms import (
+    Mechanism,
+    NaiveDPSGD,
+    NonPrivate,
+    TermwiseDPSGD,
+    clip_vector,
+    global_norm,
+)
 from lit_dpvae.privacy.sampling import (
     EmptySafeCollate,
     PoissonBatchSampler,
@@ -10,6 +26,19 @@ from lit_dpvae.privacy.sampling import (
 from lit_dpvae.privacy.terms import LossTerms, LossTermsError, batch_size_of, loss_terms_of
 
 __all__ = [
+    "BACKENDS",
+    "AttributionError",
+    "Mechanism",
+    "NaiveDPSGD",
+    "NonPrivate",
+    "PrivacyAccountant",
+    "TermwiseDPSGD",
+    "calibrate_noise",
+    "check_budget",
+    "clip_vector",
+    "global_norm",
+    "joint_noise_multiplier",
+    "split_noise_multiplier",
     "EmptySafeCollate",
     "LossTerms",
     "LossTermsError",

@@ -44,7 +44,7 @@ class LossTerms:
                 a batch term that is not a scalar, a term that is not a tensor, or NaN/Inf.
         """
         if not isinstance(self.sample, Mapping) or not isinstance(self.batch, Mapping):
-            raise LossTermsError("LossTerms.sample and LossTerms.batch must be dicts name -> tensor")
+            raise LossTermsError("LossTerms.sample and .batch must be dicts name -> tensor")
         if not self.sample and not self.batch:
             raise LossTermsError("LossTerms is empty: declare at least one sample or batch term")
         for name, value in {**self.sample, **self.batch}.items():
@@ -66,7 +66,8 @@ class LossTerms:
         for name, value in self.batch.items():
             if value.dim() != 0:
                 raise LossTermsError(
-                    f"batch-wise term {name!r} has shape {tuple(value.shape)}; it must be a scalar. "
+                    f"batch-wise term {name!r} has shape {tuple(value.shape)}; it must be a scalar."
+                    " "
                     "A term with one value per record is sample-wise: put it in LossTerms.sample."
                 )
         if check_finite:
@@ -117,8 +118,8 @@ def loss_terms_of(module: nn.Module, batch: Any) -> LossTerms:
     fn = getattr(module, "loss_terms", None)
     if not callable(fn):
         raise TypeError(
-            f"{type(module).__name__} has no loss_terms(batch) method. A DP mechanism needs to know "
-            "which loss terms are per record and which read the whole batch: implement "
+            f"{type(module).__name__} has no loss_terms(batch) method. A DP mechanism needs to "
+            "know which loss terms are per record and which read the whole batch: implement "
             "loss_terms(batch) -> lit_dpvae.privacy.LossTerms (see lit_dpvae.models.base)."
         )
     terms = fn(batch)

@@ -1,0 +1,148 @@
+"""Privacy accounting for term-wise DP-SGD on top of Opacus' accountants.
+
+One step of any mechanism here releases a tuple of Gaussian-noised statistics
+``(f_k(S) + N(0, σ_k² Δ_k² I))_k``. Whitening block k by ``σ_k Δ_k`` turns it into one Gaussian
+mechanism with unit noise and L2 sensitivity ``sqrt(Σ_k σ_k⁻²)``, i.e. a Gaussian mechanism with
+noise multiplier ``σ_eff = (Σ_k σ_k⁻²)^(-1/2)``. Under Poisson subsampling with rate ``q`` the
+step is therefore accounted as Opacus' subsampled Gaussian ``(σ_eff, q)``: the RDP/PRV analyses of
+the sampled Gaussian mechanism hold for any function of the sampled set with bounded add/remove
+sensitivity (Mironov, Talwar, Zhang 2019, arXiv 1908.10530). Proof: docs/privacy.md §4.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.accountant import IAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
+
+
+def joint_noise_multiplier(sigmas: list[float]) -> float:
+    """``σ_eff = (Σ_k σ_k⁻²)^(-1/2)``; a part with ``σ_k = 0`` makes the whole step non-private."""
+    if not sigmas:
+        raise ValueError("no noise multipliers given")
+    if any(s < 0 or math.isnan(s) for s in sigmas):
+        raise ValueError(f"noise multipliers must be >= 0, got {sigmas}")
+    if any(s == 0 for s in sigmas):
+        return 0.0
+    precision = sum(0.0 if math.isinf(s) else s**-2 for s in sigmas)
+    return math.inf if precision == 0 else precision**-0.5
+
+
+def split_noise_multiplier(sigma_eff: float, sample_share: float) -> tuple[float, float]:
+    """``(σ_s, σ_b) = (σ_eff/√γ, σ_eff/√(1−γ))`` so that ``σ_s⁻² + σ_b⁻² = σ_eff⁻²``."""
+    if not 0.0 < sample_share <= 1.0:
+        raise ValueError(f"sample_share γ must be in (0, 1], got {sample_share}")
+    sigma_s = sigma_eff / math.sqrt(sample_share)
+    sigma_b = math.inf if sample_share == 1.0 else sigma_eff / math.sqrt(1.0 - sample_share)
+    return sigma_s, sigma_b
+
+
+def _accountant_class(name: str) -> type[IAccountant]:
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {name!r}; choose one of {sorted(ACCOUNTANTS)}")
+    return ACCOUNTANTS[name]
+
+
+def check_budget(
+    target_epsilon: float, target_delta: float, num_records: int | None = None
+) -> None:
+    """Reject budgets that are meaningless: ε ≤ 0, δ outside (0, 1), or δ ≥ 1/N."""
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(f"target_epsilon must be a positive finite number, got {target_epsilon}")
+    if not 0.0 < target_delta < 1.0:
+        raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
+    if num_records is not None and target_delta >= 1.0 / num_records:
+        raise ValueError(
+            f"target_delta={target_delta} >= 1/N = {1.0 / num_records:.3g}: a mechanism that "
+            "publishes one random record in full satisfies such a δ. Use δ well below 1/N "
+            f"(e.g. {10 ** math.floor(math.log10(0.1 / num_records)):.0e})."
+        )
+
+
+def calibrate_noise(
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """The smallest σ_eff (to ``epsilon_tolerance`` in ε) whose ε after ``steps`` steps of the
+    subsampled Gaussian with rate ``sample_rate`` is at most ``target_epsilon`` (Opacus' search).
+    """
+    check_budget(target_epsilon, target_delta)
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    _accountant_class(accountant)
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=sample_rate,
+            steps=int(steps),
+            accountant=accountant,
+            epsilon_tolerance=epsilon_tolerance,
+        )
+    )
+
+
+class PrivacyAccountant:
+    """A checkpointable history of ``(σ_eff, q, steps)`` with ε from Opacus' RDP or PRV analysis.
+
+    ``step(σ_eff, q)`` records one step; a step with ``σ_eff = 0`` (non-private) makes ε infinite.
+    ``state_dict()`` holds the whole history, so a resumed run continues ε where it stopped.
+    """
+
+    def __init__(self, accountant: str = "rdp") -> None:
+        self.name = accountant
+        self._impl = _accountant_class(accountant)()
+        self.non_private_steps = 0
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return list(self._impl.history)
+
+    @property
+    def steps(self) -> int:
+        return sum(int(s) for _, _, s in self._impl.history) + self.non_private_steps
+
+    def step(self, noise_multiplier: float, sample_rate: float) -> None:
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if noise_multiplier == 0:
+            self.non_private_steps += 1
+            return
+        self._impl.step(noise_multiplier=float(noise_multiplier), sample_rate=float(sample_rate))
+
+    def get_epsilon(self, delta: float) -> float:
+        if self.non_private_steps:
+            return math.inf
+        if not self._impl.history:
+            return 0.0
+        return float(self._impl.get_epsilon(delta=delta))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "accountant": self.name,
+            "history": [tuple(h) for h in self._impl.history],
+            "non_private_steps": self.non_private_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("accountant") != self.name:
+            raise ValueError(
+                f"checkpoint was accounted with {state.get('accountant')!r}, this run uses "
+                f"{self.name!r}: resume with the same accountant so ε stays comparable"
+            )
+        self._impl.history = [tuple(h) for h in state["history"]]
+        self.non_private_steps = int(state.get("non_private_steps", 0))
+
+    def __repr__(self) -> str:
+        return f"PrivacyAccountant({self.name!r}, steps={self.steps})"

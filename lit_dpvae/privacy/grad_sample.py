@@ -1,0 +1,285 @@
+"""Per-record clipped gradient sums, behind one interface with three backends.
+
+Every backend computes, for a loss ``Σ_i ℓ_i`` whose records flow through the network separately,
+
+    clipped_sum = Σ_i c_i ∇ℓ_i,      c_i = min(1, C / (‖∇ℓ_i‖ + 1e-6)),
+
+where ``∇ℓ_i`` is the gradient *attributed to record i* by the layers: every trainable layer sees
+record ``i`` in row ``i`` of its input (or rows ``i·m … i·m+m−1``, record-major, when a model
+draws ``m`` reparameterisation samples per record), and the per-record gradient of a layer is
+built from row ``i``'s activation and backprop. For a loss that is a sum of per-record terms this
+is exactly ``∇ℓ_i``; for a loss that couples records (naive DP-SGD) it is what Opacus' hooks
+attribute to record ``i`` — every record's attribution then depends on the whole batch.
+
+Backends (same numbers up to float rounding; tests compare them with a one-record-at-a-time loop):
+
+- ``"ghost"`` (default): one forward, one backward to the layer *outputs* (no parameter gradients
+  accumulated), per-record norms from Opacus' ghost-norm samplers (``‖a_i‖²·‖b_i‖²`` for Linear;
+  Opacus' per-sample samplers for layers without one), then the clipped sum as one local
+  vector-Jacobian product per layer with the backprops rescaled by ``c_i``. No per-sample gradient
+  of a Linear layer is ever materialised, and there is no second backward through the network.
+- ``"hooks"``: Opacus' ``GradSampleModule`` materialises ``p.grad_sample`` for every parameter.
+- ``"functorch"``: as ``"ghost"``, but every layer's per-sample gradients come from
+  ``torch.func`` (Opacus' ``ft_compute_per_sample_gradient``), never from a hand-written sampler.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+    GradSampleHooksFastGradientClipping,
+)
+from opacus.validators import ModuleValidator
+from torch import Tensor, nn
+
+BACKENDS = ("ghost", "hooks", "functorch")
+_EPS = 1e-6
+
+
+class UnsupportedModuleError(ValueError):
+    """The model has a layer (e.g. BatchNorm) that no per-record mechanism can make private."""
+
+
+class AttributionError(RuntimeError):
+    """The network cannot be attributed record by record (so per-record clipping is impossible)."""
+
+
+def check_module(module: nn.Module) -> None:
+    """Refuse layers that break per-record privacy, naming the replacement.
+
+    Uses Opacus' ``ModuleValidator`` (BatchNorm, unsupported layers, ...). BatchNorm normalises
+    with batch statistics, so one record changes every other record's output: no per-record
+    clipping can bound that, and its running buffers leak data without noise.
+    """
+    errors = ModuleValidator.validate(module, strict=False)
+    if errors:
+        lines = "\n  - ".join(str(e) for e in errors)
+        raise UnsupportedModuleError(
+            f"{type(module).__name__} cannot be trained with per-record DP:\n  - {lines}\n"
+            "BatchNorm mixes records within a batch; replace it with nn.GroupNorm or "
+            "nn.LayerNorm (opacus.validators.ModuleValidator.fix(model) does this for you)."
+        )
+
+
+def named_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters by name, in ``named_parameters`` order (the noise order too)."""
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def clip_factors(norms: Tensor, max_norm: float) -> Tensor:
+    """``c_i = min(1, C / (‖g_i‖ + 1e-6))``; records with a non-finite norm get ``c_i = 0``."""
+    factors = (max_norm / (norms + _EPS)).clamp(max=1.0)
+    return torch.where(torch.isfinite(norms), factors, torch.zeros_like(factors))
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    activations: list[Tensor]
+    output: Tensor
+
+
+@dataclass
+class _Capture:
+    """Inputs and outputs of every call of every trainable layer during one forward."""
+
+    calls: list[_Call] = field(default_factory=list)
+
+
+def _trainable_layers(module: nn.Module) -> list[nn.Module]:
+    return [
+        m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+
+
+@contextmanager
+def capture_layers(module: nn.Module) -> Iterator[_Capture]:
+    """Record ``(inputs, output)`` of each trainable layer call while the context is open."""
+    capture = _Capture()
+
+    def hook(m: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        if not isinstance(output, Tensor):
+            raise AttributionError(
+                f"layer {type(m).__name__} with its own parameters returns "
+                f"{type(output).__name__}; per-record attribution needs layers that return one "
+                "tensor. Put the parameters in standard layers (Linear, Conv2d, GroupNorm, ...)."
+            )
+        acts = [t.detach() for t in inputs if isinstance(t, Tensor)]
+        capture.calls.append(_Call(m, acts, output))
+
+    handles = [m.register_forward_hook(hook) for m in _trainable_layers(module)]
+    try:
+        yield capture
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _rows_per_record(call: _Call, n: int) -> int:
+    rows = call.output.shape[0] if call.output.dim() > 0 else 0
+    if n == 0 or rows % n != 0 or rows == 0:
+        raise AttributionError(
+            f"layer {type(call.module).__name__} was called with {rows} rows for a batch of {n} "
+            "records. Every trainable layer must see the batch first: n rows, or n·K rows in "
+            "record-major order (a [n, K, ...] tensor reshaped to [n·K, ...])."
+        )
+    return rows // n
+
+
+def _per_sample_grads(call: _Call, backprops: Tensor, n: int, functorch: bool) -> dict:
+    """Per-record gradients ``{param: [n, *param.shape]}`` of one layer call."""
+    m = _rows_per_record(call, n)
+    sampler = None if functorch else GradSampleModule.GRAD_SAMPLERS.get(type(call.module))
+    if sampler is None:
+        grads = ft_compute_per_sample_gradient(call.module, call.activations, backprops)
+    else:
+        grads = sampler(call.module, call.activations, backprops)
+    if m == 1:
+        return grads
+    return {p: g.reshape(n, m, *g.shape[1:]).sum(1) for p, g in grads.items()}
+
+
+class _LayerwiseClipper:
+    """The ``ghost`` and ``functorch`` backends: attribution from captured layer calls.
+
+    ``clipped_sum(module, run, C, n)``: ``run()`` does the forward pass and returns
+    ``(loss_to_attribute, aux)``; the result is ``({param name: Σ_i c_i g_i}, norms [n], aux)``.
+    The autograd graph is kept, so the caller can differentiate other terms of the same forward.
+    """
+
+    def __init__(self, functorch: bool) -> None:
+        self.functorch = functorch
+
+    def clipped_sum(
+        self, module: nn.Module, run: Callable[[], tuple[Tensor, Any]], max_norm: float, n: int
+    ) -> tuple[dict[str, Tensor], Tensor, Any]:
+        params = named_trainable(module)
+        with capture_layers(module) as cap:
+            loss, aux = run()
+        outputs = [c.output for c in cap.calls]
+        backprops = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
+        backprops = [
+            torch.zeros_like(o) if b is None else b.detach() for o, b in zip(outputs, backprops)
+        ]
+        seen: dict[nn.Parameter, int] = {}
+        for call in cap.calls:
+            for p in call.module.parameters(recurse=False):
+                seen[p] = seen.get(p, 0) + 1
+        missing = [name for name, p in params.items() if p not in seen]
+        if missing:
+            raise AttributionError(
+                f"parameters {missing} were not used by any layer call in loss_terms(); a "
+                "trainable parameter outside a layer's forward cannot be attributed to records. "
+                "Make it a buffer, freeze it, or move it into a standard layer."
+            )
+
+        # Per-record squared norms, and per-sample gradients where they had to be materialised.
+        sq_norm = torch.zeros(n, device=loss.device, dtype=torch.float32)
+        materialised: dict[nn.Parameter, Tensor] = {}
+        ghost_calls = []
+        for call, b in zip(cap.calls, backprops):
+            own = list(call.module.parameters(recurse=False))
+            norm_sampler = GradSampleHooksFastGradientClipping.NORM_SAMPLERS.get(type(call.module))
+            single = all(seen[p] == 1 for p in own)
+            if (
+                not self.functorch
+                and norm_sampler is not None
+                and single
+                and _rows_per_record(call, n) == 1
+            ):
+                norms = norm_sampler(call.module, call.activations, b)
+                for p, ns in norms.items():
+                    if p.requires_grad:
+                        sq_norm = sq_norm + ns.reshape(n).float() ** 2
+                ghost_calls.append((call, b))
+                continue
+            for p, g in _per_sample_grads(call, b, n, self.functorch).items():
+                if p.requires_grad:
+                    materialised[p] = materialised[p] + g if p in materialised else g
+        for g in materialised.values():
+            sq_norm = sq_norm + g.reshape(n, -1).float().pow(2).sum(1)
+        norms = sq_norm.sqrt()
+        factors = clip_factors(norms, max_norm)
+
+        out = {name: torch.zeros_like(p) for name, p in params.items()}
+        by_param = {p: name for name, p in params.items()}
+        for call, b in ghost_calls:
+            own = [p for p in call.module.parameters(recurse=False) if p.requires_grad]
+            scaled = b * factors.to(b.dtype).view(-1, *([1] * (b.dim() - 1)))
+            grads = torch.autograd.grad(call.output, own, grad_outputs=scaled, retain_graph=True)
+            for p, g in zip(own, grads):
+                out[by_param[p]] += g
+        for p, g in materialised.items():
+            out[by_param[p]] += torch.einsum("n,n...->...", factors.to(g.dtype), g)
+        return out, norms, aux
+
+
+class _OpacusHooksClipper:
+    """The ``hooks`` backend: Opacus' GradSampleModule materialises ``p.grad_sample``."""
+
+    def clipped_sum(
+        self, module: nn.Module, run: Callable[[], tuple[Tensor, Any]], max_norm: float, n: int
+    ) -> tuple[dict[str, Tensor], Tensor, Any]:
+        params = named_trainable(module)
+        saved_grads = {name: p.grad for name, p in params.items()}
+        gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum", strict=False)
+        try:
+            for p in params.values():
+                p.grad = None
+                p.grad_sample = None
+            loss, aux = run()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward(retain_graph=True)
+            grad_samples = {}
+            for name, p in params.items():
+                gs = getattr(p, "grad_sample", None)
+                if gs is None:
+                    raise AttributionError(
+                        f"Opacus produced no per-sample gradient for {name!r}: it is not used by a "
+                        "layer in loss_terms(). Freeze it or move it into a standard layer."
+                    )
+                if gs.shape[0] != n:
+                    m = gs.shape[0] // n if n and gs.shape[0] % n == 0 else 0
+                    if m == 0:
+                        raise AttributionError(
+                            f"{name!r} has {gs.shape[0]} per-sample rows for {n} records"
+                        )
+                    gs = gs.reshape(n, m, *gs.shape[1:]).sum(1)
+                grad_samples[name] = gs.detach()
+        finally:
+            for p in params.values():
+                p.grad_sample = None
+            gsm._close()
+            for name, p in params.items():
+                p.grad = saved_grads[name]
+        norms = torch.stack(
+            [g.reshape(n, -1).float().pow(2).sum(1) for g in grad_samples.values()]
+        ).sum(0).sqrt()
+        factors = clip_factors(norms, max_norm)
+        out = {
+            name: torch.einsum("n,n...->...", factors.to(g.dtype), g)
+            for name, g in grad_samples.items()
+        }
+        return out, norms, aux
+
+
+def make_clipper(backend: str) -> _LayerwiseClipper | _OpacusHooksClipper:
+    """The per-record clipping backend by name: ``ghost`` (default), ``hooks``, ``functorch``."""
+    if backend == "ghost":
+        return _LayerwiseClipper(functorch=False)
+    if backend == "functorch":
+        return _LayerwiseClipper(functorch=True)
+    if backend == "hooks":
+        return _OpacusHooksClipper()
+    raise ValueError(f"unknown per-sample gradient backend {backend!r}; choose one of {BACKENDS}")
