@@ -1,0 +1,36 @@
+"""LightningDataModules for DP VAEs: Poisson-sampled training batches (rank-synchronised, empty
+batches allowed), sequential val/test loaders, and load-time checks of every split.
+
+- :class:`DigitsDataModule`: scikit-learn's embedded 8×8 digits, the default (no files needed).
+- :class:`PinwheelDataModule`: 2-D pinwheel toy (real-valued; Gaussian/Laplace likelihood).
+- :class:`FashionMNISTDataModule`, :class:`MNISTDataModule`: 28×28 IDX folders on disk.
+"""
+
+from lit_dpvae.data.base import VAEDataModule
+from lit_dpvae.data.checks import DataError, check_split
+from lit_dpvae.data.digits import DigitsDataModule
+from lit_dpvae.data.idx import IDXFormatError, find_idx_file, read_idx, read_idx_split
+from lit_dpvae.data.mnist import (
+    FASHION_MNIST_DIR,
+    FashionMNISTDataModule,
+    IDXDataModule,
+    MNISTDataModule,
+)
+from lit_dpvae.data.pinwheel import PinwheelDataModule, make_pinwheel
+
+__all__ = [
+    "FASHION_MNIST_DIR",
+    "DataError",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "IDXDataModule",
+    "IDXFormatError",
+    "MNISTDataModule",
+    "PinwheelDataModule",
+    "VAEDataModule",
+    "check_split",
+    "find_idx_file",
+    "make_pinwheel",
+    "read_idx",
+    "read_idx_split",
+]
