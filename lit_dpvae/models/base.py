@@ -1,0 +1,230 @@
+"""Shared base of every VAE/prior pairing.
+
+A pairing = a prior + (optionally) one divergence. The base does the rest: encode, K
+reparameterisation samples per record (record-major ``[n*K, ...]`` rows, so per-sample hooks
+attribute rows to records), reconstruction and per-record KL as sample-wise terms, the weighted
+divergence as a batch-wise term, logging, sampling and reconstruction.
+
+The model never knows how it is trained: ``training_step`` is the non-private reference
+(``loss_terms(batch).mean_loss()``), and the DP strategy calls ``loss_terms`` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_dpvae.likelihoods import Likelihood, make_likelihood
+from lit_dpvae.nn.blocks import build_encoder_decoder
+from lit_dpvae.priors import Prior, StandardNormal, normal_log_density
+from lit_dpvae.privacy.terms import LossTerms
+
+
+class BaseVAE(L.LightningModule):
+    """VAE with loss ``L(S) = (1/B) Σ_i [recon_i + β·kl_i] + λ·D(S)`` (DESIGN §2).
+
+    Sample-wise terms, shape ``[n]``, record i reads x_i only:
+      - ``recon``: −(1/K) Σ_k log p(x_i | z_ik), z_ik = μ_i + σ_i ε_ik;
+      - ``kl``: β·KL(q(z|x_i) ‖ p(z)), closed form for N(0, I) when ``analytic_kl``, else the
+        Monte Carlo estimate (1/K) Σ_k [log q(z_ik|x_i) − log p(z_ik)].
+    Batch-wise term (subclasses, only declared when λ ≠ 0): ``{divergence_key: λ·D}`` where D
+    reads the batch's codes through ``gather_for_batch_terms``.
+
+    Args:
+        data_shape: shape of one record, e.g. ``(1, 28, 28)`` or ``(2,)``.
+        latent_dim: d.
+        arch: ``"mlp"`` or ``"conv"`` (ignored when ``encoder``/``decoder`` are injected).
+        hidden: MLP widths (decoder mirrors them). channels: conv widths.
+        activation, group_norm: block options (``group_norm`` = number of groups, 0 = none).
+        num_classes: number of labels; required with ``conditional=True``.
+        conditional: concatenate one-hot labels to encoder and decoder inputs.
+        likelihood: ``"bernoulli"`` | ``"gaussian"`` | ``"laplace"`` or a ``Likelihood``.
+        likelihood_scale: fixed scale of the Gaussian/Laplace likelihood.
+        beta: weight β of the per-record KL. lam: weight λ of the divergence.
+        n_samples: K reparameterisation samples per record (averaged inside the record's terms).
+        lr: Adam learning rate.
+        encoder, decoder: injected modules with the ``lit_dpvae.nn`` interfaces (optional).
+    """
+
+    analytic_kl: bool = False
+    divergence_key: str | None = None
+
+    def __init__(
+        self,
+        data_shape: Sequence[int] = (1, 28, 28),
+        latent_dim: int = 16,
+        arch: str = "mlp",
+        hidden: Sequence[int] = (256,),
+        channels: Sequence[int] = (32, 64),
+        activation: str = "relu",
+        group_norm: int = 0,
+        num_classes: int = 0,
+        conditional: bool = False,
+        likelihood: str | Likelihood = "bernoulli",
+        likelihood_scale: float = 0.1,
+        beta: float = 1.0,
+        lam: float = 0.0,
+        n_samples: int = 1,
+        lr: float = 1e-3,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        ignore = ["encoder", "decoder"]
+        if isinstance(likelihood, nn.Module):
+            ignore.append("likelihood")
+        self.save_hyperparameters(ignore=ignore)
+        if conditional and num_classes < 1:
+            raise ValueError("conditional=True needs num_classes >= 1")
+        if n_samples < 1:
+            raise ValueError(f"n_samples (K) must be >= 1, got {n_samples}")
+        if (encoder is None) != (decoder is None):
+            raise ValueError("inject both encoder and decoder, or neither")
+        self.data_shape = tuple(data_shape)
+        self.latent_dim = int(latent_dim)
+        self.num_classes = int(num_classes)
+        self.conditional = bool(conditional)
+        self.beta, self.lam, self.n_samples, self.lr = float(beta), float(lam), int(n_samples), lr
+        if encoder is None:
+            encoder, decoder = build_encoder_decoder(
+                arch, data_shape, latent_dim, hidden, channels, activation, group_norm,
+                num_classes if conditional else 0,
+            )
+        self.encoder, self.decoder = encoder, decoder
+        self.likelihood = make_likelihood(likelihood, likelihood_scale)
+        self.prior: Prior = StandardNormal(latent_dim)
+        self._val_latents: list[tuple[Tensor, Tensor | None]] = []
+
+    # ---- hooks for pairings and the strategy -------------------------------------------------
+    def gather_for_batch_terms(self, t: Tensor) -> Tensor:
+        """Codes that a batch-wise term reads, ``[n, ...] -> [N_total, ...]``. Identity here; the
+        multi-process strategy overrides it with an all-gather that keeps gradients."""
+        return t
+
+    def divergence_value(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
+        """The unweighted divergence D (scalar) from ``z [n, K, d]``, ``mu, log_var [n, d]``."""
+        raise NotImplementedError
+
+    def latent_metrics(self, mu: Tensor, y: Tensor | None) -> dict[str, float]:
+        """Validation metrics of the posterior means of the whole validation epoch."""
+        return {}
+
+    def draw_noise(self, mu: Tensor, k: int) -> Tensor:
+        """Reparameterisation noise ε ``[n, K, d]`` from the global torch RNG."""
+        return torch.randn(mu.shape[0], k, mu.shape[1], device=mu.device, dtype=mu.dtype)
+
+    # ---- model ---------------------------------------------------------------------------------
+    def _onehot(self, y: Tensor | None, n: int, what: str) -> Tensor | None:
+        if not self.conditional:
+            if y is not None:
+                raise ValueError(f"{what}: this model is unconditional, do not pass labels")
+            return None
+        if y is None:
+            raise ValueError(f"{what}: this model is conditional (num_classes="
+                             f"{self.num_classes}); labels are required")
+        y = torch.as_tensor(y, device=self.device).long().view(-1)
+        if y.shape[0] != n:
+            raise ValueError(f"{what}: got {y.shape[0]} labels for {n} records")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"{what}: labels must be in [0, {self.num_classes})")
+        return F.one_hot(y, self.num_classes).to(self.dtype)
+
+    def encode(self, x: Tensor, onehot: Tensor | None) -> tuple[Tensor, Tensor]:
+        return self.encoder(x) if onehot is None else self.encoder(x, onehot)
+
+    def decode(self, z: Tensor, onehot: Tensor | None) -> Tensor:
+        return self.decoder(z) if onehot is None else self.decoder(z, onehot)
+
+    def per_record_kl(self, mu: Tensor, log_var: Tensor, z: Tensor) -> Tensor:
+        """KL(q(z|x_i) ‖ p(z)) per record, ``[n]`` (closed form or Monte Carlo over K)."""
+        if self.analytic_kl and isinstance(self.prior, StandardNormal):
+            return StandardNormal.kl(mu, log_var)
+        log_q = normal_log_density(z, mu[:, None], log_var[:, None]).sum(-1)  # [n, K]
+        return (log_q - self.prior.log_prob(z)).mean(1)
+
+    def _split(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        if isinstance(batch, Tensor):
+            return batch, None
+        x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+        return x, y
+
+    def _terms(self, batch: Any) -> tuple[LossTerms, Tensor, Tensor | None]:
+        x, y = self._split(batch)
+        n, k = x.shape[0], self.n_samples
+        onehot = self._onehot(y if self.conditional else None, n, "loss_terms")
+        mu, log_var = self.encode(x, onehot)
+        z = mu[:, None] + (0.5 * log_var).exp()[:, None] * self.draw_noise(mu, k)  # [n, K, d]
+        rep = None if onehot is None else onehot.repeat_interleave(k, 0)  # record-major
+        params = self.decode(z.reshape(n * k, self.latent_dim), rep)
+        log_px_z = self.likelihood.log_prob(x.repeat_interleave(k, 0), params).view(n, k)
+        sample = {"recon": -log_px_z.mean(1), "kl": self.beta * self.per_record_kl(mu, log_var, z)}
+        batch_terms: dict[str, Tensor] = {}
+        if self.divergence_key is not None and self.lam != 0.0:
+            d = self.divergence_value(z, mu, log_var)
+            batch_terms[self.divergence_key] = self.lam * d
+        return LossTerms(sample=sample, batch=batch_terms), mu, y
+
+    def loss_terms(self, batch: Any) -> LossTerms:
+        """Named sample-wise (``[n]``) and batch-wise (scalar) loss terms of a batch."""
+        return self._terms(batch)[0]
+
+    # ---- Lightning -----------------------------------------------------------------------------
+    def _common_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor | None]:
+        terms, mu, y = self._terms(batch)
+        loss = terms.mean_loss()
+        n = mu.shape[0]
+        if n > 0:
+            for name, value in terms.detached().items():
+                self.log(f"{stage}/{name}", value, batch_size=n)
+            self.log(f"{stage}/loss", loss.detach(), batch_size=n, prog_bar=stage == "train")
+        return loss, mu, y
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._common_step(batch, "train")[0]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        _, mu, y = self._common_step(batch, "val")
+        self._val_latents.append((mu.detach().cpu(), None if y is None else y.detach().cpu()))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._common_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_latents = []
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_latents:
+            return
+        mu = torch.cat([m for m, _ in self._val_latents])
+        ys = [y for _, y in self._val_latents]
+        y = None if any(t is None for t in ys) else torch.cat(ys)  # type: ignore[arg-type]
+        self._val_latents = []
+        if mu.shape[0] == 0:
+            return
+        for name, value in self.latent_metrics(mu, y).items():
+            self.log(f"val/{name}", value, sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    # ---- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, labels: Tensor | Sequence[int] | None = None) -> Tensor:
+        """n draws of the likelihood mean at z ~ p(z): ``[n, *data_shape]``. Labels ``[n]`` are
+        required in conditional mode and refused otherwise."""
+        onehot = self._onehot(None if labels is None else torch.as_tensor(labels), n, "sample")
+        z = self.prior.sample(n).to(self.device)
+        return self.likelihood.mean(self.decode(z, onehot))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Likelihood mean at the posterior mean: ``[n, *data_shape] -> [n, *data_shape]``."""
+        x = x.to(self.device)
+        onehot = self._onehot(y, x.shape[0], "reconstruct")
+        mu, _ = self.encode(x, onehot)
+        return self.likelihood.mean(self.decode(mu, onehot))
