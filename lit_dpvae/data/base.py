@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_dpvae.data.checks import DataError, check_split
-from lit_dpvae.privacy.sampling import poisson_dataloader
+from lit_dpvae.privacy.sampling import PoissonBatchSampler, poisson_dataloader
 
 Split = tuple[Tensor, Tensor]
 
@@ -175,8 +175,10 @@ class VAEDataModule(LightningDataModule):
             rank=rank,
             num_workers=self.num_workers,
         )
+        sampler = loader.batch_sampler
+        assert isinstance(sampler, PoissonBatchSampler)
         if self.trainer is not None:
-            loader.batch_sampler.set_epoch(int(self.trainer.current_epoch))
+            sampler.set_epoch(int(self.trainer.current_epoch))
         return loader
 
     def _eval_loader(self, split: str) -> DataLoader:

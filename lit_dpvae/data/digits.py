@@ -23,7 +23,9 @@ class DigitsDataModule(VAEDataModule):
         **kwargs: the remaining :class:`VAEDataModule` arguments (unknown keys are errors).
     """
 
-    def __init__(self, batch_size: int = 64, *, test_size: int | float = 0.2, **kwargs: Any):
+    def __init__(
+        self, batch_size: int = 64, *, test_size: int | float = 0.2, **kwargs: Any
+    ) -> None:
         super().__init__(batch_size, **kwargs)
         self.test_size = test_size
 
