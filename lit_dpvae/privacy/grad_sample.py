@@ -74,6 +74,14 @@ def named_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
+def weighted_sum(factors: Tensor, grads: Tensor) -> Tensor:
+    """``Σ_i c_i g_i`` over the leading dim, with ``c_i = 0`` meaning *exactly* zero even when
+    ``g_i`` holds Inf/NaN (plain ``0 · inf`` would be NaN and leak into the release)."""
+    mask = (factors > 0).view(-1, *([1] * (grads.dim() - 1)))
+    scaled = grads * factors.to(grads.dtype).view_as(mask)
+    return torch.where(mask, scaled, torch.zeros_like(scaled)).sum(0)
+
+
 def clip_factors(norms: Tensor, max_norm: float) -> Tensor:
     """``c_i = min(1, C / (‖g_i‖ + 1e-6))``; records with a non-finite norm get ``c_i = 0``."""
     factors = (max_norm / (norms + _EPS)).clamp(max=1.0)
@@ -215,12 +223,15 @@ class _LayerwiseClipper:
         by_param = {p: name for name, p in params.items()}
         for call, b in ghost_calls:
             own = [p for p in call.module.parameters(recurse=False) if p.requires_grad]
-            scaled = b * factors.to(b.dtype).view(-1, *([1] * (b.dim() - 1)))
+            rows = factors.repeat_interleave(b.shape[0] // n)
+            mask = (rows > 0).view(-1, *([1] * (b.dim() - 1)))
+            scaled = torch.where(mask, b * rows.to(b.dtype).view_as(mask), torch.zeros_like(b))
             grads = torch.autograd.grad(call.output, own, grad_outputs=scaled, retain_graph=True)
             for p, g in zip(own, grads):
                 out[by_param[p]] += g
         for p, g in materialised.items():
-            out[by_param[p]] += torch.einsum("n,n...->...", factors.to(g.dtype), g)
+            out[by_param[p]] += weighted_sum(factors, g)
+        _check_finite(out)
         return out, norms, aux
 
 
@@ -267,11 +278,19 @@ class _OpacusHooksClipper:
             [g.reshape(n, -1).float().pow(2).sum(1) for g in grad_samples.values()]
         ).sum(0).sqrt()
         factors = clip_factors(norms, max_norm)
-        out = {
-            name: torch.einsum("n,n...->...", factors.to(g.dtype), g)
-            for name, g in grad_samples.items()
-        }
+        out = {name: weighted_sum(factors, g) for name, g in grad_samples.items()}
+        _check_finite(out)
         return out, norms, aux
+
+
+def _check_finite(sums: dict[str, Tensor]) -> None:
+    for name, value in sums.items():
+        if not bool(torch.isfinite(value).all()):
+            raise FloatingPointError(
+                f"the clipped gradient sum of {name!r} is not finite: a record's activations "
+                "overflowed float32. Check the data's scale (inputs should be normalised) and "
+                "the learning rate; refusing to release a non-finite statistic."
+            )
 
 
 def make_clipper(backend: str) -> _LayerwiseClipper | _OpacusHooksClipper:

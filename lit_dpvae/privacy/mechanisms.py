@@ -26,6 +26,7 @@ from lit_dpvae.privacy.grad_sample import (
     clip_factors,
     make_clipper,
     named_trainable,
+    weighted_sum,
 )
 from lit_dpvae.privacy.terms import LossTerms, batch_size_of, loss_terms_of
 
@@ -60,8 +61,8 @@ def global_norm(tensors: dict[str, Tensor]) -> Tensor:
 
 def clip_vector(tensors: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
     """``v · min(1, C / (‖v‖ + 1e-6))`` over the whole dict; a non-finite ``v`` clips to 0."""
-    factor = clip_factors(global_norm(tensors).reshape(1), max_norm)[0]
-    return {name: t * factor.to(t.dtype) for name, t in tensors.items()}
+    factor = clip_factors(global_norm(tensors).reshape(1), max_norm)
+    return {name: weighted_sum(factor, t[None]) for name, t in tensors.items()}
 
 
 class Mechanism:
