@@ -32,7 +32,9 @@ class VAEDataModule(LightningDataModule):
 
     Args:
         batch_size: *expected* global batch size ``B`` of a training step (over all ranks).
-        seed: seed of the Poisson sampler; the same on every rank.
+        seed: seed of the Poisson sampler. Keep it secret: amplification by subsampling assumes
+            nobody knows which records each step used. ``None`` (default) draws a secret seed;
+            ``TermwiseDPStrategy`` makes it the same on every rank and keeps it in checkpoints.
         data_seed: seed of the train/val(/test) split and of ``limit_train`` subsampling.
         val_size: validation records carved from the training pool: an int (count) or a float in
             (0, 1) (fraction of the pool).
@@ -48,7 +50,7 @@ class VAEDataModule(LightningDataModule):
         self,
         batch_size: int = 256,
         *,
-        seed: int = 0,
+        seed: int | None = None,
         data_seed: int = 0,
         val_size: int | float = 0.1,
         limit_train: int | None = None,
@@ -66,7 +68,7 @@ class VAEDataModule(LightningDataModule):
             raise ValueError(f"limit_train must be >= 1 or None, got {limit_train}")
         self.save_hyperparameters()
         self.batch_size = int(batch_size)
-        self.seed = int(seed)
+        self.seed = None if seed is None else int(seed)
         self.data_seed = int(data_seed)
         self.val_size = val_size
         self.limit_train = limit_train

@@ -10,9 +10,11 @@ takes exactly ``steps_per_epoch`` steps, and the union of the local batches is o
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator, Sized
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
@@ -23,13 +25,17 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     Each call to ``__iter__`` is one epoch of ``steps_per_epoch`` steps (default ``round(1/q)``);
     step ``t`` of epoch ``e`` includes record ``j`` iff ``u_j < q`` for ``u`` drawn from a generator
-    seeded by ``(seed, e, t)``. The epoch counter advances by itself at the end of each epoch
-    (Lightning never calls ``set_epoch`` on a batch sampler) and is part of ``state_dict()``.
+    seeded by ``(seed, e, t)`` (NumPy ``SeedSequence``). The epoch counter advances by itself at
+    the end of each epoch (Lightning never calls ``set_epoch`` on a batch sampler) and is part of
+    ``state_dict()``.
 
     Args:
         num_samples: dataset size ``N``.
         sample_rate: inclusion probability ``q`` in (0, 1].
-        seed: shared seed; must be the same on every rank.
+        seed: shared seed; must be the same on every rank. It must stay *secret*: amplification
+            by subsampling assumes nobody knows which records each step used. ``None`` (the
+            default) draws a fresh secret seed from the OS; a fixed seed is for tests and exact
+            reproduction, and a multi-process strategy broadcasts rank 0's seed.
         num_replicas, rank: the process group's size and this process's rank.
         steps_per_epoch: steps per epoch (default ``max(1, round(1 / q))``).
     """
@@ -39,7 +45,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         num_samples: int,
         sample_rate: float,
         *,
-        seed: int = 0,
+        seed: int | None = None,
         num_replicas: int = 1,
         rank: int = 0,
         steps_per_epoch: int | None = None,
@@ -54,7 +60,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
             raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
         self.num_samples = int(num_samples)
         self.sample_rate = float(sample_rate)
-        self.seed = int(seed)
+        self.seed = secrets.randbits(62) if seed is None else int(seed)
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
         self.steps_per_epoch = (
@@ -69,11 +75,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def global_batch(self, epoch: int, step: int) -> torch.Tensor:
         """Indices of the global Poisson batch of ``(epoch, step)`` (same on every rank)."""
-        gen = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + epoch) * 1_000_003 + step
-        )
-        mask = torch.rand(self.num_samples, generator=gen) < self.sample_rate
-        return mask.nonzero(as_tuple=False).flatten()
+        rng = np.random.default_rng([self.seed, epoch, step])
+        mask = rng.random(self.num_samples) < self.sample_rate
+        return torch.from_numpy(np.flatnonzero(mask))
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch = self.epoch
@@ -132,7 +136,7 @@ def poisson_dataloader(
     dataset: Dataset,
     sample_rate: float,
     *,
-    seed: int = 0,
+    seed: int | None = None,
     num_replicas: int = 1,
     rank: int = 0,
     steps_per_epoch: int | None = None,
