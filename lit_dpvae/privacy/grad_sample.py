@@ -172,6 +172,8 @@ class _LayerwiseClipper:
         self, module: nn.Module, run: Callable[[], tuple[Tensor, Any]], max_norm: float, n: int
     ) -> tuple[dict[str, Tensor], Tensor, Any]:
         params = named_trainable(module)
+        if n == 0:
+            return _empty(params, run)
         with capture_layers(module) as cap:
             loss, aux = run()
         outputs = [c.output for c in cap.calls]
@@ -242,6 +244,8 @@ class _OpacusHooksClipper:
         self, module: nn.Module, run: Callable[[], tuple[Tensor, Any]], max_norm: float, n: int
     ) -> tuple[dict[str, Tensor], Tensor, Any]:
         params = named_trainable(module)
+        if n == 0:
+            return _empty(params, run)
         saved_grads = {name: p.grad for name, p in params.items()}
         gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum", strict=False)
         try:
@@ -281,6 +285,13 @@ class _OpacusHooksClipper:
         out = {name: weighted_sum(factors, g) for name, g in grad_samples.items()}
         _check_finite(out)
         return out, norms, aux
+
+
+def _empty(params: dict[str, nn.Parameter], run: Callable[[], tuple[Tensor, Any]]) -> tuple:
+    """An empty batch: run the forward (collectives inside it must happen), attribute nothing."""
+    _, aux = run()
+    zeros = {name: torch.zeros_like(p) for name, p in params.items()}
+    return zeros, torch.zeros(0), aux
 
 
 def _check_finite(sums: dict[str, Tensor]) -> None:

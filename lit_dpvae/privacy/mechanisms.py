@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +32,13 @@ from lit_dpvae.privacy.grad_sample import (
 from lit_dpvae.privacy.terms import LossTerms, batch_size_of, loss_terms_of
 
 Stats = dict[str, dict[str, Tensor]]
+#: Applied to each raw statistic before any clipping of a whole part (a multi-process strategy
+#: passes an all-reduce-sum, so the batch part is clipped once, on the global gradient).
+Reduce = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+def _identity(stats: dict[str, Tensor]) -> dict[str, Tensor]:
+    return stats
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -76,6 +84,11 @@ class Mechanism:
         self.clipper = make_clipper(backend)
         self.backend = backend
         self._checked: nn.Module | None = None
+        #: Always run the forward pass, even on an empty local batch (set by multi-process
+        #: strategies: a batch-wise term all-gathers codes, so every rank must take part).
+        self.always_forward = False
+        #: The loss terms of the last batch (for logging by the caller).
+        self.last_terms: LossTerms | None = None
         self._noise_multiplier = 0.0
         self.noise_multiplier = noise_multiplier
 
@@ -113,7 +126,9 @@ class Mechanism:
         }
 
     # -- statistics -----------------------------------------------------------------------
-    def aggregate(self, module: nn.Module, batch: Any) -> Stats:
+    def aggregate(self, module: nn.Module, batch: Any, reduce: Reduce = _identity) -> Stats:
+        """Pre-noise statistics ``{part: {param name: tensor}}`` of ``batch``; ``reduce`` is
+        applied to each raw sum before a part is clipped as a whole."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     def zeros(self, module: nn.Module) -> Stats:
@@ -132,7 +147,11 @@ class Mechanism:
     def _forward(self, module: nn.Module, batch: Any, n: int) -> LossTerms:
         terms = loss_terms_of(module, batch)
         terms.validate(n)
+        self.last_terms = terms
         return terms
+
+    def _skip(self, n: int) -> bool:
+        return n == 0 and not self.always_forward
 
     # -- noise and update -----------------------------------------------------------------
     def add_noise(self, stats: Stats, generator: torch.Generator | None = None) -> Stats:
@@ -212,18 +231,18 @@ class NonPrivate(Mechanism):
     def sensitivity(self) -> dict[str, float]:
         return {"sample": math.inf, "batch": math.inf}
 
-    def aggregate(self, module: nn.Module, batch: Any) -> Stats:
+    def aggregate(self, module: nn.Module, batch: Any, reduce: Reduce = _identity) -> Stats:
         self.check(module)
         n = batch_size_of(batch)
-        if n == 0:
-            return self.zeros(module)
+        if self._skip(n):
+            return {part: reduce(v) for part, v in self.zeros(module).items()}
         params = named_trainable(module)
         terms = self._forward(module, batch, n)
         per_record = terms.per_record()
         sample_loss = per_record.sum() if per_record is not None else None
         return {
-            "sample": _grads(sample_loss, params, retain=True),
-            "batch": _grads(terms.batch_total(), params, retain=False),
+            "sample": reduce(_grads(sample_loss, params, retain=True)),
+            "batch": reduce(_grads(terms.batch_total(), params, retain=False)),
         }
 
 
@@ -266,12 +285,16 @@ class NaiveDPSGD(Mechanism):
     def sensitivity(self) -> dict[str, float]:
         return {"total": 2.0 * self.max_batch_size * self.max_grad_norm}
 
-    def aggregate(self, module: nn.Module, batch: Any) -> Stats:
+    def aggregate(
+        self, module: nn.Module, batch: Any, reduce: Reduce = _identity, keep: int | None = None
+    ) -> Stats:
+        """``keep``: how many local records survive the *global* truncation to ``n_max`` (a
+        multi-process strategy computes it from the rank's positions in the global batch)."""
         self.check(module)
-        batch = truncate_batch(batch, self.max_batch_size)
+        batch = truncate_batch(batch, self.max_batch_size if keep is None else keep)
         n = batch_size_of(batch)
-        if n == 0:
-            return self.zeros(module)
+        if self._skip(n):
+            return {"total": reduce(self.zeros(module)["total"])}
         scale = float(self.expected_batch_size) if self.expected_batch_size else float(n)
 
         def run() -> tuple[Tensor, LossTerms]:
@@ -284,7 +307,7 @@ class NaiveDPSGD(Mechanism):
             return loss, terms
 
         total, _, _ = self.clipper.clipped_sum(module, run, self.max_grad_norm, n)
-        return {"total": total}
+        return {"total": reduce(total)}
 
 
 class TermwiseDPSGD(Mechanism):
@@ -337,11 +360,11 @@ class TermwiseDPSGD(Mechanism):
         sigmas = {"sample": sigma_s, "batch": sigma_b}
         return {part: sigmas[part] for part in self.parts}
 
-    def aggregate(self, module: nn.Module, batch: Any) -> Stats:
+    def aggregate(self, module: nn.Module, batch: Any, reduce: Reduce = _identity) -> Stats:
         self.check(module)
         n = batch_size_of(batch)
-        if n == 0:
-            return self.zeros(module)
+        if self._skip(n):
+            return {part: reduce(v) for part, v in self.zeros(module).items()}
         params = named_trainable(module)
 
         def run() -> tuple[Tensor, LossTerms]:
@@ -362,12 +385,12 @@ class TermwiseDPSGD(Mechanism):
             return per_record.sum(), terms
 
         sample, _, terms = self.clipper.clipped_sum(module, run, self.max_grad_norm, n)
-        stats: Stats = {"sample": sample}
+        stats: Stats = {"sample": reduce(sample)}
         if "batch" in self.parts:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 h = _grads(terms.batch_total(), params, retain=False)
-            stats["batch"] = clip_vector(h, self.batch_max_grad_norm)
+            stats["batch"] = clip_vector(reduce(h), self.batch_max_grad_norm)
         return stats
 
 
