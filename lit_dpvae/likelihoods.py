@@ -20,6 +20,7 @@ class Likelihood(nn.Module):
     """Base class: ``log_prob(x, params) -> [m]`` and ``mean(params) -> [m, *shape]``."""
 
     def check_support(self, x: Tensor) -> None:
+        x = x.detach()
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{type(self).__name__} likelihood: data contain NaN or Inf")
 
@@ -39,6 +40,7 @@ class Bernoulli(Likelihood):
 
     def check_support(self, x: Tensor) -> None:
         super().check_support(x)
+        x = x.detach()
         if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
             raise ValueError(
                 f"Bernoulli likelihood needs data in [0, 1], got range [{float(x.min()):.3g}, "

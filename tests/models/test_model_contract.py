@@ -1,0 +1,176 @@
+"""The loss-term contract for every pairing in ``lit_dpvae.models.__all__``.
+
+Sample-wise terms must be truly per record: with reparameterisation noise made a deterministic
+function of the record itself, changing or adding record j must leave record i's terms (and their
+input gradients) untouched. Batch-wise terms go through ``gather_for_batch_terms``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_dpvae.divergences import COMPOSITIONS
+from lit_dpvae.privacy.terms import LossTerms
+from tests.models.conftest import PAIRINGS, model_class
+
+SHAPES = {"mlp": (1, 8, 8), "conv": (1, 8, 8), "mlp2d": (2,)}
+
+
+def _make(name, arch="mlp", conditional=False, group_norm=0, k=1, **kw):
+    shape = SHAPES[arch]
+    return model_class(name)(
+        data_shape=shape,
+        latent_dim=3,
+        arch="conv" if arch == "conv" else "mlp",
+        hidden=(16,),
+        channels=(4, 8),
+        group_norm=group_norm,
+        num_classes=3 if conditional else 0,
+        conditional=conditional,
+        likelihood="bernoulli" if arch != "mlp2d" else "gaussian",
+        n_samples=k,
+        **kw,
+    )
+
+
+def _record_noise(mu: torch.Tensor, k: int) -> torch.Tensor:
+    """Noise that depends only on the record's own (detached) posterior mean."""
+    steps = torch.arange(k, dtype=mu.dtype)[None, :, None]
+    return torch.sin(37.0 * mu.detach()[:, None, :] + 1.3 * steps + 0.5)
+
+
+def _batch(n, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *shape, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+CASES = [
+    ("mlp", False, 0, 1),
+    ("conv", True, 2, 3),
+    ("mlp2d", True, 2, 2),
+]
+
+
+@pytest.mark.parametrize("name", PAIRINGS)
+@pytest.mark.parametrize(("arch", "conditional", "group_norm", "k"), CASES)
+def test_sample_terms_are_per_record(name, arch, conditional, group_norm, k, monkeypatch):
+    torch.manual_seed(0)
+    model = _make(name, arch, conditional, group_norm, k)
+    monkeypatch.setattr(model, "draw_noise", _record_noise)
+    x, y = _batch(6, SHAPES[arch])
+    terms = model.loss_terms((x, y))
+    assert terms.validate() == 6
+    assert set(terms.sample) == {"recon", "kl"}
+
+    x2, y2 = x.clone(), y.clone()
+    x2[2], y2[2] = torch.rand(SHAPES[arch]), (y[2] + 1) % 3  # change record 2
+    changed = model.loss_terms((x2, y2))
+    x3, y3 = torch.cat([x, _batch(1, SHAPES[arch], 9)[0]]), torch.cat([y, y[:1]])  # add one
+    added = model.loss_terms((x3, y3))
+    others = [0, 1, 3, 4, 5]
+    for key in terms.sample:
+        torch.testing.assert_close(changed.sample[key][others], terms.sample[key][others])
+        torch.testing.assert_close(added.sample[key][:6], terms.sample[key])
+        assert not torch.allclose(changed.sample[key][2], terms.sample[key][2])
+
+    # gradient view: record 0's sample-wise loss reads x_0 only
+    xg = x.clone().requires_grad_(True)
+    per_record = model.loss_terms((xg, y)).per_record()
+    (grad,) = torch.autograd.grad(per_record[0], xg)
+    assert grad[0].abs().sum() > 0
+    assert grad[1:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("name", PAIRINGS)
+def test_batch_terms_go_through_gather_and_declare_composition(name, monkeypatch):
+    model = _make(name)
+    seen: list[tuple[int, ...]] = []
+
+    def spy(t):
+        seen.append(tuple(t.shape))
+        return t
+
+    monkeypatch.setattr(model, "gather_for_batch_terms", spy)
+    terms = model.loss_terms(_batch(5, SHAPES["mlp"]))
+    if model.divergence_key is None:
+        assert terms.batch == {} and seen == []
+        return
+    assert set(terms.batch) == {model.divergence_key}
+    assert seen and all(s[0] == 5 for s in seen)
+    assert model.divergence.composition in COMPOSITIONS
+    assert "DP:" in (type(model.divergence).__doc__ or "")
+    assert "DP:" in (type(model).__doc__ or "")
+    # λ weights the divergence, and λ = 0 declares no batch-wise term (then γ = 1 is possible)
+    torch.manual_seed(1)
+    base = model.loss_terms(_batch(5, SHAPES["mlp"])).batch[model.divergence_key]
+    model.lam *= 2
+    torch.manual_seed(1)
+    doubled = model.loss_terms(_batch(5, SHAPES["mlp"])).batch[model.divergence_key]
+    torch.testing.assert_close(doubled, 2 * base)
+    model.lam = 0.0
+    assert model.loss_terms(_batch(5, SHAPES["mlp"])).batch == {}
+
+
+@pytest.mark.parametrize("name", PAIRINGS)
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("n", [0, 1])
+def test_tiny_and_empty_batches(name, arch, n):
+    model = _make(name, arch, conditional=True, k=2)
+    x, y = _batch(n, SHAPES[arch])
+    terms = model.loss_terms((x, y))
+    assert isinstance(terms, LossTerms) and terms.validate() == n
+    for value in terms.sample.values():
+        assert value.shape == (n,)
+    for value in terms.batch.values():
+        assert value.shape == ()
+        if n == 0:
+            assert float(value) == 0.0
+    loss = terms.mean_loss()
+    assert torch.isfinite(loss)
+    if loss.requires_grad:
+        loss.backward()
+
+
+@pytest.mark.parametrize("name", PAIRINGS)
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_sample_and_reconstruct(name, arch, conditional):
+    model = _make(name, arch, conditional)
+    x, y = _batch(4, SHAPES[arch])
+    labels = y if conditional else None
+    s = model.sample(4, labels=labels)
+    r = model.reconstruct(x, labels)
+    assert s.shape == r.shape == x.shape
+    assert float(s.min()) >= 0 and float(s.max()) <= 1  # Bernoulli means
+    if conditional:
+        with pytest.raises(ValueError, match="labels are required"):
+            model.sample(4)
+        with pytest.raises(ValueError, match="labels"):
+            model.sample(4, labels=[0, 1, 2, 7])
+    else:
+        with pytest.raises(ValueError, match="unconditional"):
+            model.sample(4, labels=y)
+
+
+@pytest.mark.parametrize("name", PAIRINGS)
+def test_hyperparameters_rebuild_the_model(name):
+    model = _make(name, conditional=True, k=2)
+    assert model.hparams["n_samples"] == 2 and "lam" in model.hparams
+    clone = type(model)(**model.hparams)
+    clone.load_state_dict(model.state_dict())
+    assert type(clone.prior) is type(model.prior)
+
+
+def test_data_outside_the_likelihood_support_is_refused():
+    model = _make("VanillaVAE")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model.loss_terms((torch.full((2, 1, 8, 8), 255.0), None))
+
+
+def test_conditional_needs_labels():
+    with pytest.raises(ValueError, match="num_classes"):
+        model_class("VanillaVAE")(data_shape=(2,), conditional=True)
+    model = _make("VanillaVAE", conditional=True)
+    with pytest.raises(ValueError, match="labels are required"):
+        model.loss_terms(torch.rand(2, 1, 8, 8))
