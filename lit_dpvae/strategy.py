@@ -1,0 +1,476 @@
+"""``TermwiseDPStrategy``: a Lightning strategy that trains a ``loss_terms`` model with a DP
+mechanism, on one device or across processes and nodes.
+
+Each training step, on every rank:
+
+1. the mechanism attributes and clips the *local* batch (``privacy.mechanisms``); batch-wise
+   terms read the *global* batch through ``gather_for_batch_terms`` (codes of other ranks are
+   gathered without gradient, the local codes keep theirs, so the per-rank divergence gradients
+   sum to the global one);
+2. the raw sums are all-reduced (summed) across ranks *before* a whole part is clipped, so the
+   batch part is clipped once, on the global gradient (sensitivity ``2C_b`` for any world size);
+3. every rank draws the same Gaussian noise from a generator seeded by one secret seed broadcast
+   from rank 0, so all replicas apply the identical update (no DistributedDataParallel wrapper:
+   it would average each rank's own noise and the replicas would drift);
+4. the accountant records one subsampled Gaussian step ``(σ_eff, q)``.
+
+The accountant, the noise generator, σ and the sampler seed are saved in every checkpoint and
+restored on resume: ε continues, it never restarts. See docs/privacy.md.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.plugins.precision import DoublePrecision, Precision
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+
+from lit_dpvae.privacy import (
+    NaiveDPSGD,
+    NonPrivate,
+    PrivacyAccountant,
+    TermwiseDPSGD,
+    calibrate_noise,
+    check_budget,
+    is_poisson_loader,
+)
+from lit_dpvae.privacy.grad_sample import BACKENDS, check_module
+from lit_dpvae.privacy.mechanisms import Mechanism
+from lit_dpvae.privacy.terms import batch_size_of
+
+MECHANISMS = ("termwise", "naive", "nonprivate")
+CHECKPOINT_KEY = "lit_dpvae_privacy"
+
+
+class PrivacyConfigError(ValueError):
+    """A Trainer or model setting that would silently break the privacy guarantee."""
+
+
+class TermwiseDPStrategy(DDPStrategy):
+    """Differentially private training of ``loss_terms`` models (term-wise DP-SGD by default).
+
+    Args:
+        mechanism: ``"termwise"`` (arXiv 2006.11204), ``"naive"`` (whole loss attributed per
+            record, sensitivity ``2·n_max·C``) or ``"nonprivate"``.
+        target_epsilon, target_delta: the budget. With ``noise_multiplier=None``, σ_eff is
+            calibrated so that the planned steps (``max_steps``, else ``max_epochs`` × steps per
+            epoch) spend exactly ``target_epsilon``. Training stops before a step would exceed
+            it. δ must be below 1/N.
+        noise_multiplier: σ_eff set directly (then ``target_epsilon`` is only the stop rule).
+        max_grad_norm: C, the per-record clipping norm of the sample-wise part.
+        batch_max_grad_norm: C_b, the clipping norm of the batch-wise gradient (term-wise).
+        sample_share: γ, the share of the budget spent on the sample-wise part (term-wise);
+            1.0 means no batch-wise terms (exactly DP-SGD).
+        max_batch_size: n_max for ``naive`` (default: 2 × the expected batch size).
+        accountant: ``"rdp"`` or ``"prv"``.
+        backend: per-record gradient backend, ``"ghost"`` (default), ``"hooks"``, ``"functorch"``.
+        noise_seed: seed of the Gaussian noise. Keep it secret: whoever knows it can subtract
+            the noise. ``None`` (default) draws a secret seed on rank 0.
+        log_train_terms: log ``train/<term>`` means of each private batch. They are exact
+            statistics of private records (not noised): treat the dashboard as private data.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, process_group_backend,
+        timeout, start_method: as in Lightning's ``DDPStrategy``.
+    """
+
+    strategy_name = "termwise_dp"
+
+    def __init__(
+        self,
+        mechanism: Literal["termwise", "naive", "nonprivate"] = "termwise",
+        target_epsilon: float | None = None,
+        target_delta: float = 1e-5,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float = 1.0,
+        batch_max_grad_norm: float = 1.0,
+        sample_share: float = 0.5,
+        max_batch_size: int | None = None,
+        accountant: Literal["rdp", "prv"] = "rdp",
+        backend: Literal["ghost", "hooks", "functorch"] = "ghost",
+        noise_seed: int | None = None,
+        log_train_terms: bool = True,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = timedelta(minutes=30),
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"unknown mechanism {mechanism!r}; choose one of {MECHANISMS}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        if mechanism != "nonprivate":
+            if target_epsilon is None and noise_multiplier is None:
+                raise PrivacyConfigError(
+                    f"mechanism={mechanism!r} needs a budget: set target_epsilon (σ is then "
+                    "calibrated) or noise_multiplier, or use mechanism='nonprivate'"
+                )
+            if target_epsilon is not None:
+                check_budget(target_epsilon, target_delta)
+            if noise_multiplier is not None and not noise_multiplier > 0:
+                raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+        self.mechanism_name = mechanism
+        self.target_epsilon = target_epsilon
+        self.target_delta = float(target_delta)
+        self.requested_noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.batch_max_grad_norm = batch_max_grad_norm
+        self.sample_share = sample_share
+        self.max_batch_size = max_batch_size
+        self.accountant = PrivacyAccountant(accountant)
+        self.backend = backend
+        self.noise_seed = noise_seed
+        self.log_train_terms = log_train_terms
+        self.mechanism: Mechanism | None = self._build_mechanism(noise_multiplier=0.0)
+        self.noise_generator: torch.Generator | None = None
+        self.sample_rate: float | None = None
+        self.expected_batch_size: float | None = None
+        self.num_records: int | None = None
+        self.planned_steps: int | None = None
+        self.budget_exhausted = False
+        self._restored: dict[str, Any] | None = None
+        self._sampler_seed: int | None = None
+
+    # ---------------------------------------------------------------------------------------
+    # Construction and checks
+    def _build_mechanism(self, noise_multiplier: float) -> Mechanism:
+        if self.mechanism_name == "nonprivate":
+            return NonPrivate(backend=self.backend)
+        if self.mechanism_name == "naive":
+            return NaiveDPSGD(
+                max_grad_norm=self.max_grad_norm,
+                max_batch_size=self.max_batch_size or 1,
+                noise_multiplier=noise_multiplier,
+                backend=self.backend,
+            )
+        return TermwiseDPSGD(
+            max_grad_norm=self.max_grad_norm,
+            batch_max_grad_norm=self.batch_max_grad_norm,
+            noise_multiplier=noise_multiplier,
+            sample_share=self.sample_share,
+            backend=self.backend,
+        )
+
+    @property
+    def is_private(self) -> bool:
+        return self.mechanism_name != "nonprivate"
+
+    @property
+    def world_size(self) -> int:  # type: ignore[override]
+        return self.num_nodes * self.num_processes
+
+    @property
+    def is_distributed(self) -> bool:  # pragma: no cover - legacy property
+        return self.world_size > 1
+
+    def _refuse_unsafe_trainer(self, trainer: pl.Trainer) -> None:
+        """Every refusal in one place, raised before the first step (docs/refusals.md)."""
+        problems = []
+        if trainer.accumulate_grad_batches != 1:
+            problems.append(
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches}: accumulating Poisson "
+                "batches changes the sampling the accountant assumes. Use a larger batch_size "
+                "(sample rate) instead."
+            )
+        if trainer.gradient_clip_val:
+            problems.append(
+                "gradient_clip_val is set: clipping the noisy update is not per-record clipping "
+                "and hides misconfigured C. Set max_grad_norm / batch_max_grad_norm instead."
+            )
+        precision = self.precision_plugin
+        if type(precision) not in (Precision, DoublePrecision):
+            problems.append(
+                f"precision plugin {type(precision).__name__} ({trainer.precision}): mixed or "
+                "half precision scales/rounds p.grad after clipping (16-mixed's GradScaler "
+                "unscales p.grad only; bf16 rounding moves clipped norms past C). Use "
+                "precision='32-true'."
+            )
+        module = trainer.lightning_module
+        if module is not None and not module.automatic_optimization:
+            problems.append(
+                "manual optimization: the strategy computes the private gradient itself; keep "
+                "automatic_optimization=True and let configure_optimizers return one optimizer."
+            )
+        if problems:
+            raise PrivacyConfigError(
+                "TermwiseDPStrategy refuses this configuration:\n  - " + "\n  - ".join(problems)
+            )
+
+    # ---------------------------------------------------------------------------------------
+    # Lightning hooks
+    def setup_distributed(self) -> None:
+        if self.world_size > 1:
+            super().setup_distributed()
+        else:  # one process: no process group, no port, nothing to synchronise
+            self.set_world_ranks()
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """No DistributedDataParallel: broadcast rank 0's weights once, like Opacus' DPDDP."""
+        if self.world_size > 1 and dist.is_initialized():
+            with torch.no_grad():
+                for tensor in list(model.parameters()) + list(model.buffers()):
+                    dist.broadcast(tensor.data, src=0)
+        return model
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        self._refuse_unsafe_trainer(trainer)
+        # The strategy owns sampling: the train loader's rank-synchronised Poisson sampler shards
+        # the global batch itself, and a DistributedSampler injected by Lightning would replace
+        # it (or fail on the custom batch sampler). Val/test loaders run whole on every rank.
+        trainer._accelerator_connector.use_distributed_sampler = False
+        module = trainer.lightning_module
+        if trainer.state.fn == "fit":
+            assert self.mechanism is not None
+            if self.is_private:
+                check_module(module)
+            self.mechanism.check(module)
+        super().setup(trainer)
+        if trainer.state.fn == "fit" and self.world_size > 1:
+            self.mechanism.always_forward = True
+            if hasattr(module, "gather_for_batch_terms"):
+                module.gather_for_batch_terms = self._gather_with_local_grad
+
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer if self.lightning_module else None
+        if trainer is None or not trainer.training or dataloader is None:
+            return dataloader
+        if not is_poisson_loader(dataloader):
+            if self.is_private:
+                raise PrivacyConfigError(
+                    "the train dataloader does not use Poisson sampling, which the accountant "
+                    "assumes. Build it with lit_dpvae.privacy.poisson_dataloader (the lit_dpvae "
+                    "data modules do) and pass Trainer(use_distributed_sampler=False)."
+                )
+            return dataloader
+        sampler = dataloader.batch_sampler  # type: ignore[attr-defined]
+        if (sampler.num_replicas, sampler.rank) != (self.world_size, self.global_rank):
+            raise PrivacyConfigError(
+                f"the Poisson sampler is set for rank {sampler.rank} of {sampler.num_replicas} "
+                f"but this process is rank {self.global_rank} of {self.world_size}: build the "
+                "loader after the trainer is attached (in train_dataloader())"
+            )
+        restored = self._restored or {}
+        if self._sampler_seed is None:
+            seed = restored.get("sampler_seed", sampler.seed)
+            self._sampler_seed = int(self.broadcast(seed) if self.world_size > 1 else seed)
+        sampler.seed = self._sampler_seed
+        self._prepare_privacy(trainer, sampler)
+        return dataloader
+
+    def _prepare_privacy(self, trainer: pl.Trainer, sampler: Any) -> None:
+        """Sampling parameters, σ (calibrated or restored), noise generator, accountant."""
+        assert self.mechanism is not None
+        self.sample_rate = float(sampler.sample_rate)
+        self.num_records = int(sampler.num_samples)
+        self.expected_batch_size = float(sampler.expected_batch_size)
+        if isinstance(self.mechanism, NaiveDPSGD):
+            self.mechanism.expected_batch_size = self.expected_batch_size
+            if self.max_batch_size is None:
+                self.mechanism.max_batch_size = max(1, math.ceil(2 * self.expected_batch_size))
+        self.planned_steps = self._planned_steps(trainer, len(sampler))
+        if self.noise_generator is not None:
+            return  # already prepared (a second fit call keeps its state)
+        restored = self._restored
+        if self.is_private:
+            check_budget(self.target_epsilon or 1.0, self.target_delta, self.num_records)
+            if restored is not None:
+                sigma = float(restored["noise_multiplier"])
+            elif self.requested_noise_multiplier is not None:
+                sigma = float(self.requested_noise_multiplier)
+            else:
+                assert self.target_epsilon is not None
+                sigma = calibrate_noise(
+                    self.target_epsilon,
+                    self.target_delta,
+                    self.sample_rate,
+                    self.planned_steps,
+                    accountant=self.accountant.name,
+                )
+            self.mechanism.noise_multiplier = sigma
+        seed = self.noise_seed if self.noise_seed is not None else secrets.randbits(62)
+        if self.world_size > 1:
+            seed = self.broadcast(seed)
+        self.noise_generator = torch.Generator(device=self.root_device).manual_seed(int(seed))
+        if restored is not None:
+            self.accountant.load_state_dict(restored["accountant"])
+            self.noise_generator.set_state(restored["noise_generator"].cpu())
+        rank_zero_info(
+            f"TermwiseDPStrategy: {self.mechanism!r}, q={self.sample_rate:.4g}, "
+            f"N={self.num_records}, planned steps={self.planned_steps}, "
+            f"sensitivity={self.mechanism.sensitivity}"
+        )
+
+    @staticmethod
+    def _planned_steps(trainer: pl.Trainer, steps_per_epoch: int) -> int:
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
+            raise PrivacyConfigError(
+                "cannot plan the privacy budget of an unbounded run: set max_steps or max_epochs"
+            )
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            steps_per_epoch = min(steps_per_epoch, limit)
+        elif limit is not None and limit < 1.0:
+            steps_per_epoch = max(1, int(steps_per_epoch * limit))
+        return int(trainer.max_epochs) * steps_per_epoch
+
+    # ---------------------------------------------------------------------------------------
+    # The private step
+    def epsilon(self) -> float:
+        return self.accountant.get_epsilon(self.target_delta)
+
+    def _next_step_exceeds_budget(self) -> bool:
+        if self.target_epsilon is None or not self.is_private:
+            return False
+        if self.planned_steps is not None and self.accountant.steps < self.planned_steps:
+            return False  # σ was calibrated (or checked) for the planned steps
+        trial = PrivacyAccountant(self.accountant.name)
+        trial.load_state_dict(self.accountant.state_dict())
+        trial.step(self.mechanism.noise_multiplier, self.sample_rate)
+        return trial.get_epsilon(self.target_delta) > self.target_epsilon * (1 + 1e-6)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Tensor | None:
+        batch = args[0] if args else kwargs["batch"]
+        module = self.lightning_module
+        mechanism = self.mechanism
+        assert module is not None and mechanism is not None
+        if self.noise_generator is None:
+            raise PrivacyConfigError(
+                "the train dataloader was never seen by the strategy: train with a Poisson "
+                "loader (lit_dpvae data modules) through Trainer.fit"
+            )
+        if self._next_step_exceeds_budget():
+            self.budget_exhausted = True
+            module.trainer.should_stop = True
+            rank_zero_info(
+                f"Privacy budget ε={self.target_epsilon} reached after {self.accountant.steps} "
+                "steps: stopping before the next step would exceed it."
+            )
+            return None
+        with self.precision_plugin.train_step_context():
+            if isinstance(mechanism, NaiveDPSGD) and self.world_size > 1:
+                stats = mechanism.aggregate(module, batch, reduce=self._all_reduce,
+                                            keep=self._naive_local_keep(mechanism.max_batch_size))
+            else:
+                stats = mechanism.aggregate(module, batch, reduce=self._all_reduce)
+            assert self.expected_batch_size is not None and self.sample_rate is not None
+            update = mechanism.privatize(stats, self.expected_batch_size, self.noise_generator)
+        for name, p in module.named_parameters():
+            if name in update:
+                p.grad = update[name].to(p.dtype)
+        self.accountant.step(mechanism.noise_multiplier, self.sample_rate)
+        terms = mechanism.last_terms
+        n = batch_size_of(batch)
+        if self.log_train_terms and terms is not None and n > 0:
+            values = terms.detached()
+            values["loss"] = float(terms.mean_loss(self.expected_batch_size))
+            for key, value in values.items():
+                module.log(f"train/{key}", value, batch_size=n, prog_bar=key == "loss")
+        if terms is None or n == 0:
+            return torch.zeros((), device=self.root_device)
+        return terms.mean_loss(self.expected_batch_size).detach()
+
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        """The private gradient is already in ``p.grad``: never backpropagate the loss."""
+        return closure_loss
+
+    def _naive_local_keep(self, n_max: int) -> int:
+        # Local record j of rank r is record j·W + r of the global batch; keep those < n_max.
+        return max(0, math.ceil((n_max - self.global_rank) / self.world_size))
+
+    def _all_reduce(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.world_size == 1 or not dist.is_initialized():
+            return stats
+        names = list(stats)
+        flat = torch.cat([stats[n].reshape(-1) for n in names])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        out, offset = {}, 0
+        for n in names:
+            size = stats[n].numel()
+            out[n] = flat[offset : offset + size].view_as(stats[n])
+            offset += size
+        return out
+
+    def _gather_with_local_grad(self, t: Tensor) -> Tensor:
+        """All ranks' rows of ``t`` (rank order); only the local rows carry gradient."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return t
+        size = torch.tensor([t.shape[0]], device=t.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size)
+        longest = int(max(int(s) for s in sizes))
+        padded = torch.zeros(longest, *t.shape[1:], dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t.detach()
+        chunks = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(chunks, padded)
+        parts = [c[: int(s)] for c, s in zip(chunks, sizes)]
+        parts[self.global_rank] = t
+        return torch.cat(parts)
+
+    # ---------------------------------------------------------------------------------------
+    # Checkpoints: the privacy state travels with every checkpoint
+    def privacy_state_dict(self) -> dict[str, Any]:
+        return {
+            "mechanism": self.mechanism_name,
+            "noise_multiplier": self.mechanism.noise_multiplier if self.mechanism else 0.0,
+            "accountant": self.accountant.state_dict(),
+            "noise_generator": None if self.noise_generator is None
+            else self.noise_generator.get_state(),
+            "sampler_seed": self._sampler_seed,
+            "target_delta": self.target_delta,
+            "epsilon": self.epsilon(),
+        }
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
+                        storage_options: Any = None) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.privacy_state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            if self.is_private and checkpoint.get("global_step", 0) > 0:
+                raise PrivacyConfigError(
+                    f"{checkpoint_path} has no privacy state: it was not written by "
+                    "TermwiseDPStrategy, so the privacy already spent on it is unknown. Start "
+                    "from scratch, or from a checkpoint written by this strategy."
+                )
+            return checkpoint
+        if state["mechanism"] != self.mechanism_name:
+            raise PrivacyConfigError(
+                f"checkpoint was trained with mechanism={state['mechanism']!r}, this run uses "
+                f"{self.mechanism_name!r}: resume with the same mechanism"
+            )
+        if state["noise_generator"] is None:
+            return checkpoint
+        self._restored = state
+        return checkpoint
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="Term-wise DP-SGD (lit_dpvae)", override=True
+        )
+
+
+TermwiseDPStrategy.register_strategies(StrategyRegistry)
