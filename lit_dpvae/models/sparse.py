@@ -17,7 +17,11 @@ class SparseVAE(BaseVAE):
     """ℓ_i = recon_i + β·(1/K) Σ_k [log q(z_ik|x_i) − log p(z_ik)], p = spike-and-slab, plus
     λ·Σ_j MMD²(z[:, j], p(z_j)) on one code per record (``z[:, 0]``).
 
-    Validation logs ``val/hoyer``: Hoyer sparsity of the posterior means.
+    The default bandwidths are small (length scales ≈ 0.045 … 1.4 for d = 1) so the 1-D kernels can
+    tell the spike (scale 0.05) from a merely narrow marginal; the InfoVAE defaults cannot.
+    Validation logs ``val/hoyer``: Hoyer sparsity of the posterior means with each dimension
+    standardised over the epoch (Mathieu et al.: collapsed dimensions are not sparsity), and
+    ``val/hoyer_raw`` without standardisation.
     Shapes: ``x [n, *data_shape] -> recon, kl [n]; dim_mmd []``.
     DP: recon, kl sample-wise; ``dim_mmd`` pairwise-decomposable (DESIGN §2.4).
     Reference: Mathieu, Rainforth, Siddharth, Teh, arXiv 1812.02833.
@@ -38,7 +42,7 @@ class SparseVAE(BaseVAE):
         spike_scale: float = 0.05,
         slab_scale: float = 1.0,
         kernel: str = "imq",
-        bandwidths: Sequence[float] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
+        bandwidths: Sequence[float] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
         n_prior_samples: int = 256,
         **kwargs: Any,
     ) -> None:
@@ -52,4 +56,7 @@ class SparseVAE(BaseVAE):
     def latent_metrics(self, mu: Tensor, y: Tensor | None) -> dict[str, float]:
         if self.latent_dim < 2:
             return {}
-        return {"hoyer": hoyer_sparsity(mu)}
+        return {
+            "hoyer": hoyer_sparsity(mu, standardise=True),
+            "hoyer_raw": hoyer_sparsity(mu),
+        }

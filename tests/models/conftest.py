@@ -43,3 +43,12 @@ def pinwheel(
     c, s = angle.cos(), angle.sin()
     x = torch.stack([f[:, 0] * c - f[:, 1] * s, f[:, 0] * s + f[:, 1] * c], dim=1)
     return x, labels
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two fighting over a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
