@@ -92,7 +92,13 @@ class BaseVAE(L.LightningModule):
         self.beta, self.lam, self.n_samples, self.lr = float(beta), float(lam), int(n_samples), lr
         if encoder is None:
             encoder, decoder = build_encoder_decoder(
-                arch, data_shape, latent_dim, hidden, channels, activation, group_norm,
+                arch,
+                data_shape,
+                latent_dim,
+                hidden,
+                channels,
+                activation,
+                group_norm,
                 num_classes if conditional else 0,
             )
         self.encoder, self.decoder = encoder, decoder
@@ -125,8 +131,10 @@ class BaseVAE(L.LightningModule):
                 raise ValueError(f"{what}: this model is unconditional, do not pass labels")
             return None
         if y is None:
-            raise ValueError(f"{what}: this model is conditional (num_classes="
-                             f"{self.num_classes}); labels are required")
+            raise ValueError(
+                f"{what}: this model is conditional (num_classes="
+                f"{self.num_classes}); labels are required"
+            )
         y = torch.as_tensor(y, device=self.device).long().view(-1)
         if y.shape[0] != n:
             raise ValueError(f"{what}: got {y.shape[0]} labels for {n} records")

@@ -37,9 +37,7 @@ def _eval_loss(model, x, y) -> float:
         return float(model.loss_terms((x, y)).mean_loss())
 
 
-@pytest.mark.parametrize(
-    ("name", "arch"), [(n, "mlp") for n in PAIRINGS] + [("InfoVAE", "conv")]
-)
+@pytest.mark.parametrize(("name", "arch"), [(n, "mlp") for n in PAIRINGS] + [("InfoVAE", "conv")])
 def test_loss_falls(name, arch, digits):
     x, y = digits[0][:512], digits[1][:512]
     torch.manual_seed(0)
@@ -70,9 +68,7 @@ def test_dimension_wise_mmd_makes_codes_sparser(digits):
 
 def test_cluster_vae_separates_pinwheel_arms_better_than_vanilla():
     x, y = pinwheel()
-    common = dict(
-        data_shape=(2,), latent_dim=2, hidden=(64, 64), likelihood="gaussian", lr=3e-3
-    )
+    common = dict(data_shape=(2,), latent_dim=2, hidden=(64, 64), likelihood="gaussian", lr=3e-3)
     torch.manual_seed(0)
     cluster = ClusterVAE(n_components=5, lam=5.0, **common)
     trainer = _trainer(1200)
