@@ -34,8 +34,10 @@ class Likelihood(nn.Module):
 class Bernoulli(Likelihood):
     """log p(x|l) = Σ_d [x_d log σ(l_d) + (1 − x_d) log σ(−l_d)]; params are logits.
 
+    DP: sample-wise: row i reads x_i and its logits only.
     Continuous x in [0, 1] is allowed (the "continuous Bernoulli without normaliser" used by most
-    VAE code). Shapes: ``x, logits [m, *shape] -> [m]``. Reference: Kingma & Welling, 1312.6114.
+    VAE code). Shapes: ``x, logits [m, *shape] -> [m]``.
+    Reference: Kingma & Welling, arXiv 1312.6114.
     """
 
     def check_support(self, x: Tensor) -> None:
@@ -59,7 +61,8 @@ class Bernoulli(Likelihood):
 class Gaussian(Likelihood):
     """log p(x|μ) = Σ_d log N(x_d; μ_d, s²) with a fixed scale ``s``; params are the means.
 
-    Shapes: ``x, mu [m, *shape] -> [m]``. Reference: Kingma & Welling, 1312.6114.
+    Shapes: ``x, mu [m, *shape] -> [m]``. DP: sample-wise: row i reads x_i and μ_i only.
+    Reference: Kingma & Welling, arXiv 1312.6114.
     """
 
     def __init__(self, scale: float = 0.1) -> None:
@@ -83,7 +86,7 @@ class Gaussian(Likelihood):
 
 class Laplace(Likelihood):
     """log p(x|μ) = Σ_d [−|x_d − μ_d| / b − log 2b] with a fixed scale ``b``; params are the
-    locations. Shapes: ``x, mu [m, *shape] -> [m]``."""
+    locations. Shapes: ``x, mu [m, *shape] -> [m]``. DP: sample-wise: row i reads x_i, μ_i only."""
 
     def __init__(self, scale: float = 0.1) -> None:
         super().__init__()

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lit_dpvae.divergences import AggregateKL
-from lit_dpvae.metrics.latent import cluster_purity, nmi
+from lit_dpvae.metrics.latent import assign_clusters, cluster_purity, nmi
 from lit_dpvae.models.base import BaseVAE
 from lit_dpvae.priors import MixtureOfGaussians
 
@@ -55,5 +55,5 @@ class ClusterVAE(BaseVAE):
     def latent_metrics(self, mu: Tensor, y: Tensor | None) -> dict[str, float]:
         if y is None:
             return {}
-        clusters = self.prior.assign(mu.to(self.prior.means))  # type: ignore[operator]
+        clusters = assign_clusters(mu.to(self.device), self.prior)
         return {"nmi": nmi(y, clusters), "purity": cluster_purity(y, clusters)}
