@@ -48,6 +48,7 @@ from lit_dpvae.privacy.terms import batch_size_of
 
 MECHANISMS = ("termwise", "naive", "nonprivate")
 CHECKPOINT_KEY = "lit_dpvae_privacy"
+MODEL_CLASS_KEY = "lit_dpvae_model_class"
 
 
 class PrivacyConfigError(ValueError):
@@ -242,6 +243,14 @@ class TermwiseDPStrategy(DDPStrategy):
             if self.is_private:
                 check_module(module)
             self.mechanism.check(module)
+        if self.world_size == 1 and trainer.state.fn != "fit":
+            # DDPStrategy would synchronise module states through a process group that a
+            # single process never creates.
+            self.accelerator.setup(trainer)
+            self.precision_plugin.convert_module(self.model)
+            self.model_to_device()
+            self.setup_precision_plugin()
+            return
         super().setup(trainer)
         if trainer.state.fn == "fit" and self.world_size > 1:
             self.mechanism.always_forward = True
@@ -443,6 +452,9 @@ class TermwiseDPStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
                         storage_options: Any = None) -> None:
         checkpoint[CHECKPOINT_KEY] = self.privacy_state_dict()
+        module = self.lightning_module
+        if module is not None:
+            checkpoint[MODEL_CLASS_KEY] = f"{type(module).__module__}.{type(module).__qualname__}"
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:

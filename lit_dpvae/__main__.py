@@ -1,0 +1,3 @@
+from lit_dpvae.cli import main
+
+main()

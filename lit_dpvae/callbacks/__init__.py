@@ -1,0 +1,6 @@
+"""Callbacks: privacy spend (ε, δ, σ, steps) and image grids of held-out records and samples."""
+
+from lit_dpvae.callbacks.images import ImageLogger, image_grid
+from lit_dpvae.callbacks.privacy import PrivacySpend
+
+__all__ = ["ImageLogger", "PrivacySpend", "image_grid"]

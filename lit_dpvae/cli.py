@@ -1,0 +1,135 @@
+"""Command line: ``python -m lit_dpvae fit|validate|test --config cfg.yaml`` (LightningCLI) and
+``python -m lit_dpvae sample --ckpt run.ckpt --num 10000 --out synthetic.npz``.
+
+Configs select a model (``lit_dpvae.models.*``), a data module (``lit_dpvae.data.*``) and the
+strategy with all DP knobs under ``trainer.strategy.init_args``. The data shape and the number
+of classes are linked from the data module to the model. The default logger is W&B, offline
+unless you log in (``WANDB_MODE=online``), and ``fit`` ends with a test run and a one-line
+privacy report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from lit_dpvae.data import VAEDataModule
+from lit_dpvae.models import BaseVAE
+
+DEFAULT_LOGGER = {
+    "class_path": "lightning.pytorch.loggers.WandbLogger",
+    "init_args": {"project": "lit_dpvae", "offline": True, "save_dir": "runs"},
+}
+
+
+class DPVAECLI(LightningCLI):
+    """LightningCLI with the data→model links and a privacy report after ``fit``."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.data_shape", "model.init_args.data_shape",
+                              apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes",
+                              apply_on="instantiate")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="run the test split after fit and print the test loss")
+
+    def after_fit(self) -> None:
+        trainer, strategy = self.trainer, self.trainer.strategy
+        report = {}
+        if hasattr(strategy, "epsilon"):
+            eps = strategy.epsilon()
+            report["epsilon"] = eps
+            report["delta"] = strategy.target_delta
+            report["steps"] = strategy.accountant.steps
+        if self.config_init[self.subcommand].get("test_after_fit", True):
+            results = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            if results:
+                report["test_loss"] = results[0].get("test/loss", math.nan)
+        if report:
+            parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in report.items()]
+            rank_zero_only(print)("lit_dpvae result: " + " ".join(parts), flush=True)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> DPVAECLI:
+    return DPVAECLI(
+        BaseVAE,
+        VAEDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={"logger": DEFAULT_LOGGER, "use_distributed_sampler": False},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def load_model(ckpt: str | Path) -> BaseVAE:
+    """The model of a checkpoint written by ``TermwiseDPStrategy`` (its class is recorded)."""
+    from lit_dpvae.strategy import MODEL_CLASS_KEY
+
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    class_path = checkpoint.get(MODEL_CLASS_KEY)
+    if class_path is None:
+        raise ValueError(
+            f"{path} does not record its model class (it was not written by "
+            "TermwiseDPStrategy); load it with YourModel.load_from_checkpoint instead"
+        )
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    model = cls.load_from_checkpoint(path, map_location="cpu")
+    model.eval()
+    return model
+
+
+def sample_main(argv: list[str]) -> Path:
+    """``sample``: write ``num`` synthetic records (and labels in conditional mode) as npz."""
+    parser = argparse.ArgumentParser(prog="python -m lit_dpvae sample",
+                                     description="Write a synthetic dataset from a checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by fit")
+    parser.add_argument("--num", type=int, default=10000, help="number of records")
+    parser.add_argument("--out", required=True, help="output .npz (keys: x, and y if labelled)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=1000)
+    args = parser.parse_args(argv)
+    if args.num < 1:
+        parser.error("--num must be >= 1")
+    torch.manual_seed(args.seed)
+    model = load_model(args.ckpt)
+    xs, ys = [], []
+    with torch.no_grad():
+        for start in range(0, args.num, args.batch):
+            n = min(args.batch, args.num - start)
+            labels = None
+            if model.conditional:  # balanced labels
+                labels = torch.arange(start, start + n) % model.num_classes
+                ys.append(labels.numpy())
+            xs.append(model.sample(n, labels=labels).cpu().numpy())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"x": np.concatenate(xs)}
+    if ys:
+        arrays["y"] = np.concatenate(ys)
+    np.savez_compressed(out, **arrays)
+    print(f"wrote {arrays['x'].shape[0]} records to {out}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "sample":
+        sample_main(argv[1:])
+        return
+    cli_main(argv)
