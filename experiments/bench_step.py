@@ -308,8 +308,15 @@ def time_configs(
     repeats: int,
     rounds: int,
     warmup: int,
+    clock: str = "wall",
 ) -> dict[str, float]:
-    """Median step time in ms per configuration, interleaved over ``rounds`` blocks."""
+    """Median step time in ms per configuration, interleaved over ``rounds`` blocks.
+
+    ``clock="cpu"`` times with ``time.process_time`` (CPU seconds of this process): robust to
+    other processes taking the cores, but it counts OpenMP spin-waiting with several threads,
+    so use it with ``--threads 1``.
+    """
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     base = build_model(model_name)
     batch = make_data(model_name, batch_size)
     steps = {}
@@ -324,9 +331,9 @@ def time_configs(
     for k in per_round:
         for name in names:
             for _ in range(k):
-                t0 = time.perf_counter()
+                t0 = timer()
                 steps[name]()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(timer() - t0)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
@@ -474,6 +481,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", default=None,
                    help="comma-separated subset of configurations (default: all)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: perf_counter; cpu: process_time (robust to a loaded machine, "
+                   "use with --threads 1: with 2 threads on busy cores OpenMP spin-waits)")
     p.add_argument("--memory-batch-size", type=int, default=4096)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--json", type=Path, default=None, help="write ratios and peak memory here")
@@ -484,7 +494,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batch_size = min(args.batch_size, 8)
-        args.repeats, args.rounds, args.warmup = 1, 1, 1
+        args.repeats, args.rounds, args.warmup = 1, 1, 0
         args.memory_batch_size = min(args.memory_batch_size, 16)
     return args
 
@@ -515,7 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
     memory: dict[str, dict[str, float]] = {}
     for m in models:
         step_ms[m] = time_configs(m, names, args.batch_size, args.repeats, args.rounds,
-                                  args.warmup)
+                                  args.warmup, args.clock)
         print(format_table(m, step_ms[m], args.batch_size), end="\n\n", flush=True)
     if not args.no_memory:
         memory = measure_memory(models, args.memory_batch_size, args.threads,
@@ -533,6 +543,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "threads": args.threads,
+        "clock": args.clock,
         "memory_batch_size": args.memory_batch_size,
         "torch": torch.__version__,
     }
