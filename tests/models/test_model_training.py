@@ -50,8 +50,8 @@ def test_loss_falls(name, arch, digits):
     assert after < 0.8 * before, (before, after)
 
 
-def _sparse_hoyer(lam: float, x, y) -> dict[str, float]:
-    torch.manual_seed(0)
+def _sparse_hoyer(lam: float, x, y, seed: int) -> dict[str, float]:
+    torch.manual_seed(seed)
     model = SparseVAE(data_shape=(1, 8, 8), latent_dim=10, hidden=(128,), lam=lam, lr=3e-3)
     trainer = _trainer(300)
     trainer.fit(model, _loader(x, y))
@@ -60,17 +60,22 @@ def _sparse_hoyer(lam: float, x, y) -> dict[str, float]:
 
 
 def test_dimension_wise_mmd_makes_codes_sparser(digits):
+    """Standardised Hoyer sparsity of the posterior means (``val/hoyer``), averaged over two
+    seeds: the effect is real but noisy at this budget (per-seed gains 0.03-0.07)."""
     x, y = digits
-    plain, sparse = _sparse_hoyer(0.0, x, y), _sparse_hoyer(1000.0, x, y)
-    print(f"Hoyer (standardised / raw): lam=0 {plain}, lam=1000 {sparse}")
-    assert sparse["hoyer"] > plain["hoyer"] + 0.03
+    gains = []
+    for seed in (0, 1):
+        plain, sparse = _sparse_hoyer(0.0, x, y, seed), _sparse_hoyer(1000.0, x, y, seed)
+        print(f"seed {seed} Hoyer (standardised, raw): lam=0 {plain}, lam=1000 {sparse}")
+        gains.append(sparse["hoyer"] - plain["hoyer"])
+    assert sum(gains) / len(gains) > 0.03, gains
 
 
 def test_cluster_vae_separates_pinwheel_arms_better_than_vanilla():
     x, y = pinwheel()
     common = dict(data_shape=(2,), latent_dim=2, hidden=(64, 64), likelihood="gaussian", lr=3e-3)
     torch.manual_seed(0)
-    cluster = ClusterVAE(n_components=5, lam=5.0, **common)
+    cluster = ClusterVAE(n_components=5, lam=5.0, n_samples=4, **common)
     trainer = _trainer(1200)
     trainer.fit(cluster, _loader(x, y))
     metrics = trainer.validate(cluster, _loader(x, y, 1000, shuffle=False), verbose=False)[0]
