@@ -148,6 +148,8 @@ class TermwiseDPStrategy(DDPStrategy):
         self.planned_steps: int | None = None
         self.budget_exhausted = False
         self._restored: dict[str, Any] | None = None
+        self._pending_update: dict[str, Tensor] | None = None
+        self._step_budget: int | None = None
         self._sampler_seed: int | None = None
 
     # ---------------------------------------------------------------------------------------
@@ -281,6 +283,8 @@ class TermwiseDPStrategy(DDPStrategy):
             seed = restored.get("sampler_seed", sampler.seed)
             self._sampler_seed = int(self.broadcast(seed) if self.world_size > 1 else seed)
         sampler.seed = self._sampler_seed
+        # A resumed run continues with the batches of its epoch, not epoch 0's again.
+        sampler.set_epoch(int(trainer.current_epoch))
         self._prepare_privacy(trainer, sampler)
         return dataloader
 
@@ -321,6 +325,21 @@ class TermwiseDPStrategy(DDPStrategy):
         if restored is not None:
             self.accountant.load_state_dict(restored["accountant"])
             self.noise_generator.set_state(restored["noise_generator"].cpu())
+        left = self._steps_left_in_budget()
+        self._step_budget = None if left is None else self.accountant.steps + left
+        if left == 0 and self.accountant.steps == 0:
+            raise PrivacyConfigError(
+                f"noise_multiplier={self.mechanism.noise_multiplier:.4g} is too small for "
+                f"target_epsilon={self.target_epsilon}: a single step already exceeds it. Raise "
+                "noise_multiplier, or leave it unset to calibrate it from the budget."
+            )
+        if left == 0:
+            raise PrivacyConfigError(
+                f"the privacy budget ε={self.target_epsilon} is already spent "
+                f"(ε={self.epsilon():.4g} after {self.accountant.steps} steps): this run would "
+                "take no private step. Raise target_epsilon only if that is a new, justified "
+                "budget; the spent privacy cannot be reset."
+            )
         rank_zero_info(
             f"TermwiseDPStrategy: {self.mechanism!r}, q={self.sample_rate:.4g}, "
             f"N={self.num_records}, planned steps={self.planned_steps}, "
@@ -347,15 +366,33 @@ class TermwiseDPStrategy(DDPStrategy):
     def epsilon(self) -> float:
         return self.accountant.get_epsilon(self.target_delta)
 
-    def _next_step_exceeds_budget(self) -> bool:
-        if self.target_epsilon is None or not self.is_private:
-            return False
-        if self.planned_steps is not None and self.accountant.steps < self.planned_steps:
-            return False  # σ was calibrated (or checked) for the planned steps
+    def _epsilon_after(self, more_steps: int) -> float:
         trial = PrivacyAccountant(self.accountant.name)
         trial.load_state_dict(self.accountant.state_dict())
-        trial.step(self.mechanism.noise_multiplier, self.sample_rate)
-        return trial.get_epsilon(self.target_delta) > self.target_epsilon * (1 + 1e-6)
+        sigma = self.mechanism.noise_multiplier
+        if more_steps:
+            trial._impl.history.append((sigma, self.sample_rate, int(more_steps)))
+        return trial.get_epsilon(self.target_delta)
+
+    def _steps_left_in_budget(self) -> int | None:
+        """How many more steps fit in ``target_epsilon`` (None: no budget to enforce)."""
+        if self.target_epsilon is None or not self.is_private:
+            return None
+        limit = self.target_epsilon * (1 + 1e-6)
+        if self._epsilon_after(0) > limit:
+            return 0
+        low, high = 0, max(1, self.planned_steps or 1)
+        while self._epsilon_after(high) <= limit:  # exponential search, then bisection
+            low, high = high, 2 * high
+            if high > 10**9:
+                return high
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if self._epsilon_after(mid) <= limit else (low, mid)
+        return low
+
+    def _next_step_exceeds_budget(self) -> bool:
+        return self._step_budget is not None and self.accountant.steps >= self._step_budget
 
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor | None:
         batch = args[0] if args else kwargs["batch"]
@@ -383,15 +420,15 @@ class TermwiseDPStrategy(DDPStrategy):
                 stats = mechanism.aggregate(module, batch, reduce=self._all_reduce)
             assert self.expected_batch_size is not None and self.sample_rate is not None
             update = mechanism.privatize(stats, self.expected_batch_size, self.noise_generator)
-        for name, p in module.named_parameters():
-            if name in update:
-                p.grad = update[name].to(p.dtype)
+        # Lightning's closure zeroes gradients *after* training_step and before backward, so
+        # the update is written into p.grad in backward().
+        self._pending_update = update
         self.accountant.step(mechanism.noise_multiplier, self.sample_rate)
         terms = mechanism.last_terms
         n = batch_size_of(batch)
         if self.log_train_terms and terms is not None and n > 0:
             values = terms.detached()
-            values["loss"] = float(terms.mean_loss(self.expected_batch_size))
+            values["loss"] = float(terms.mean_loss(self.expected_batch_size).detach())
             for key, value in values.items():
                 module.log(f"train/{key}", value, batch_size=n, prog_bar=key == "loss")
         if terms is None or n == 0:
@@ -399,7 +436,18 @@ class TermwiseDPStrategy(DDPStrategy):
         return terms.mean_loss(self.expected_batch_size).detach()
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
-        """The private gradient is already in ``p.grad``: never backpropagate the loss."""
+        """Never backpropagate the loss: write the private update into ``p.grad`` instead."""
+        update, self._pending_update = self._pending_update, None
+        if update is None:
+            raise RuntimeError(
+                "TermwiseDPStrategy.backward without a private update: the model's training step "
+                "must not call backward itself (manual optimization is not supported)"
+            )
+        module = self.lightning_module
+        assert module is not None
+        for name, p in module.named_parameters():
+            if name in update:
+                p.grad = update[name].to(p.dtype)
         return closure_loss
 
     def _naive_local_keep(self, n_max: int) -> int:

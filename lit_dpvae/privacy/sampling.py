@@ -80,11 +80,12 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return torch.from_numpy(np.flatnonzero(mask))
 
     def __iter__(self) -> Iterator[list[int]]:
-        epoch = self.epoch
+        # Advance the epoch when iteration starts: loops that stop after len(self) batches never
+        # exhaust the generator, so an increment after the loop would never run.
+        epoch, self.epoch = self.epoch, self.epoch + 1
         for step in range(self.steps_per_epoch):
             batch = self.global_batch(epoch, step)
             yield batch[self.rank :: self.num_replicas].tolist()
-        self.epoch = epoch + 1
 
     def __len__(self) -> int:
         return self.steps_per_epoch

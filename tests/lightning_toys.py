@@ -1,0 +1,84 @@
+"""Small deterministic LightningModules and data for strategy tests (importable by spawned
+processes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_dpvae.privacy import LossTerms, poisson_dataloader
+
+
+class ToyLitVAE(pl.LightningModule):
+    """Deterministic VAE-like model with a batch-wise term read through
+    ``gather_for_batch_terms`` (so a multi-process run computes it on the global batch)."""
+
+    def __init__(self, batch_term: bool = True, lr: float = 0.1, batchnorm: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        norm = nn.BatchNorm1d(8) if batchnorm else nn.Identity()
+        self.enc = nn.Sequential(nn.Linear(6, 8), norm, nn.Tanh(), nn.Linear(8, 4))
+        self.dec = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 6))
+        self.batch_term, self.lr = batch_term, lr
+
+    def gather_for_batch_terms(self, t: Tensor) -> Tensor:
+        return t
+
+    def loss_terms(self, batch) -> LossTerms:
+        x = batch[0]
+        mu, log_var = self.enc(x).chunk(2, dim=-1)
+        recon = (self.dec(mu) - x).pow(2).sum(-1)
+        kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).sum(-1)
+        terms = LossTerms(sample={"recon": recon, "kl": kl})
+        if self.batch_term:
+            z = self.gather_for_batch_terms(mu)
+            div = z.mean(0).pow(2).sum() + torch.exp(-torch.cdist(z, z).pow(2)).mean() \
+                if z.shape[0] else z.sum()
+            terms.batch["div"] = div
+        return terms
+
+    def training_step(self, batch, batch_idx):
+        return self.loss_terms(batch).mean_loss()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class ToyData(pl.LightningDataModule):
+    def __init__(self, n: int = 40, sample_rate: float = 0.1, seed: int = 7,
+                 poisson: bool = True) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.data = TensorDataset(torch.randn(n, 6, generator=gen), torch.zeros(n).long())
+        self.sample_rate, self.seed, self.poisson = sample_rate, seed, poisson
+
+    def train_dataloader(self):
+        if not self.poisson:
+            return DataLoader(self.data, batch_size=4)
+        trainer = self.trainer
+        return poisson_dataloader(
+            self.data, self.sample_rate, seed=self.seed,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+        )
+
+
+class RecordRanks(pl.Callback):
+    """Each rank writes its final weights, step count and local batch sizes to ``out``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.sizes: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.sizes.append(int(batch[0].shape[0]))
+
+    def on_train_end(self, trainer, pl_module):
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save({"state": state, "steps": trainer.global_step, "sizes": self.sizes,
+                    "epsilon": trainer.strategy.epsilon()},
+                   Path(self.out) / f"rank{trainer.global_rank}.pt")

@@ -1,0 +1,159 @@
+"""TermwiseDPStrategy on one device and across 2 CPU processes (ddp_spawn, gloo)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lit_dpvae.callbacks import PrivacySpend
+from lit_dpvae.strategy import PrivacyConfigError, TermwiseDPStrategy
+from tests.lightning_toys import RecordRanks, ToyData, ToyLitVAE
+
+
+def _trainer(strategy, tmp_path, **kwargs) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, max_steps=6, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path)
+    defaults.update(kwargs)
+    return pl.Trainer(strategy=strategy, **defaults)
+
+
+def _strategy(**kwargs) -> TermwiseDPStrategy:
+    defaults = dict(noise_multiplier=1.0, max_grad_norm=0.5, batch_max_grad_norm=0.1,
+                    noise_seed=11)
+    defaults.update(kwargs)
+    return TermwiseDPStrategy(**defaults)
+
+
+def test_two_processes_match_one_device_and_stay_identical(tmp_path):
+    """Same records, sampler seed and noise seed: the 2-process run (global batch split across
+    ranks, divergence on the gathered global batch, sums all-reduced, noise added identically)
+    ends with the weights of the 1-device run; replicas are bit-identical; no hang on empty
+    local batches; both ranks take the same number of steps."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    steps = 8
+    _trainer(_strategy(), one, max_steps=steps, callbacks=[RecordRanks(str(one))]).fit(
+        ToyLitVAE(), ToyData(sample_rate=0.06))
+    _trainer(_strategy(start_method="spawn"), two, devices=2, max_steps=steps,
+             callbacks=[RecordRanks(str(two))]).fit(ToyLitVAE(), ToyData(sample_rate=0.06))
+    ref = torch.load(one / "rank0.pt")
+    ranks = [torch.load(two / f"rank{r}.pt") for r in range(2)]
+    assert ref["steps"] == ranks[0]["steps"] == ranks[1]["steps"] == steps
+    assert any(s == 0 for r in ranks for s in r["sizes"]), "the test must include empty batches"
+    for r in range(2):  # the ranks' local batches partition the global one
+        assert len(ranks[r]["sizes"]) == steps
+    assert [a + b for a, b in zip(ranks[0]["sizes"], ranks[1]["sizes"])] == ref["sizes"]
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][name]), f"replicas drifted: {name}"
+        torch.testing.assert_close(value, ref["state"][name], rtol=1e-5, atol=1e-6)
+    assert ranks[0]["epsilon"] == ref["epsilon"] > 0
+    # The run actually moved the weights (the comparison is not vacuous).
+    start = ToyLitVAE().state_dict()
+    assert any(not torch.allclose(start[k], ref["state"][k]) for k in start)
+
+
+def test_logged_epsilon_equals_the_accountant_and_sigma_is_calibrated(tmp_path):
+    spend = PrivacySpend(log_every_n_steps=1)
+    strategy = TermwiseDPStrategy(target_epsilon=2.0, target_delta=1e-3, max_grad_norm=0.5,
+                                  noise_seed=1)
+    trainer = _trainer(strategy, tmp_path, max_steps=10, callbacks=[spend])
+    trainer.fit(ToyLitVAE(), ToyData(n=200, sample_rate=0.1))
+    assert strategy.accountant.steps == 10
+    eps = strategy.epsilon()
+    assert 2.0 - 0.05 <= eps <= 2.0  # calibrated for exactly the planned 10 steps
+    assert math.isclose(float(trainer.callback_metrics["privacy/epsilon"]), eps, rel_tol=1e-6)
+    assert float(trainer.callback_metrics["privacy/steps"]) == 10
+    assert math.isclose(float(trainer.callback_metrics["privacy/delta"]), 1e-3, rel_tol=1e-6)
+    assert math.isclose(float(trainer.callback_metrics["privacy/sigma_eff"]),
+                        strategy.mechanism.noise_multiplier)
+
+
+def test_training_stops_before_the_budget_would_be_exceeded(tmp_path):
+    strategy = _strategy(noise_multiplier=2.0, target_epsilon=1.0, target_delta=1e-3)
+    trainer = _trainer(strategy, tmp_path, max_steps=10_000, max_epochs=None)
+    # With σ fixed, target_epsilon is a stop rule: the run ends at the last step that fits.
+    trainer.fit(ToyLitVAE(), ToyData(n=200, sample_rate=0.1))
+    assert strategy.budget_exhausted
+    steps = strategy.accountant.steps
+    assert 0 < steps < 10_000
+    assert strategy.epsilon() <= 1.0 < strategy._epsilon_after(1)
+    # Resuming a spent budget is refused before any step.
+    ckpt = tmp_path / "spent.ckpt"
+    trainer.save_checkpoint(ckpt)
+    again = _strategy(noise_multiplier=2.0, target_epsilon=1.0, target_delta=1e-3)
+    with pytest.raises(PrivacyConfigError, match="already spent"):
+        _trainer(again, tmp_path, max_steps=20_000, max_epochs=None).fit(
+            ToyLitVAE(), ToyData(n=200, sample_rate=0.1), ckpt_path=str(ckpt))
+
+
+def test_resume_from_a_mid_run_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(epochs, ckpt=None):
+        strategy = _strategy(noise_seed=5)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+        trainer = _trainer(strategy, tmp_path, max_steps=-1, max_epochs=epochs,
+                           enable_checkpointing=True, callbacks=[saver])
+        model = ToyLitVAE()
+        trainer.fit(model, ToyData(n=40, sample_rate=0.25), ckpt_path=ckpt)
+        return model, strategy
+
+    full_model, full = run(3)
+    run(1)  # writes ckpt/last.ckpt after epoch 1 of 3
+    resumed_model, resumed = run(3, ckpt=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.accountant.steps == full.accountant.steps == 12
+    assert resumed.epsilon() == full.epsilon()
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize(
+    "trainer_kwargs, match",
+    [
+        ({"accumulate_grad_batches": 2}, "accumulate_grad_batches"),
+        ({"gradient_clip_val": 1.0}, "gradient_clip_val"),
+        ({"precision": "16-mixed"}, "precision"),
+        ({"precision": "bf16-mixed"}, "precision"),
+    ],
+)
+def test_unsafe_trainer_settings_are_refused_before_the_first_step(tmp_path, trainer_kwargs,
+                                                                   match):
+    model = ToyLitVAE()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PrivacyConfigError, match=match):
+        _trainer(_strategy(), tmp_path, **trainer_kwargs).fit(model, ToyData())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_batchnorm_and_non_poisson_loaders_are_refused(tmp_path):
+    from lit_dpvae.privacy.grad_sample import UnsupportedModuleError
+
+    with pytest.raises(UnsupportedModuleError, match="GroupNorm"):
+        _trainer(_strategy(), tmp_path).fit(ToyLitVAE(batchnorm=True), ToyData())
+    with pytest.raises(PrivacyConfigError, match="Poisson"):
+        _trainer(_strategy(), tmp_path).fit(ToyLitVAE(), ToyData(poisson=False))
+
+
+def test_bad_strategy_settings_are_refused():
+    with pytest.raises(PrivacyConfigError, match="budget"):
+        TermwiseDPStrategy()
+    with pytest.raises(ValueError, match="mechanism"):
+        TermwiseDPStrategy(mechanism="magic", noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="target_delta"):
+        TermwiseDPStrategy(target_epsilon=1.0, target_delta=2.0)
+
+
+def test_delta_must_be_below_one_over_n(tmp_path):
+    strategy = TermwiseDPStrategy(target_epsilon=1.0, target_delta=0.05)
+    with pytest.raises(ValueError, match="1/N"):
+        _trainer(strategy, tmp_path).fit(ToyLitVAE(), ToyData(n=40))
+
+
+def test_strategy_is_registered_by_name():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert "termwise_dp" in StrategyRegistry
