@@ -77,9 +77,11 @@ def named_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
 def weighted_sum(factors: Tensor, grads: Tensor) -> Tensor:
     """``Σ_i c_i g_i`` over the leading dim, with ``c_i = 0`` meaning *exactly* zero even when
     ``g_i`` holds Inf/NaN (plain ``0 · inf`` would be NaN and leak into the release)."""
-    mask = (factors > 0).view(-1, *([1] * (grads.dim() - 1)))
-    scaled = grads * factors.to(grads.dtype).view_as(mask)
-    return torch.where(mask, scaled, torch.zeros_like(scaled)).sum(0)
+    flat = grads.reshape(grads.shape[0], -1)
+    dropped = factors == 0
+    if bool(dropped.any()):
+        flat = flat.masked_fill(dropped[:, None], 0.0)
+    return (factors.to(flat.dtype) @ flat).view(grads.shape[1:])
 
 
 def clip_factors(norms: Tensor, max_norm: float) -> Tensor:
@@ -217,7 +219,7 @@ class _LayerwiseClipper:
                 if p.requires_grad:
                     materialised[p] = materialised[p] + g if p in materialised else g
         for g in materialised.values():
-            sq_norm = sq_norm + g.reshape(n, -1).float().pow(2).sum(1)
+            sq_norm = sq_norm + torch.linalg.vector_norm(g.reshape(n, -1), dim=1).float() ** 2
         norms = sq_norm.sqrt()
         factors = clip_factors(norms, max_norm)
 
@@ -279,8 +281,9 @@ class _OpacusHooksClipper:
             for name, p in params.items():
                 p.grad = saved_grads[name]
         norms = torch.stack(
-            [g.reshape(n, -1).float().pow(2).sum(1) for g in grad_samples.values()]
-        ).sum(0).sqrt()
+            [torch.linalg.vector_norm(g.reshape(n, -1), dim=1).float()
+             for g in grad_samples.values()]
+        ).norm(dim=0)
         factors = clip_factors(norms, max_norm)
         out = {name: weighted_sum(factors, g) for name, g in grad_samples.items()}
         _check_finite(out)
