@@ -157,3 +157,39 @@ def test_strategy_is_registered_by_name():
     from lightning.pytorch.strategies import StrategyRegistry
 
     assert "termwise_dp" in StrategyRegistry
+
+
+def test_manual_optimization_is_refused(tmp_path):
+    class Manual(ToyLitVAE):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(PrivacyConfigError, match="manual optimization"):
+        _trainer(_strategy(), tmp_path).fit(Manual(), ToyData())
+
+
+def test_sigma_too_small_and_unbounded_plans_are_refused(tmp_path):
+    with pytest.raises(PrivacyConfigError, match="too small"):
+        _trainer(_strategy(noise_multiplier=0.3, target_epsilon=0.5, target_delta=1e-3),
+                 tmp_path).fit(ToyLitVAE(), ToyData(n=200))
+    with pytest.raises(PrivacyConfigError, match="unbounded"):
+        _trainer(TermwiseDPStrategy(target_epsilon=1.0, target_delta=1e-3), tmp_path,
+                 max_steps=-1, max_epochs=-1).fit(ToyLitVAE(), ToyData(n=200))
+
+
+def test_resuming_needs_the_privacy_state_and_the_same_mechanism(tmp_path):
+    plain = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                       enable_progress_bar=False, enable_model_summary=False)
+    plain.fit(ToyLitVAE(), ToyData(poisson=False))
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.raises(PrivacyConfigError, match="no privacy state"):
+        _trainer(_strategy(), tmp_path, max_steps=4).fit(
+            ToyLitVAE(), ToyData(), ckpt_path=str(tmp_path / "plain.ckpt"))
+    trainer = _trainer(_strategy(), tmp_path, max_steps=2)
+    trainer.fit(ToyLitVAE(), ToyData())
+    trainer.save_checkpoint(tmp_path / "termwise.ckpt")
+    naive = _strategy(mechanism="naive", batch_max_grad_norm=1.0)
+    with pytest.raises(PrivacyConfigError, match="same mechanism"):
+        _trainer(naive, tmp_path, max_steps=4).fit(
+            ToyLitVAE(), ToyData(), ckpt_path=str(tmp_path / "termwise.ckpt"))
