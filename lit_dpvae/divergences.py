@@ -100,9 +100,32 @@ class MMD(Divergence):
     def forward(self, z: Tensor, prior: Prior) -> Tensor:
         if z.shape[0] < 2:
             return z.sum() * 0.0
-        w = prior.sample(self.n_prior_samples).to(z)
+        return self.value(z, self.draw(prior).to(z))
+
+    # ---- pair decomposition (DESIGN §2.4, docs/privacy.md §8) --------------------------------
+    def draw(self, prior: Prior) -> Tensor:
+        """The M prior samples ``w [M, d]`` that ``forward`` uses (same RNG consumption)."""
+        return prior.sample(self.n_prior_samples)
+
+    def value(self, z: Tensor, w: Tensor) -> Tensor:
+        """MMD² for codes ``z [n, d]`` (n ≥ 2) and given prior samples ``w [M, d]``."""
         p = self.pieces(z, w)
         return p.zz + p.ww - 2 * p.zw
+
+    def _dk_dr2(self, r2: Tensor, c: float) -> Tensor:
+        """dk/d(r²) of the radial kernel at squared distance ``r2``."""
+        if self.kernel_name == "imq":
+            return sum(-c * s / (c * s + r2) ** 2 for s in self.bandwidths)  # type: ignore
+        return sum(-torch.exp(-r2 / (c * s)) / (c * s) for s in self.bandwidths)  # type: ignore
+
+    def pair_grad(self, a: Tensor, b: Tensor) -> Tensor:
+        """∇₁k(a, b) = 2 (a − b) k'(‖a − b‖²), broadcast ``[..., d] -> [..., d]``.
+
+        With it ``n·∇_z MMD²`` at row i is ``(2/(n−1)) Σ_{j≠i} ∇₁k(z_i, z_j) − (2/M) Σ_m
+        ∇₁k(z_i, w_m)`` (the pair decomposition the pairwise mechanism clips)."""
+        diff = a - b
+        r2 = (diff**2).sum(-1, keepdim=True)
+        return 2.0 * diff * self._dk_dr2(r2, 2.0 * a.shape[-1])
 
 
 class DimensionWiseMMD(MMD):
@@ -118,12 +141,18 @@ class DimensionWiseMMD(MMD):
 
     composition = "pairwise"
 
-    def forward(self, z: Tensor, prior: Prior) -> Tensor:
-        if z.shape[0] < 2:
-            return z.sum() * 0.0
-        w = prior.sample_dims(self.n_prior_samples).to(z)
+    def draw(self, prior: Prior) -> Tensor:
+        return prior.sample_dims(self.n_prior_samples)
+
+    def value(self, z: Tensor, w: Tensor) -> Tensor:
         p = self.pieces(z.T[..., None], w.T[..., None])  # [d, n, 1], [d, M, 1] -> [d]
         return (p.zz + p.ww - 2 * p.zw).sum()
+
+    def pair_grad(self, a: Tensor, b: Tensor) -> Tensor:
+        """∇₁ of the additive kernel ``Σ_j k₁(a_j, b_j)`` (1-D kernels, c = 2): the same
+        U-statistic as the sum of per-dimension MMD², so the same pair decomposition holds."""
+        diff = a - b
+        return 2.0 * diff * self._dk_dr2(diff**2, 2.0)
 
 
 class AggregateKL(Divergence):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lit_dpvae.likelihoods import Likelihood, make_likelihood
 from lit_dpvae.nn.blocks import build_encoder_decoder
 from lit_dpvae.priors import Prior, StandardNormal, normal_log_density
-from lit_dpvae.privacy.terms import LossTerms
+from lit_dpvae.privacy.terms import LossTerms, PairwiseTerm
 
 
 class BaseVAE(L.LightningModule):
@@ -116,6 +116,30 @@ class BaseVAE(L.LightningModule):
         """The unweighted divergence D (scalar) from ``z [n, K, d]``, ``mu, log_var [n, d]``."""
         raise NotImplementedError
 
+    def pairwise_codes(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor | None:
+        """The codes ``[n, d]`` (one row per record) of a *pairwise* divergence, or None.
+
+        A pairing whose divergence is a kernel U-statistic (``composition == "pairwise"``: it has
+        ``draw``, ``value`` and ``pair_grad``) returns the codes it reads; the base then declares
+        the pair decomposition in ``LossTerms.pairwise`` for ``PairwiseDPSGD``."""
+        return None
+
+    def pairwise_divergence(
+        self, z: Tensor, mu: Tensor, log_var: Tensor
+    ) -> tuple[Tensor, PairwiseTerm] | None:
+        """``(D, PairwiseTerm)`` with D the unweighted divergence (same value and RNG use as
+        ``divergence_value``), or None when the divergence is not pairwise."""
+        codes = self.pairwise_codes(z, mu, log_var)
+        div = getattr(self, "divergence", None)
+        if codes is None or getattr(div, "composition", None) != "pairwise":
+            return None
+        gathered = self.gather_for_batch_terms(codes)
+        if gathered.shape[0] < 2:
+            empty = codes.new_zeros(0, codes.shape[1])
+            return gathered.sum() * 0.0, PairwiseTerm(codes, empty, div, self.lam)
+        w = div.draw(self.prior).to(gathered)
+        return div.value(gathered, w), PairwiseTerm(codes, w, div, self.lam)
+
     def latent_metrics(self, mu: Tensor, y: Tensor | None) -> dict[str, float]:
         """Validation metrics of the posterior means of the whole validation epoch."""
         return {}
@@ -172,10 +196,15 @@ class BaseVAE(L.LightningModule):
         log_px_z = self.likelihood.log_prob(x.repeat_interleave(k, 0), params).view(n, k)
         sample = {"recon": -log_px_z.mean(1), "kl": self.beta * self.per_record_kl(mu, log_var, z)}
         batch_terms: dict[str, Tensor] = {}
+        pairwise: dict[str, PairwiseTerm] = {}
         if self.divergence_key is not None and self.lam != 0.0:
-            d = self.divergence_value(z, mu, log_var)
+            pair = self.pairwise_divergence(z, mu, log_var)
+            if pair is None:
+                d = self.divergence_value(z, mu, log_var)
+            else:
+                d, pairwise[self.divergence_key] = pair
             batch_terms[self.divergence_key] = self.lam * d
-        return LossTerms(sample=sample, batch=batch_terms), mu, y
+        return LossTerms(sample=sample, batch=batch_terms, pairwise=pairwise), mu, y
 
     def loss_terms(self, batch: Any) -> LossTerms:
         """Named sample-wise (``[n]``) and batch-wise (scalar) loss terms of a batch."""

@@ -42,3 +42,6 @@ class InfoVAE(BaseVAE):
 
     def divergence_value(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
         return self.divergence(self.gather_for_batch_terms(z[:, 0]), self.prior)
+
+    def pairwise_codes(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
+        return z[:, 0]

@@ -53,6 +53,9 @@ class SparseVAE(BaseVAE):
     def divergence_value(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
         return self.divergence(self.gather_for_batch_terms(z[:, 0]), self.prior)
 
+    def pairwise_codes(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
+        return z[:, 0]
+
     def latent_metrics(self, mu: Tensor, y: Tensor | None) -> dict[str, float]:
         if self.latent_dim < 2:
             return {}

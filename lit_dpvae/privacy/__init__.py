@@ -13,6 +13,7 @@ from lit_dpvae.privacy.mechanisms import (
     Mechanism,
     NaiveDPSGD,
     NonPrivate,
+    PairwiseDPSGD,
     TermwiseDPSGD,
     clip_vector,
     global_norm,
@@ -23,7 +24,13 @@ from lit_dpvae.privacy.sampling import (
     is_poisson_loader,
     poisson_dataloader,
 )
-from lit_dpvae.privacy.terms import LossTerms, LossTermsError, batch_size_of, loss_terms_of
+from lit_dpvae.privacy.terms import (
+    LossTerms,
+    LossTermsError,
+    PairwiseTerm,
+    batch_size_of,
+    loss_terms_of,
+)
 
 __all__ = [
     "BACKENDS",
@@ -31,6 +38,8 @@ __all__ = [
     "Mechanism",
     "NaiveDPSGD",
     "NonPrivate",
+    "PairwiseDPSGD",
+    "PairwiseTerm",
     "PrivacyAccountant",
     "TermwiseDPSGD",
     "calibrate_noise",

@@ -8,13 +8,18 @@ size ``B`` is
     L(S) = (1/B) Σ_i Σ_name sample[name][i]  +  Σ_name batch[name].
 
 The privacy code never guesses which term is which: the model declares it here.
+
+Optionally a batch-wise term that is a kernel U-statistic (MMD, dimension-wise MMD) also declares
+its pair decomposition in ``LossTerms.pairwise`` (``PairwiseTerm``): the pairwise mechanism then
+privatises it pair by pair (docs/privacy.md §8); every other mechanism ignores the declaration and
+uses the scalar in ``LossTerms.batch``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +29,32 @@ class LossTermsError(ValueError):
     """A model returned loss terms that break the contract."""
 
 
+class PairKernel(Protocol):
+    """A kernel that can give its pair gradients: ``pair_grad(a, b) = ∇₁k(a, b)``, broadcast over
+    ``[..., d]`` inputs -> ``[..., d]`` (e.g. ``lit_dpvae.divergences.MMD``)."""
+
+    def pair_grad(self, a: Tensor, b: Tensor) -> Tensor: ...  # pragma: no cover
+
+
+@dataclass
+class PairwiseTerm:
+    """The pair decomposition of a batch-wise term ``weight · MMD²_k(codes, prior_samples)``
+    (unbiased U-statistic, see ``lit_dpvae.divergences.MMDPieces``).
+
+    Attributes:
+        codes: ``[n, d]``, row i = the code of record i, *with* its autograd graph (it must
+            depend on record i only: the record-wise model contract).
+        prior_samples: ``[M, d]`` data-independent samples ``w_m`` (``[0, d]`` when n < 2).
+        kernel: the kernel ``k`` (a ``PairKernel``), symmetric.
+        weight: λ, the weight the model applied to the divergence.
+    """
+
+    codes: Tensor
+    prior_samples: Tensor
+    kernel: PairKernel
+    weight: float
+
+
 @dataclass
 class LossTerms:
     """Named loss terms of one batch.
@@ -31,10 +62,13 @@ class LossTerms:
     Attributes:
         sample: name -> tensor of shape ``[n]``, one value per record (sample-wise terms).
         batch: name -> scalar tensor (batch-wise terms, e.g. a divergence estimated on the batch).
+        pairwise: optional, name -> ``PairwiseTerm`` for batch-wise terms (same name, value in
+            ``batch``) that are kernel U-statistics; only the pairwise mechanism reads it.
     """
 
     sample: dict[str, Tensor] = field(default_factory=dict)
     batch: dict[str, Tensor] = field(default_factory=dict)
+    pairwise: dict[str, PairwiseTerm] = field(default_factory=dict)
 
     def validate(self, n: int | None = None, *, check_finite: bool = True) -> int:
         """Check shapes and values; return the number of records ``n``.
@@ -69,6 +103,19 @@ class LossTerms:
                     f"batch-wise term {name!r} has shape {tuple(value.shape)}; it must be a scalar."
                     " "
                     "A term with one value per record is sample-wise: put it in LossTerms.sample."
+                )
+        for name, term in self.pairwise.items():
+            if name not in self.batch:
+                raise LossTermsError(
+                    f"pairwise term {name!r} has no value in LossTerms.batch: declare the "
+                    "divergence's value there (other mechanisms use it) and its pairs here"
+                )
+            if not isinstance(term, PairwiseTerm):
+                raise LossTermsError(f"pairwise term {name!r} is not a PairwiseTerm")
+            if term.codes.dim() != 2 or (n is not None and term.codes.shape[0] != n):
+                raise LossTermsError(
+                    f"pairwise term {name!r} has codes of shape {tuple(term.codes.shape)}; they "
+                    f"must be [n, d] with one row per record (n = {n})"
                 )
         if check_finite:
             for kind, terms in (("sample", self.sample), ("batch", self.batch)):

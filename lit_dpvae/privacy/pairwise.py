@@ -1,0 +1,146 @@
+"""Per-record latent Gram matrices and the clipped pair decomposition of kernel divergences.
+
+For codes ``z_i = f_θ(x_i) ∈ R^d`` let ``J_i = ∂z_i/∂θ`` (``d × P``). A pair term of a kernel
+divergence is ``t = J_iᵀ u`` with a latent vector ``u ∈ R^d``; its norm is
+
+    ‖J_iᵀ u‖² = uᵀ G_i u,      G_i = J_i J_iᵀ  (d × d, the per-record latent Gram),
+
+so all ``n²`` pair norms cost one ``G_i`` per record plus ``n²·d²`` flops, and no per-pair (or
+per-record) parameter gradient is ever materialised for Linear layers. ``G_i`` comes from ``d``
+batched vector-Jacobian products to the captured layer outputs (``is_grads_batched``) and, per
+Linear layer called once on ``n`` rows, the ghost identity
+``⟨b a_iᵀ, b' a_iᵀ⟩ + ⟨b, b'⟩ = (‖a_i‖² + 1)·⟨b, b'⟩``; any other layer materialises its
+per-record Jacobian rows with the engine's per-sample samplers (``d`` of them). The clipped sum
+``Σ_i J_iᵀ ū_i`` is then one local VJP per layer with backprops ``Σ_k ū_ik · b_i^(k)``.
+Proofs: docs/privacy.md §8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lit_dpvae.privacy.grad_sample import (
+    AttributionError,
+    _Call,
+    _per_sample_grads,
+    _rows_per_record,
+    clip_factors,
+)
+
+
+@dataclass
+class LatentJacobian:
+    """What the Gram pass keeps for the final clipped sum: per layer call, the batched
+    backprops ``[d, rows, ...]`` of the codes' coordinates (None: layer not upstream of z)."""
+
+    calls: list[_Call]
+    backprops: list[Tensor | None]
+    gram: Tensor  # [n, d, d]
+
+
+def latent_jacobian(calls: list[_Call], codes: Tensor, n: int) -> LatentJacobian:
+    """Per-record latent Gram ``G_i = J_i J_iᵀ`` of ``codes [n, d]`` w.r.t. the trainable
+    parameters of the captured layer ``calls`` (the graph is kept)."""
+    d = codes.shape[1]
+    outputs = [c.output for c in calls]
+    grad_out = torch.eye(d, dtype=codes.dtype, device=codes.device)[:, None, :].expand(d, n, d)
+    raw = torch.autograd.grad(
+        codes, outputs, grad_outputs=grad_out, is_grads_batched=True, retain_graph=True,
+        allow_unused=True,
+    )
+    backprops = [None if b is None else b.detach() for b in raw]
+    seen: dict[nn.Parameter, int] = {}
+    for call, b in zip(calls, backprops):
+        if b is not None:
+            for p in call.module.parameters(recurse=False):
+                seen[p] = seen.get(p, 0) + 1
+    gram = codes.new_zeros(n, d, d)
+    materialised: dict[nn.Parameter, Tensor] = {}
+    for call, b in zip(calls, backprops):
+        if b is None:
+            continue
+        own = [p for p in call.module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        acts = call.activations
+        if (
+            isinstance(call.module, nn.Linear)
+            and all(seen[p] == 1 for p in own)
+            and _rows_per_record(call, n) == 1
+            and len(acts) == 1
+            and acts[0].dim() == 2
+        ):
+            coef = torch.zeros(n, dtype=gram.dtype, device=gram.device)
+            if call.module.weight.requires_grad:
+                coef = coef + acts[0].pow(2).sum(1)
+            if call.module.bias is not None and call.module.bias.requires_grad:
+                coef = coef + 1.0
+            bb = b.reshape(d, n, -1).transpose(0, 1)  # [n, d, out]
+            gram = gram + coef[:, None, None] * torch.bmm(bb, bb.transpose(1, 2))
+            continue
+        per_k = [_per_sample_grads(call, b[k], n, functorch=False) for k in range(d)]
+        for p in own:
+            rows = torch.stack([g[p].reshape(n, -1) for g in per_k], 1)  # [n, d, P_p]
+            materialised[p] = materialised[p] + rows if p in materialised else rows
+    for rows in materialised.values():
+        gram = gram + torch.bmm(rows, rows.transpose(1, 2))
+    return LatentJacobian(calls, backprops, gram)
+
+
+def owner_vectors(
+    codes: Tensor,
+    prior_samples: Tensor,
+    kernel,
+    weight: float,
+    gram: Tensor,
+    max_norm: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Clipped aggregated latent vectors ``ū_i`` of one kernel divergence (n ≥ 2).
+
+    ``ū_i = (2/(n−1)) Σ_{j≠i} a_ij u_ij − 2 c_i v_i`` with ``u_ij = λ∇₁k(z_i, z_j)``,
+    ``v_i = λ (1/M) Σ_m ∇₁k(z_i, w_m)``, ``a_ij``/``c_i`` the clip factors of ``J_iᵀu_ij`` and
+    ``J_iᵀv_i`` to ``max_norm`` (0 on the diagonal and for non-finite norms; a zero factor
+    contributes exactly zero). Returns ``(ū [n, d], pair norms [n, n], prior norms [n])``.
+    """
+    z = codes.detach()
+    n = z.shape[0]
+    u = weight * kernel.pair_grad(z[:, None, :], z[None, :, :])  # [n, n, d]
+    pair_norms = (torch.bmm(u, gram) * u).sum(-1).clamp_min(0).sqrt()  # uᵀ G_i u
+    a = clip_factors(pair_norms, max_norm)
+    a = a * (1.0 - torch.eye(n, dtype=a.dtype, device=a.device))
+    partner = torch.where((a > 0)[..., None], a[..., None] * u, torch.zeros_like(u)).sum(1)
+    v = weight * kernel.pair_grad(z[:, None, :], prior_samples.detach()[None, :, :]).mean(1)
+    prior_norms = (torch.bmm(gram, v[:, :, None])[..., 0] * v).sum(-1).clamp_min(0).sqrt()
+    c = clip_factors(prior_norms, max_norm)
+    prior = torch.where((c > 0)[:, None], c[:, None] * v, torch.zeros_like(v))
+    return 2.0 / (n - 1) * partner - 2.0 * prior, pair_norms, prior_norms
+
+
+def clipped_owner_sum(
+    jac: LatentJacobian, owner: Tensor, params: dict[str, nn.Parameter], n: int
+) -> dict[str, Tensor]:
+    """``Σ_i J_iᵀ ū_i`` per parameter: one local VJP per layer with backprops
+    ``Σ_k ū_ik b_i^(k)``; records with ``ū_i = 0`` contribute exactly zero."""
+    out = {name: torch.zeros_like(p) for name, p in params.items()}
+    by_param = {p: name for name, p in params.items()}
+    keep = (owner != 0).any(1)
+    for call, b in zip(jac.calls, jac.backprops):
+        if b is None:
+            continue
+        own = [p for p in call.module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        m = b.shape[1] // n
+        rows_keep = keep.repeat_interleave(m).view(1, -1, *([1] * (b.dim() - 2)))
+        b = torch.where(rows_keep, b, torch.zeros_like(b))
+        coeff = owner.repeat_interleave(m, 0).T.to(b.dtype)  # [d, rows]
+        bp = (coeff.view(*coeff.shape, *([1] * (b.dim() - 2))) * b).sum(0)
+        grads = torch.autograd.grad(call.output, own, grad_outputs=bp, retain_graph=True)
+        for p, g in zip(own, grads):
+            if p not in by_param:
+                raise AttributionError(f"parameter of {type(call.module).__name__} not trainable")
+            out[by_param[p]] += g
+    return out

@@ -1,0 +1,296 @@
+"""PairwiseDPSGD: pair-decomposed kernel divergences (docs/privacy.md §8).
+
+Sensitivity on random and adversarial neighbours, independence of the batch size, exactness
+against ``n·∇(λ MMD²)`` when clipping is inactive, a brute-force per-pair clipping oracle, noise
+and the joint σ_eff with three parts, refusals.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lit_dpvae.divergences import MMD, DimensionWiseMMD
+from lit_dpvae.privacy import (
+    BACKENDS,
+    LossTerms,
+    PairwiseDPSGD,
+    PairwiseTerm,
+    TermwiseDPSGD,
+    global_norm,
+    joint_noise_multiplier,
+)
+from tests.privacy.test_mechanisms import REL_TOL, _diff_norms, _neighbours
+from tests.privacy.toys import coupling_divergence
+
+KINDS = ("mlp", "mlp-k3", "conv")
+DIVS = {
+    "mmd": lambda: MMD("imq", bandwidths=(0.5, 1.0, 2.0), n_prior_samples=16),
+    "dim_mmd": lambda: DimensionWiseMMD("imq", bandwidths=(0.05, 0.5), n_prior_samples=16),
+    "mmd_rbf": lambda: MMD("rbf", bandwidths=(0.5, 2.0), n_prior_samples=16),
+}
+
+
+class PairToy(nn.Module):
+    """Tiny VAE with a pairwise MMD on one code per record (and optionally an opaque term).
+
+    The prior samples are a fixed buffer (one realisation ω, coupled across neighbours)."""
+
+    def __init__(self, kind: str = "mlp", div: str = "mmd", lam: float = 3.0,
+                 opaque: bool = False, d_z: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind, self.lam, self.opaque, self.d_z = kind, lam, opaque, d_z
+        self.samples = 3 if kind == "mlp-k3" else 1
+        if kind == "conv":
+            self.shape: tuple[int, ...] = (1, 4, 4)
+            self.enc = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.GroupNorm(1, 3), nn.ReLU(),
+                                     nn.Flatten(), nn.Linear(48, 2 * d_z))
+        else:
+            self.shape = (6,)
+            self.enc = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2 * d_z))
+        d_in = math.prod(self.shape)
+        self.dec = nn.Sequential(nn.Linear(d_z, 8), nn.Tanh(), nn.Linear(8, d_in))
+        self.div = DIVS[div]()
+        self.register_buffer("offsets",
+                             torch.linspace(-0.5, 0.5, self.samples * d_z).view(self.samples, d_z))
+        self.register_buffer("w", torch.randn(16, d_z, generator=torch.Generator().manual_seed(1)))
+
+    def codes(self, x):
+        mu, log_var = self.enc(x).chunk(2, dim=-1)
+        z = mu[:, None, :] + torch.exp(0.5 * log_var)[:, None, :] * self.offsets
+        return mu, log_var, z
+
+    def loss_terms(self, batch) -> LossTerms:
+        x = batch[0]
+        n = x.shape[0]
+        mu, log_var, z = self.codes(x)
+        x_hat = self.dec(z.reshape(n * self.samples, self.d_z)).view(n, self.samples, -1)
+        recon = (x_hat - x.flatten(1)[:, None, :]).pow(2).sum(-1).mean(1)
+        kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).sum(-1)
+        codes = z[:, 0]
+        value = self.div.value(codes, self.w) if n >= 2 else codes.sum() * 0.0
+        batch_terms = {"mmd": self.lam * value}
+        if self.opaque:
+            batch_terms["div"] = coupling_divergence(mu)
+        pair = {"mmd": PairwiseTerm(codes, self.w, self.div, self.lam)}
+        return LossTerms(sample={"recon": recon, "kl": kl}, batch=batch_terms, pairwise=pair)
+
+
+def _mech(c_p: float, opaque: bool = False, backend: str = "ghost", **kw) -> PairwiseDPSGD:
+    shares = {"sample_share": 0.5, "pairwise_share": 0.3 if opaque else None}
+    return PairwiseDPSGD(max_grad_norm=0.7, pair_max_grad_norm=c_p, batch_max_grad_norm=0.3,
+                         noise_multiplier=1.0, backend=backend, **shares, **kw)
+
+
+def _grad(model, scalar):
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(scalar, list(params.values()), allow_unused=True)
+    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("div", sorted(DIVS))
+@pytest.mark.parametrize("c_p", [1e-3, 0.2])
+def test_sensitivity_holds_on_neighbouring_batches(kind, div, c_p):
+    model = PairToy(kind, div, opaque=(div == "mmd"))
+    mech = _mech(c_p, opaque=(div == "mmd"))
+    rng = torch.Generator().manual_seed(hash((kind, div, c_p)) % 2**31)
+    worst = {part: 0.0 for part in mech.parts}
+    for s, s_plus in _neighbours(model.shape, rng):
+        for part, d in _diff_norms(mech, model, s, s_plus).items():
+            assert math.isfinite(d)
+            worst[part] = max(worst[part], d)
+            assert d <= mech.sensitivity[part] * (1 + REL_TOL), (part, d, mech.sensitivity)
+    assert all(w > 0 for w in worst.values()), worst
+    assert mech.sensitivity["pairwise"] == 8 * c_p
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sensitivity_with_every_sample_backend(backend):
+    model = PairToy("mlp", "mmd", opaque=True)
+    mech = _mech(0.05, opaque=True, backend=backend)
+    rng = torch.Generator().manual_seed(11)
+    for s, s_plus in _neighbours(model.shape, rng)[:7]:
+        for part, d in _diff_norms(mech, model, s, s_plus).items():
+            assert d <= mech.sensitivity[part] * (1 + REL_TOL)
+
+
+def test_bound_does_not_grow_with_batch_size():
+    """Adversarial neighbours at n = 4, 32, 128: one far record, a duplicate, a record next to
+    the cluster. The pairwise part stays below 8·C_p at every size (and the bound is fixed)."""
+    c_p = 1e-2
+    model = PairToy("mlp", "mmd", lam=10.0)
+    mech = _mech(c_p)
+    rng = torch.Generator().manual_seed(5)
+    observed = {}
+    for n in (4, 32, 128):
+        s = torch.randn(n, 6, generator=rng)
+        worst = 0.0
+        for x in (1e3 * torch.randn(1, 6, generator=rng), s[:1].clone(), s[:1] + 1e-3,
+                  -s.mean(0, keepdim=True) * 50):
+            d = _diff_norms(mech, model, s, torch.cat([s, x]))["pairwise"]
+            assert d <= 8 * c_p * (1 + REL_TOL), (n, d)
+            worst = max(worst, d)
+        observed[n] = worst
+    assert mech.sensitivity["pairwise"] == 8 * c_p  # no n anywhere
+    assert all(v > 0.5 * c_p for v in observed.values()), observed  # not vacuous
+    assert observed[128] <= 8 * c_p and observed[128] < 4 * observed[4] + 4 * c_p
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("div", sorted(DIVS))
+def test_unclipped_pairwise_part_is_n_times_the_divergence_gradient(kind, div):
+    model = PairToy(kind, div)
+    x = torch.randn(9, *model.shape, generator=torch.Generator().manual_seed(2))
+    stats = _mech(1e9).aggregate(model, (x,))
+    want = _grad(model, model.loss_terms((x,)).batch["mmd"])
+    for name in want:
+        torch.testing.assert_close(stats["pairwise"][name], 9 * want[name], rtol=1e-4, atol=1e-6)
+    # The sample part is the term-wise sample part.
+    tw = TermwiseDPSGD(max_grad_norm=0.7, sample_share=0.5).aggregate(model, (x,))["sample"]
+    for name in tw:
+        torch.testing.assert_close(stats["sample"][name], tw[name])
+
+
+@pytest.mark.parametrize("cls_name", ["InfoVAE", "SparseVAE"])
+def test_shipped_models_declare_exact_pairs(cls_name):
+    from lit_dpvae.models import info, sparse
+
+    cls = {"InfoVAE": info.InfoVAE, "SparseVAE": sparse.SparseVAE}[cls_name]
+    torch.manual_seed(0)
+    model = cls(data_shape=(6,), latent_dim=3, hidden=(8,), likelihood="gaussian", lam=5.0)
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(1)
+    stats = _mech(1e9).aggregate(model, (x,))
+    torch.manual_seed(1)  # same reparameterisation noise and prior samples
+    terms = model.loss_terms((x,))
+    assert set(terms.pairwise) == {model.divergence_key}
+    want = _grad(model, terms.batch[model.divergence_key])
+    for name in want:
+        torch.testing.assert_close(stats["pairwise"][name], 7 * want[name], rtol=1e-4, atol=1e-6)
+
+
+def _pair_oracle(model: PairToy, x, c_p):
+    """Σ_i J_iᵀ ū_i with every pair term J_iᵀu materialised from the full Jacobian of z_i."""
+    params = dict(model.named_parameters())
+    n, d = x.shape[0], model.d_z
+    codes = model.codes(x)[2][:, 0]
+    z = codes.detach()
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    lam = model.lam
+
+    def clip(v):
+        norm = float(torch.sqrt(sum(t.pow(2).sum() for t in v)))
+        f = min(1.0, c_p / (norm + 1e-6))
+        return [f * t for t in v]
+
+    for i in range(n):
+        rows = []
+        for k in range(d):
+            g = torch.autograd.grad(codes[i, k], list(params.values()), retain_graph=True,
+                                    allow_unused=True)
+            rows.append([torch.zeros_like(p) if t is None else t
+                         for p, t in zip(params.values(), g)])
+
+        def pull(u, rows=rows):  # J_iᵀ u
+            return [sum(u[k] * rows[k][j] for k in range(d)) for j in range(len(params))]
+
+        contrib = [torch.zeros_like(p) for p in params.values()]
+        for j in range(n):
+            if j != i:
+                t = clip(pull(lam * model.div.pair_grad(z[i], z[j])))
+                contrib = [c + 2.0 / (n - 1) * v for c, v in zip(contrib, t)]
+        v = lam * model.div.pair_grad(z[i][None], model.w).mean(0)
+        contrib = [c - 2.0 * t for c, t in zip(contrib, clip(pull(v)))]
+        for name, c in zip(params, contrib):
+            total[name] += c
+    return total
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("c_p", [1e-3, 0.05])
+def test_clipped_pairs_equal_a_brute_force_oracle(kind, c_p):
+    model = PairToy(kind, "dim_mmd" if kind == "conv" else "mmd", lam=5.0)
+    x = torch.randn(6, *model.shape, generator=torch.Generator().manual_seed(4))
+    got = _mech(c_p).aggregate(model, (x,))["pairwise"]
+    want = _pair_oracle(model, x, c_p)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
+
+
+def test_small_batches_give_zero_pairwise_statistics():
+    model = PairToy("mlp")
+    for n in (0, 1):
+        stats = _mech(1.0).aggregate(model, (torch.randn(n, 6),))
+        assert float(global_norm(stats["pairwise"])) == 0.0
+    stats = _mech(1.0).aggregate(model, (torch.zeros(0, 6),))
+    assert all(float(global_norm(v)) == 0.0 for v in stats.values())
+
+
+# ---------------------------------------------------------------------------------------------
+def test_noise_std_and_joint_sigma_with_three_parts():
+    model = nn.Sequential(nn.Linear(400, 250), nn.Linear(250, 1))
+    mech = PairwiseDPSGD(max_grad_norm=0.7, pair_max_grad_norm=0.1, batch_max_grad_norm=0.3,
+                         noise_multiplier=1.7, sample_share=0.5, pairwise_share=0.3)
+    assert mech.parts == ("sample", "pairwise", "batch")
+    sig = mech.noise_multipliers
+    assert math.isclose(sig["sample"], 1.7 / math.sqrt(0.5))
+    assert math.isclose(sig["pairwise"], 1.7 / math.sqrt(0.3))
+    assert math.isclose(sig["batch"], 1.7 / math.sqrt(0.2))
+    assert math.isclose(joint_noise_multiplier(list(sig.values())), 1.7)
+    assert mech.sensitivity == {"sample": 0.7, "pairwise": 0.8, "batch": 0.6}
+    zeros = mech.zeros(model)
+    noisy = mech.add_noise(zeros, torch.Generator().manual_seed(6))
+    for part in mech.parts:
+        values = torch.cat([v.flatten() for v in noisy[part].values()])
+        want = sig[part] * mech.sensitivity[part]
+        assert abs(float(values.std()) / want - 1) < 0.015
+        assert abs(float(values.mean())) < 5 * want / math.sqrt(values.numel())
+    update = mech.privatize(zeros, 50.0, torch.Generator().manual_seed(7))
+    values = torch.cat([v.flatten() for v in update.values()])
+    std = mech.noise_std()
+    want = math.sqrt((std["sample"] / 50) ** 2 + (std["pairwise"] / 50) ** 2 + std["batch"] ** 2)
+    assert abs(float(values.std()) / want - 1) < 0.015
+    # Two parts (all batch terms pairwise): σ_eff from sample + pairwise.
+    two = PairwiseDPSGD(max_grad_norm=1.0, noise_multiplier=2.0, sample_share=0.6)
+    assert two.parts == ("sample", "pairwise")
+    assert math.isclose(joint_noise_multiplier(list(two.noise_multipliers.values())), 2.0)
+
+
+def test_update_is_sample_and_pairwise_over_b():
+    model = PairToy("mlp")
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(8))
+    mech = PairwiseDPSGD(max_grad_norm=1e9, pair_max_grad_norm=1e9, noise_multiplier=0.0)
+    update = mech.privatize(mech.aggregate(model, (x,)), expected_batch_size=8.0)
+    want = _grad(model, model.loss_terms((x,)).mean_loss())
+    for name in want:
+        torch.testing.assert_close(update[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+def test_refusals():
+    x = (torch.randn(4, 6),)
+    with pytest.raises(ValueError, match="opaque"):
+        _mech(1.0).aggregate(PairToy("mlp", opaque=True), x)
+    with pytest.raises(ValueError, match="only burn"):
+        _mech(1.0, opaque=True).aggregate(PairToy("mlp"), x)
+    from tests.privacy.toys import ToyVAE
+
+    with pytest.raises(ValueError, match="TermwiseDPSGD"):
+        _mech(1.0).aggregate(ToyVAE(), x)
+    for kwargs in ({"sample_share": 1.0}, {"sample_share": 0.5, "pairwise_share": 0.6},
+                   {"pair_max_grad_norm": 0.0}):
+        with pytest.raises(ValueError):
+            PairwiseDPSGD(max_grad_norm=1.0, **kwargs)
+    bad = PairToy("mlp")
+    bad.loss_terms = lambda batch: LossTerms(  # type: ignore[method-assign]
+        sample={"r": bad.enc(batch[0]).sum(1)},
+        pairwise={"m": PairwiseTerm(bad.enc(batch[0]), bad.w, bad.div, 1.0)})
+    with pytest.raises(ValueError, match="no value in LossTerms.batch"):
+        _mech(1.0).aggregate(bad, x)
