@@ -132,4 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "sample":
         sample_main(argv[1:])
         return
+    if argv and argv[0] == "audit":
+        from lit_dpvae.audit import audit_main
+        return audit_main(argv[1:])
     cli_main(argv)
