@@ -21,16 +21,19 @@ restored on resume: ε continues, it never restarts. See docs/privacy.md.
 from __future__ import annotations
 
 import math
+import random
 import secrets
+import warnings
 from datetime import timedelta
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.precision import DoublePrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lit_dpvae.privacy import (
@@ -150,6 +153,7 @@ class TermwiseDPStrategy(DDPStrategy):
         self._restored: dict[str, Any] | None = None
         self._pending_update: dict[str, Tensor] | None = None
         self._step_budget: int | None = None
+        self._restore_rng: dict[str, Any] | None = None
         self._sampler_seed: int | None = None
 
     # ---------------------------------------------------------------------------------------
@@ -283,8 +287,16 @@ class TermwiseDPStrategy(DDPStrategy):
             seed = restored.get("sampler_seed", sampler.seed)
             self._sampler_seed = int(self.broadcast(seed) if self.world_size > 1 else seed)
         sampler.seed = self._sampler_seed
-        # A resumed run continues with the batches of its epoch, not epoch 0's again.
+        # A resumed run continues with the batches of its epoch (not epoch 0's again) and, when
+        # it stopped mid-epoch, with the step after the last completed one: Lightning counts the
+        # epoch's batches from where it stopped but iterates a fresh loader.
         sampler.set_epoch(int(trainer.current_epoch))
+        # A checkpoint written in on_train_batch_end has ``completed`` one behind; ``ready``
+        # counts the batches whose step was taken, which is where Lightning's batch_idx resumes.
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        sampler.start_step = done if 0 < done < len(sampler) else 0
+        warnings.filterwarnings(  # handled above: the Poisson sampler resumes mid-epoch exactly
+            "ignore", message="You're resuming from a checkpoint that ended before the epoch")
         self._prepare_privacy(trainer, sampler)
         return dataloader
 
@@ -325,6 +337,7 @@ class TermwiseDPStrategy(DDPStrategy):
         if restored is not None:
             self.accountant.load_state_dict(restored["accountant"])
             self.noise_generator.set_state(restored["noise_generator"].cpu())
+            self._restore_rng = restored.get("rng")
         left = self._steps_left_in_budget()
         self._step_budget = None if left is None else self.accountant.steps + left
         if left == 0 and self.accountant.steps == 0:
@@ -340,11 +353,28 @@ class TermwiseDPStrategy(DDPStrategy):
                 "take no private step. Raise target_epsilon only if that is a new, justified "
                 "budget; the spent privacy cannot be reset."
             )
+        self._warn_if_unbalanced()
         rank_zero_info(
             f"TermwiseDPStrategy: {self.mechanism!r}, q={self.sample_rate:.4g}, "
             f"N={self.num_records}, planned steps={self.planned_steps}, "
             f"sensitivity={self.mechanism.sensitivity}"
         )
+
+    def _warn_if_unbalanced(self) -> None:
+        """Warn when the batch part's noise swamps the update (σ_b·2C_b ≫ σ_s·C/B)."""
+        if not isinstance(self.mechanism, TermwiseDPSGD) or "batch" not in self.mechanism.parts:
+            return
+        std = self.mechanism.noise_std()
+        assert self.expected_batch_size is not None
+        sample_std = std["sample"] / self.expected_batch_size
+        if std["batch"] > 10 * sample_std:
+            rank_zero_warn(
+                f"the batch-wise part's noise (std {std['batch']:.3g} per coordinate) is "
+                f"{std['batch'] / sample_std:.0f}x the sample-wise part's ({sample_std:.3g}): the "
+                "divergence gradient is released at the scale of one clipped vector, not divided "
+                "by B. Lower batch_max_grad_norm (C_b) or raise sample_share (γ) unless the "
+                "divergence needs that weight."
+            )
 
     @staticmethod
     def _planned_steps(trainer: pl.Trainer, steps_per_epoch: int) -> int:
@@ -404,6 +434,15 @@ class TermwiseDPStrategy(DDPStrategy):
                 "the train dataloader was never seen by the strategy: train with a Poisson "
                 "loader (lit_dpvae data modules) through Trainer.fit"
             )
+        if self._restore_rng is not None:
+            # The model's own randomness (reparameterisation, prior samples) continues exactly
+            # where the checkpoint left it.
+            rng, self._restore_rng = self._restore_rng, None
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         if self._next_step_exceeds_budget():
             self.budget_exhausted = True
             module.trainer.should_stop = True
@@ -486,7 +525,12 @@ class TermwiseDPStrategy(DDPStrategy):
     # ---------------------------------------------------------------------------------------
     # Checkpoints: the privacy state travels with every checkpoint
     def privacy_state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+               "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
+            "rng": rng,
             "mechanism": self.mechanism_name,
             "noise_multiplier": self.mechanism.noise_multiplier if self.mechanism else 0.0,
             "accountant": self.accountant.state_dict(),

@@ -67,6 +67,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
             int(steps_per_epoch) if steps_per_epoch else max(1, round(1.0 / self.sample_rate))
         )
         self.epoch = 0
+        #: First step of the next epoch only (a run resumed mid-epoch continues where it was).
+        self.start_step = 0
 
     @property
     def expected_batch_size(self) -> float:
@@ -83,7 +85,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         # Advance the epoch when iteration starts: loops that stop after len(self) batches never
         # exhaust the generator, so an increment after the loop would never run.
         epoch, self.epoch = self.epoch, self.epoch + 1
-        for step in range(self.steps_per_epoch):
+        start, self.start_step = self.start_step, 0
+        for step in range(start, self.steps_per_epoch):
             batch = self.global_batch(epoch, step)
             yield batch[self.rank :: self.num_replicas].tolist()
 
