@@ -118,6 +118,13 @@ class MMD(Divergence):
             return sum(-c * s / (c * s + r2) ** 2 for s in self.bandwidths)  # type: ignore
         return sum(-torch.exp(-r2 / (c * s)) / (c * s) for s in self.bandwidths)  # type: ignore
 
+    #: ∇₁k(a, b) = pair_scale(‖a − b‖², d)·(a − b): lets the pairwise mechanism skip [n, n, d].
+    radial = True
+
+    def pair_scale(self, r2: Tensor, d: int) -> Tensor:
+        """φ with ∇₁k(a, b) = φ(‖a − b‖²)·(a − b) for d-dimensional inputs: ``2·k'(r²)``."""
+        return 2.0 * self._dk_dr2(r2, 2.0 * d)
+
     def pair_grad(self, a: Tensor, b: Tensor) -> Tensor:
         """∇₁k(a, b) = 2 (a − b) k'(‖a − b‖²), broadcast ``[..., d] -> [..., d]``.
 
@@ -140,6 +147,8 @@ class DimensionWiseMMD(MMD):
     """
 
     composition = "pairwise"
+
+    radial = False  # the additive kernel Σ_j k₁(a_j, b_j) is not radial in R^d
 
     def draw(self, prior: Prior) -> Tensor:
         return prior.sample_dims(self.n_prior_samples)

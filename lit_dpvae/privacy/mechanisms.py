@@ -545,7 +545,8 @@ class PairwiseDPSGD(Mechanism):
                                         float(term.weight), jac.gram, self.pair_max_grad_norm)
             for name, g in clipped_owner_sum(jac, owner, params, n).items():
                 pairwise[name] += g
-        _check_finite(pairwise)
+        if not math.isfinite(float(sum(float(g.sum()) for g in pairwise.values()))):
+            _check_finite(pairwise)  # the cheap check failed: name the parameter and raise
         stats["pairwise"] = reduce(pairwise)
         if "batch" in self.parts:
             opaque = [v for k, v in terms.batch.items() if k not in terms.pairwise]

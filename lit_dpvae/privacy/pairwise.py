@@ -17,6 +17,7 @@ Proofs: docs/privacy.md §8.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,17 +42,33 @@ class LatentJacobian:
     gram: Tensor  # [n, d, d]
 
 
+def _graph_nodes(t: Tensor) -> set:
+    """The autograd nodes ``t`` depends on (the layers a code is computed from)."""
+    seen: set = set()
+    stack = [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return seen
+
+
 def latent_jacobian(calls: list[_Call], codes: Tensor, n: int) -> LatentJacobian:
     """Per-record latent Gram ``G_i = J_i J_iᵀ`` of ``codes [n, d]`` w.r.t. the trainable
     parameters of the captured layer ``calls`` (the graph is kept)."""
     d = codes.shape[1]
-    outputs = [c.output for c in calls]
+    upstream = _graph_nodes(codes)
+    used = [i for i, c in enumerate(calls) if c.output.grad_fn in upstream]
     grad_out = torch.eye(d, dtype=codes.dtype, device=codes.device)[:, None, :].expand(d, n, d)
     raw = torch.autograd.grad(
-        codes, outputs, grad_outputs=grad_out, is_grads_batched=True, retain_graph=True,
-        allow_unused=True,
-    )
-    backprops = [None if b is None else b.detach() for b in raw]
+        codes, [calls[i].output for i in used], grad_outputs=grad_out, is_grads_batched=True,
+        retain_graph=True, allow_unused=True,
+    ) if used else []
+    backprops: list[Tensor | None] = [None] * len(calls)
+    for i, b in zip(used, raw):
+        backprops[i] = None if b is None else b.detach()
     seen: dict[nn.Parameter, int] = {}
     for call, b in zip(calls, backprops):
         if b is not None:
@@ -107,12 +124,43 @@ def owner_vectors(
     """
     z = codes.detach()
     n = z.shape[0]
+    if getattr(kernel, "radial", False):
+        return _radial_owner_vectors(z, prior_samples.detach(), kernel, weight, gram, max_norm)
     u = weight * kernel.pair_grad(z[:, None, :], z[None, :, :])  # [n, n, d]
     pair_norms = (torch.bmm(u, gram) * u).sum(-1).clamp_min(0).sqrt()  # uᵀ G_i u
     a = clip_factors(pair_norms, max_norm)
     a = a * (1.0 - torch.eye(n, dtype=a.dtype, device=a.device))
     partner = torch.where((a > 0)[..., None], a[..., None] * u, torch.zeros_like(u)).sum(1)
     v = weight * kernel.pair_grad(z[:, None, :], prior_samples.detach()[None, :, :]).mean(1)
+    prior_norms = (torch.bmm(gram, v[:, :, None])[..., 0] * v).sum(-1).clamp_min(0).sqrt()
+    c = clip_factors(prior_norms, max_norm)
+    prior = torch.where((c > 0)[:, None], c[:, None] * v, torch.zeros_like(v))
+    return 2.0 / (n - 1) * partner - 2.0 * prior, pair_norms, prior_norms
+
+
+def _radial_owner_vectors(
+    z: Tensor, w: Tensor, kernel, weight: float, gram: Tensor, max_norm: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``owner_vectors`` for a radial kernel, ``∇₁k(a, b) = φ(‖a−b‖²)·(a − b)``
+    (``kernel.pair_scale``): no ``[n, n, d]`` pair-gradient tensor, sums as ``[n, n] @ [n, d]``.
+
+    Pair norms use the exact differences ``D_ij = z_i − z_j`` (no ``‖z‖²`` expansion, whose
+    cancellation could under-estimate a norm and break the clipping bound)."""
+    n, d = z.shape
+    diff = z[:, None, :] - z[None, :, :]  # [n, n, d]
+    finite = torch.isfinite(z).all(1, keepdim=True)
+    z_safe = torch.where(finite, z, torch.zeros_like(z))  # coef is 0 wherever z is not finite
+    # φ only needs r² (its rounding moves the gradient, never the clipping: norms use diff).
+    r2 = torch.cdist(z_safe, z_safe).pow(2).masked_fill(~finite[:, 0][None, :], math.inf)
+    phi = weight * kernel.pair_scale(r2.masked_fill(~finite, math.inf), d)  # [n, n]
+    quad = (torch.bmm(diff, gram) * diff).sum(-1).clamp_min(0)  # D_ijᵀ G_i D_ij
+    pair_norms = phi.abs() * quad.sqrt()
+    a = clip_factors(pair_norms, max_norm)
+    a = a * (1.0 - torch.eye(n, dtype=a.dtype, device=a.device))
+    coef = torch.where(a > 0, a * phi, torch.zeros_like(a))  # [n, n]
+    partner = coef.sum(1, keepdim=True) * z_safe - coef @ z_safe
+    phi_w = weight * kernel.pair_scale(torch.cdist(z, w).pow(2), d)  # [n, M]
+    v = phi_w.mean(1, keepdim=True) * z - phi_w @ w / w.shape[0]  # λ (1/M) Σ_m ∇₁k(z_i, w_m)
     prior_norms = (torch.bmm(gram, v[:, :, None])[..., 0] * v).sum(-1).clamp_min(0).sqrt()
     c = clip_factors(prior_norms, max_norm)
     prior = torch.where((c > 0)[:, None], c[:, None] * v, torch.zeros_like(v))
@@ -134,10 +182,12 @@ def clipped_owner_sum(
         if not own:
             continue
         m = b.shape[1] // n
-        rows_keep = keep.repeat_interleave(m).view(1, -1, *([1] * (b.dim() - 2)))
-        b = torch.where(rows_keep, b, torch.zeros_like(b))
-        coeff = owner.repeat_interleave(m, 0).T.to(b.dtype)  # [d, rows]
-        bp = (coeff.view(*coeff.shape, *([1] * (b.dim() - 2))) * b).sum(0)
+        if not bool(keep.all()):  # exact zeros, even where a dropped record's b is not finite
+            rows_keep = keep.repeat_interleave(m).view(1, -1, *([1] * (b.dim() - 2)))
+            b = torch.where(rows_keep, b, torch.zeros_like(b))
+        coeff = owner.repeat_interleave(m, 0).to(b.dtype)  # [rows, d]
+        flat = b.reshape(b.shape[0], b.shape[1], -1)  # [d, rows, F]
+        bp = torch.einsum("rk,krf->rf", coeff, flat).view(b.shape[1:])
         grads = torch.autograd.grad(call.output, own, grad_outputs=bp, retain_graph=True)
         for p, g in zip(own, grads):
             if p not in by_param:
