@@ -145,16 +145,18 @@ def epsilon_lower_bound(
     neg: np.ndarray, pos: np.ndarray, delta: float, confidence: float = 0.95,
     thresholds: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """``(ε_lb, best threshold)``: max over ``thresholds`` (default: every observed score) of the
+    """``(ε_lb, best threshold)``: max over ``thresholds`` (default: between observed scores) of the
     Clopper–Pearson bound. Valid at ``confidence`` only for a single threshold fixed in advance;
     ``audit_scores`` picks it on calibration trials."""
     alpha = 1.0 - confidence
-    if thresholds is None:
-        thresholds = np.unique(np.concatenate([neg, pos]))
+    if thresholds is None:  # midpoints between consecutive observed scores, and both ends
+        u = np.unique(np.concatenate([neg, pos]))
+        thresholds = np.concatenate([[u[0] - 1.0], (u[1:] + u[:-1]) / 2, [u[-1] + 1.0]])
     fp, fn = _counts(neg, pos, thresholds)
     eps = epsilon_from_rates(clopper_pearson_upper(fp, len(neg), alpha / 2),
                              clopper_pearson_upper(fn, len(pos), alpha / 2), delta)
-    i = int(np.argmax(eps))
+    best = np.flatnonzero(eps >= eps.max() - 1e-12)
+    i = int(best[len(best) // 2])  # the middle of a tie generalises best to held-out trials
     return float(eps[i]), float(thresholds[i])
 
 
