@@ -39,6 +39,7 @@ from torch import Tensor
 from lit_dpvae.privacy import (
     NaiveDPSGD,
     NonPrivate,
+    PairwiseDPSGD,
     PrivacyAccountant,
     TermwiseDPSGD,
     calibrate_noise,
@@ -49,7 +50,7 @@ from lit_dpvae.privacy.grad_sample import BACKENDS, check_module
 from lit_dpvae.privacy.mechanisms import Mechanism
 from lit_dpvae.privacy.terms import batch_size_of
 
-MECHANISMS = ("termwise", "naive", "nonprivate")
+MECHANISMS = ("termwise", "naive", "nonprivate", "pairwise")
 CHECKPOINT_KEY = "lit_dpvae_privacy"
 MODEL_CLASS_KEY = "lit_dpvae_model_class"
 
@@ -63,7 +64,9 @@ class TermwiseDPStrategy(DDPStrategy):
 
     Args:
         mechanism: ``"termwise"`` (arXiv 2006.11204), ``"naive"`` (whole loss attributed per
-            record, sensitivity ``2·n_max·C``) or ``"nonprivate"``.
+            record, sensitivity ``2·n_max·C``), ``"nonprivate"``, or ``"pairwise"``
+            (``PairwiseDPSGD``: MMD-type divergences clipped pair by pair, sensitivity ``8·C_p``;
+            one process only).
         target_epsilon, target_delta: the budget. With ``noise_multiplier=None``, σ_eff is
             calibrated so that the planned steps (``max_steps``, else ``max_epochs`` × steps per
             epoch) spend exactly ``target_epsilon``. Training stops before a step would exceed
@@ -73,6 +76,9 @@ class TermwiseDPStrategy(DDPStrategy):
         batch_max_grad_norm: C_b, the clipping norm of the batch-wise gradient (term-wise).
         sample_share: γ, the share of the budget spent on the sample-wise part (term-wise);
             1.0 means no batch-wise terms (exactly DP-SGD).
+        pair_max_grad_norm: C_p, the clipping norm of each pair term (``pairwise``).
+        pairwise_share: γ_p, the budget share of the pairwise part (``pairwise``; default
+            ``1 − sample_share``, the rest goes to opaque batch-wise terms).
         max_batch_size: n_max for ``naive`` (default: 2 × the expected batch size).
         accountant: ``"rdp"`` or ``"prv"``.
         backend: per-record gradient backend, ``"ghost"`` (default), ``"hooks"``, ``"functorch"``.
@@ -88,13 +94,15 @@ class TermwiseDPStrategy(DDPStrategy):
 
     def __init__(
         self,
-        mechanism: Literal["termwise", "naive", "nonprivate"] = "termwise",
+        mechanism: Literal["termwise", "naive", "nonprivate", "pairwise"] = "termwise",
         target_epsilon: float | None = None,
         target_delta: float = 1e-5,
         noise_multiplier: float | None = None,
         max_grad_norm: float = 1.0,
         batch_max_grad_norm: float = 1.0,
         sample_share: float = 0.5,
+        pair_max_grad_norm: float = 1.0,
+        pairwise_share: float | None = None,
         max_batch_size: int | None = None,
         accountant: Literal["rdp", "prv"] = "rdp",
         backend: Literal["ghost", "hooks", "functorch"] = "ghost",
@@ -138,6 +146,8 @@ class TermwiseDPStrategy(DDPStrategy):
         self.max_grad_norm = max_grad_norm
         self.batch_max_grad_norm = batch_max_grad_norm
         self.sample_share = sample_share
+        self.pair_max_grad_norm = pair_max_grad_norm
+        self.pairwise_share = pairwise_share
         self.max_batch_size = max_batch_size
         self.accountant = PrivacyAccountant(accountant)
         self.backend = backend
@@ -166,6 +176,16 @@ class TermwiseDPStrategy(DDPStrategy):
                 max_grad_norm=self.max_grad_norm,
                 max_batch_size=self.max_batch_size or 1,
                 noise_multiplier=noise_multiplier,
+                backend=self.backend,
+            )
+        if self.mechanism_name == "pairwise":
+            return PairwiseDPSGD(
+                max_grad_norm=self.max_grad_norm,
+                pair_max_grad_norm=self.pair_max_grad_norm,
+                batch_max_grad_norm=self.batch_max_grad_norm,
+                noise_multiplier=noise_multiplier,
+                sample_share=self.sample_share,
+                pairwise_share=self.pairwise_share,
                 backend=self.backend,
             )
         return TermwiseDPSGD(
@@ -209,6 +229,12 @@ class TermwiseDPStrategy(DDPStrategy):
                 "half precision scales/rounds p.grad after clipping (16-mixed's GradScaler "
                 "unscales p.grad only; bf16 rounding moves clipped norms past C). Use "
                 "precision='32-true'."
+            )
+        if self.mechanism_name == "pairwise" and self.world_size > 1:
+            problems.append(
+                f"mechanism='pairwise' with {self.world_size} processes: pairs across ranks need "
+                "every rank's codes and identical prior samples, which is not implemented. Train "
+                "on one device, or use mechanism='termwise'."
             )
         module = trainer.lightning_module
         if module is not None and not module.automatic_optimization:

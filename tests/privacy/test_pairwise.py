@@ -294,3 +294,35 @@ def test_refusals():
         pairwise={"m": PairwiseTerm(bad.enc(batch[0]), bad.w, bad.div, 1.0)})
     with pytest.raises(ValueError, match="no value in LossTerms.batch"):
         _mech(1.0).aggregate(bad, x)
+
+
+def test_strategy_trains_infovae_with_the_pairwise_mechanism(tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+
+    from lit_dpvae.models.info import InfoVAE
+    from lit_dpvae.strategy import PrivacyConfigError, TermwiseDPStrategy
+    from tests.lightning_toys import ToyData
+
+    torch.manual_seed(0)
+    model = InfoVAE(data_shape=(6,), latent_dim=2, hidden=(8,), likelihood="gaussian", lam=5.0,
+                    n_prior_samples=32)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    strategy = TermwiseDPStrategy(mechanism="pairwise", noise_multiplier=1.0, max_grad_norm=0.5,
+                                  pair_max_grad_norm=0.1, noise_seed=3)
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=4,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, ToyData(n=60, sample_rate=0.2))
+    assert isinstance(strategy.mechanism, PairwiseDPSGD)
+    assert strategy.accountant.steps == 4 and strategy.epsilon() > 0
+    assert strategy.mechanism.sensitivity["pairwise"] == pytest.approx(0.8)
+    assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
+    two = TermwiseDPStrategy(mechanism="pairwise", noise_multiplier=1.0)
+    monkeypatch.setattr(TermwiseDPStrategy, "world_size", property(lambda self: 2))
+
+    class _T:
+        accumulate_grad_batches, gradient_clip_val, precision = 1, None, "32-true"
+        lightning_module = None
+
+    with pytest.raises(PrivacyConfigError, match="pairwise"):
+        two._refuse_unsafe_trainer(_T())
