@@ -7,6 +7,7 @@ from lit_dpvae.metrics.generative import (
     balanced_samples,
     downstream_accuracy,
     elbo_metrics,
+    extract_features,
     feature_extractor,
     fid_kid,
     latent_mmd,
@@ -31,4 +32,5 @@ __all__ = [
     "posterior_means",
     "prdc",
     "elbo_metrics",
+    "extract_features",
 ]

@@ -33,7 +33,7 @@ from lit_dpvae.divergences import MMD
 CLASSIFIER_HPARAMS: dict[str, Any] = {
     "channels": (32, 64),
     "features": 128,
-    "epochs": 5,
+    "steps": 1000,
     "batch_size": 128,
     "lr": 1e-3,
     "weight_decay": 0.0,
@@ -109,7 +109,7 @@ def latent_mmd(
 # --------------------------------------------------------------------------------------------
 # Feature network
 class FeatureNet(nn.Module):
-    """Small CNN classifier: conv(32)–conv(64, stride 2)–global average pool–fc(128)–fc(classes).
+    """Small CNN: conv(32, s2)–conv(64, s2)–conv(64)–avg-pool to 2×2–fc(128)–fc(classes).
 
     ``forward`` returns logits; ``features`` the 128-d penultimate activations. Works on any
     ``[n, C, H, W]`` input in [0, 1] (8×8 digits and 28×28 Fashion-MNIST)."""
@@ -119,7 +119,7 @@ class FeatureNet(nn.Module):
         super().__init__()
         c1, c2 = channels
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(in_channels, c1, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(2), nn.Flatten(),
@@ -152,7 +152,8 @@ class FeatureExtractor(nn.Module):
 
 def train_classifier(x: Tensor, y: Tensor, num_classes: int = 10,
                      hparams: dict[str, Any] | None = None) -> FeatureNet:
-    """Train :class:`FeatureNet` with Adam and cross-entropy, fixed ``CLASSIFIER_HPARAMS``."""
+    """Train :class:`FeatureNet` with Adam and cross-entropy for a fixed number of steps
+    (``CLASSIFIER_HPARAMS``: 1000 steps of 128, lr 1e-3, whatever the data size)."""
     hp = dict(CLASSIFIER_HPARAMS, **(hparams or {}))
     gen = torch.Generator().manual_seed(int(hp["seed"]))
     state = torch.random.get_rng_state()
@@ -164,14 +165,16 @@ def train_classifier(x: Tensor, y: Tensor, num_classes: int = 10,
     opt = torch.optim.Adam(net.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
     n, bs = x.shape[0], int(hp["batch_size"])
     net.train()
-    for _ in range(int(hp["epochs"])):
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, bs):
-            idx = perm[i : i + bs]
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    steps, perm, pos = int(hp["steps"]), torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        if pos >= n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + bs]
+        pos += bs
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     return net.eval()
 
 
@@ -195,15 +198,16 @@ def _fingerprint(x: Tensor, y: Tensor, hp: dict[str, Any]) -> str:
 
 
 def feature_extractor(x_train: Tensor, y_train: Tensor, cache: str | Path,
-                      num_classes: int = 10) -> tuple[FeatureExtractor, dict[str, Any]]:
+                      num_classes: int = 10, hparams: dict[str, Any] | None = None,
+                      ) -> tuple[FeatureExtractor, dict[str, Any]]:
     """The project's feature network trained on the real *training* split, cached in ``cache``.
 
     The cache is keyed by a fingerprint of the training data and the fixed hyper-parameters; a
     mismatch retrains. Returns the extractor and ``{"fingerprint", "train_accuracy"}``."""
     cache = Path(cache)
-    fp = _fingerprint(x_train, y_train, CLASSIFIER_HPARAMS)
-    net = FeatureNet(x_train.shape[1], num_classes, CLASSIFIER_HPARAMS["channels"],
-                     CLASSIFIER_HPARAMS["features"])
+    hp = dict(CLASSIFIER_HPARAMS, **(hparams or {}))
+    fp = _fingerprint(x_train, y_train, hp)
+    net = FeatureNet(x_train.shape[1], num_classes, hp["channels"], hp["features"])
     info: dict[str, Any] | None = None
     if cache.exists():
         blob = torch.load(cache, map_location="cpu", weights_only=False)
@@ -211,7 +215,7 @@ def feature_extractor(x_train: Tensor, y_train: Tensor, cache: str | Path,
             net.load_state_dict(blob["state_dict"])
             info = blob["info"]
     if info is None:
-        net = train_classifier(x_train, y_train, num_classes)
+        net = train_classifier(x_train, y_train, num_classes, hp)
         info = {"fingerprint": fp, "train_accuracy": accuracy(net, x_train, y_train)}
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
@@ -221,7 +225,7 @@ def feature_extractor(x_train: Tensor, y_train: Tensor, cache: str | Path,
 
 
 @torch.no_grad()
-def extract(extractor: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
+def extract_features(extractor: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
     return torch.cat([extractor(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
@@ -302,9 +306,9 @@ def balanced_samples(model: nn.Module, n: int, num_classes: int, seed: int = 0,
 
 
 def downstream_accuracy(x_syn: Tensor, y_syn: Tensor, x_test: Tensor, y_test: Tensor,
-                        num_classes: int = 10) -> float:
+                        num_classes: int = 10, hparams: dict[str, Any] | None = None) -> float:
     """Train the fixed :class:`FeatureNet` classifier (``CLASSIFIER_HPARAMS``) on synthetic
     labelled data and return its accuracy on the real test split. Nothing is selected on the
     test split: architecture, epochs and learning rate are constants of this module."""
-    net = train_classifier(x_syn.float(), y_syn.long(), num_classes)
+    net = train_classifier(x_syn.float(), y_syn.long(), num_classes, hparams)
     return accuracy(net, x_test, y_test)

@@ -23,6 +23,8 @@ from lit_dpvae.metrics import (
 )
 from lit_dpvae.priors import StandardNormal
 
+FAST = {"steps": 150}
+
 
 class Identity(torch.nn.Module):
     """Feature 'network' that flattens images, so feature sets are known exactly."""
@@ -74,10 +76,11 @@ def test_feature_net_is_a_torchmetrics_feature_and_is_cached(tmp_path):
     x = torch.rand(200, 1, 8, 8, generator=g) * 0.2
     x[y == 1, :, :4] += 0.8  # class 1: bright top half
     cache = tmp_path / "feat.pt"
-    ext, info = feature_extractor(x, y, cache, num_classes=2)
+    ext, info = feature_extractor(x, y, cache, num_classes=2, hparams=FAST)
     assert isinstance(ext, FeatureExtractor) and cache.exists()
     assert info["train_accuracy"] > 0.95
-    ext2, info2 = feature_extractor(x, y, cache, num_classes=2)  # loaded, not retrained
+    # second call: loaded from the cache, not retrained
+    ext2, info2 = feature_extractor(x, y, cache, num_classes=2, hparams=FAST)
     assert info2 == info
     assert torch.equal(ext(x[:5]), ext2(x[:5]))
     out = fid_kid(x, x.clone(), ext, kid_subset_size=100, kid_subsets=3)
@@ -92,7 +95,7 @@ def test_downstream_accuracy_learns_a_separable_task():
         x[y == 1, :, :4] += 0.8
         return x, y
     (xs, ys), (xt, yt) = make(200), make(100)
-    assert downstream_accuracy(xs, ys, xt, yt, num_classes=2) > 0.95
+    assert downstream_accuracy(xs, ys, xt, yt, num_classes=2, hparams=FAST) > 0.95
     assert isinstance(FeatureNet().num_features, int)
 
 
