@@ -10,7 +10,9 @@ instantiation, arXiv 2101.04535) and the Clopper–Pearson conversion of Jagiels
 1. draw a dataset ``S`` of ``n`` records from a pool (one step at ``q = 1``: the batch is ``S``);
 2. compute the mechanism's pre-noise statistics ``F(S)`` and ``F(S ∪ {canary})`` with the real
    ``Mechanism.aggregate`` (white-box: the adversary knows ``S``, the model and the canary);
-3. release both with fresh noise through the real ``Mechanism.add_noise``;
+3. release both with fresh noise through the real ``Mechanism.add_noise`` (``release="parts"``:
+   the tuple of noisy parts the accountant covers) or ``Mechanism.privatize`` (``"update"``: the
+   combined update the trainer applies, one noise draw for all parts; a post-processing);
 4. score each release ``Y`` by its projection on the whitened canary direction,
    ``s = ⟨W(Y − F(S)), W(F(S∪x) − F(S))⟩ / ‖W(F(S∪x) − F(S))‖`` (``W`` divides part ``k`` by its
    *claimed* noise std ``σ_k Δ_k``): the Neyman–Pearson test for the claimed Gaussian noise.
@@ -221,6 +223,7 @@ class AuditConfig:
     d_in: int = 6
     backend: str = "ghost"
     seed: int = 0
+    release: str = "parts"
 
 
 def make_mechanism(cfg: AuditConfig) -> Mechanism:
@@ -243,6 +246,17 @@ def _flat(stats: Stats, parts: tuple[str, ...], std: dict[str, float]) -> Tensor
     return torch.cat([torch.cat([t.flatten() for t in stats[p].values()]) / std[p] for p in parts])
 
 
+def _flat_update(update: dict[str, Tensor], std: float) -> Tensor:
+    return torch.cat([t.flatten() for t in update.values()]) / std
+
+
+def _update_std(mech: Mechanism, expected_batch_size: float) -> float:
+    """Per-coordinate noise std of ``privatize``'s update: ``sqrt(Σ_k (s_k σ_k Δ_k)²)``."""
+    std = mech.noise_std()
+    return math.sqrt(sum((std[p] / (expected_batch_size if mech.summed_over_records[p] else 1.0))
+                         ** 2 for p in mech.parts))
+
+
 def run_audit(
     cfg: AuditConfig,
     model: nn.Module | None = None,
@@ -262,6 +276,21 @@ def run_audit(
     std = mech.noise_std()
     if any(s <= 0 for s in std.values()):
         raise ValueError("the audited mechanism adds no noise (noise_multiplier must be > 0)")
+    if cfg.release not in ("parts", "update"):
+        raise ValueError(f"release must be 'parts' or 'update', got {cfg.release!r}")
+    big_b = float(cfg.batch_size)  # public expected batch size B (q = 1: B = n)
+    u_std = _update_std(mech, big_b)
+
+    def whiten(stats: Stats) -> Tensor:
+        if cfg.release == "parts":
+            return _flat(stats, mech.parts, std)
+        return _flat_update(mech.combine(stats, big_b), u_std)
+
+    def release(stats: Stats) -> Tensor:
+        if cfg.release == "parts":
+            return _flat(mech.add_noise(stats, gen), mech.parts, std)
+        return _flat_update(mech.privatize(stats, big_b, gen), u_std)
+
     gen = torch.Generator().manual_seed(cfg.seed)
     neg, pos, shifts = [], [], []
     for _ in range(cfg.trials):
@@ -269,12 +298,12 @@ def run_audit(
         s = pool[idx]
         f_out = mech.aggregate(model, (s,))
         f_in = mech.aggregate(model, (torch.cat([s, canary]),))
-        w_out = _flat(f_out, mech.parts, std)
-        d = _flat(f_in, mech.parts, std) - w_out
+        w_out = whiten(f_out)
+        d = whiten(f_in) - w_out
         shift = float(d.norm())
         u = d / shift if shift > 0 else d
         for stats, scores in ((f_out, neg), (f_in, pos)):
-            y = _flat(mech.add_noise(stats, gen), mech.parts, std)
+            y = release(stats)
             scores.append(float((y - w_out) @ u))
         shifts.append(shift)
     result = audit_scores(np.array(neg), np.array(pos), cfg.delta, cfg.confidence,
@@ -284,6 +313,7 @@ def run_audit(
     mean_shift = float(np.mean(shifts))
     result.update(
         setup=cfg.setup,
+        release=cfg.release,
         mechanism=type(mech).__name__,
         claimed_sensitivity=mech.sensitivity,
         sigma_eff=mech.noise_multiplier,
@@ -303,7 +333,7 @@ def run_audit(
 
 def format_result(r: dict[str, Any]) -> str:
     verdict = "VIOLATION (eps_lb > claimed)" if r["violation"] else "consistent"
-    return (f"{r['setup']:>10} [{r['mechanism']}] eps_lb={r['eps_lb']:.3f} "
+    return (f"{r['setup']:>10} [{r['mechanism']}, {r['release']}] eps_lb={r['eps_lb']:.3f} "
             f"({100 * r['confidence']:.0f}% conf., {r['eval_trials']} held-out trials/side, "
             f"FPR={r['fpr']:.4f} FNR={r['fnr']:.4f}) | accountant eps={r['eps_claimed']:.3f} "
             f"(exact Gaussian {r['eps_claimed_exact']:.3f}) at delta={r['delta']:g}, one step, "
