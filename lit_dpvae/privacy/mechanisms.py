@@ -33,7 +33,7 @@ from lit_dpvae.privacy.grad_sample import (
     weighted_sum,
 )
 from lit_dpvae.privacy.pairwise import clipped_owner_sum, latent_jacobian, owner_vectors
-from lit_dpvae.privacy.terms import LossTerms, batch_size_of, loss_terms_of
+from lit_dpvae.privacy.terms import LossTerms, LossTermsError, batch_size_of, loss_terms_of
 
 Stats = dict[str, dict[str, Tensor]]
 #: Applied to each raw statistic before any clipping of a whole part (a multi-process strategy
@@ -88,6 +88,7 @@ class Mechanism:
         self.clipper = make_clipper(backend)
         self.backend = backend
         self._checked: nn.Module | None = None
+        self._probed: nn.Module | None = None
         #: Always run the forward pass, even on an empty local batch (set by multi-process
         #: strategies: a batch-wise term all-gathers codes, so every rank must take part).
         self.always_forward = False
@@ -147,6 +148,46 @@ class Mechanism:
             if self.is_private:
                 check_module(module)
             self._checked = module
+
+    def probe_sample_terms(self, module: nn.Module, batch: Any, n: int) -> None:
+        """Once per module, on its first batch of ≥ 2 records: check that every declared
+        sample-wise term of the first and the last record has zero gradient with respect to
+        every *other* record's input. A term that reads other records (a batch mean, a
+        divergence) would make per-record clipping meaningless, so it is refused.
+
+        This is a probe, not a proof: it sees dependence through differentiable inputs of this
+        batch only (the tests check the shipped models more thoroughly)."""
+        if self._probed is module or n < 2 or not self.is_private or self.always_forward:
+            return  # (multi-process: a probe forward would enter the ranks' collectives unevenly)
+        x = _first_float_tensor(batch)
+        if x is None:
+            return
+        x = x.detach().clone().requires_grad_(True)
+        probe_batch = _replace_first_float_tensor(batch, x)
+        devices = [x.device] if x.device.type == "cuda" else []
+        # fork_rng: the probe must not shift the model's random stream (exact resume relies on it)
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            terms = loss_terms_of(module, probe_batch)
+            for name, values in terms.sample.items():
+                if values.dim() != 1 or values.shape[0] != n or not values.requires_grad:
+                    continue  # validate() reports shape problems with a better message
+                for i in (0, n - 1):
+                    (grad,) = torch.autograd.grad(values[i], x, retain_graph=True,
+                                                  allow_unused=True)
+                    if grad is None:
+                        continue
+                    others = torch.cat([grad[:i], grad[i + 1:]]).flatten(1)
+                    # Non-finite values are left to validate(), which names them properly.
+                    moved = (others.abs() > 0) & torch.isfinite(others)
+                    if bool(moved.any()):
+                        j = int(moved.any(1).nonzero()[0])
+                        j = j if j < i else j + 1
+                        raise LossTermsError(
+                            f"sample-wise term {name!r} of record {i} depends on record {j}: it "
+                            "reads other records, so per-record clipping does not bound it. "
+                            "Declare it in LossTerms.batch (a batch-wise term) instead."
+                        )
+        self._probed = module
 
     def _forward(self, module: nn.Module, batch: Any, n: int) -> LossTerms:
         terms = loss_terms_of(module, batch)
@@ -258,6 +299,7 @@ class NonPrivate(Mechanism):
     def aggregate(self, module: nn.Module, batch: Any, reduce: Reduce = _identity) -> Stats:
         self.check(module)
         n = batch_size_of(batch)
+        self.probe_sample_terms(module, batch, n)
         if self._skip(n):
             return {part: reduce(v) for part, v in self.zeros(module).items()}
         params = named_trainable(module)
@@ -317,6 +359,7 @@ class NaiveDPSGD(Mechanism):
         self.check(module)
         batch = truncate_batch(batch, self.max_batch_size if keep is None else keep)
         n = batch_size_of(batch)
+        self.probe_sample_terms(module, batch, n)
         if self._skip(n):
             return {"total": reduce(self.zeros(module)["total"])}
         scale = float(self.expected_batch_size) if self.expected_batch_size else float(n)
@@ -387,6 +430,7 @@ class TermwiseDPSGD(Mechanism):
     def aggregate(self, module: nn.Module, batch: Any, reduce: Reduce = _identity) -> Stats:
         self.check(module)
         n = batch_size_of(batch)
+        self.probe_sample_terms(module, batch, n)
         if self._skip(n):
             return {part: reduce(v) for part, v in self.zeros(module).items()}
         params = named_trainable(module)
@@ -498,6 +542,7 @@ class PairwiseDPSGD(Mechanism):
     def aggregate(self, module: nn.Module, batch: Any, reduce: Reduce = _identity) -> Stats:
         self.check(module)
         n = batch_size_of(batch)
+        self.probe_sample_terms(module, batch, n)
         if self._skip(n):
             return {part: reduce(v) for part, v in self.zeros(module).items()}
         params = named_trainable(module)
@@ -555,6 +600,27 @@ class PairwiseDPSGD(Mechanism):
                 h = _grads(torch.stack(opaque).sum(), params, retain=False)
             stats["batch"] = clip_vector(reduce(h), self.batch_max_grad_norm)
         return stats
+
+
+def _first_float_tensor(batch: Any) -> Tensor | None:
+    items = batch if isinstance(batch, (list, tuple)) else [batch]
+    for item in items:
+        if isinstance(item, Tensor) and item.is_floating_point():
+            return item
+    return None
+
+
+def _replace_first_float_tensor(batch: Any, x: Tensor) -> Any:
+    if isinstance(batch, Tensor):
+        return x
+    items, done = [], False
+    for item in batch:
+        if not done and isinstance(item, Tensor) and item.is_floating_point():
+            items.append(x)
+            done = True
+        else:
+            items.append(item)
+    return type(batch)(items)
 
 
 def truncate_batch(batch: Any, n_max: int) -> Any:

@@ -359,3 +359,23 @@ def test_a_record_with_non_finite_gradient_contributes_exactly_zero():
                                rtol=0)
     clipped = clip_vector({"a": torch.tensor([math.inf, 1.0])}, 1.0)
     assert torch.equal(clipped["a"], torch.zeros(2))
+
+
+def test_a_sample_term_that_reads_other_records_is_refused():
+    class Leaky(ToyVAE):
+        def loss_terms(self, batch):
+            terms = super().loss_terms(batch)
+            # "per-record" KL against the batch mean: secretly batch-wise
+            mu, _ = self.encode(batch[0])
+            terms.sample["kl"] = (mu - mu.mean(0)).pow(2).sum(-1)
+            return terms
+
+    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(LossTermsError, match="'kl' of record 0 depends on record"):
+        mech.aggregate(Leaky(), (torch.randn(5, 6),))
+    # The honest model passes the same probe, and the probe leaves the RNG stream untouched.
+    honest, probe = ToyVAE(), TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0)
+    before = torch.get_rng_state()
+    probe.probe_sample_terms(honest, (torch.ones(5, 6),), 5)
+    assert torch.equal(before, torch.get_rng_state())
+    assert probe._probed is honest
