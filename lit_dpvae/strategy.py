@@ -55,6 +55,34 @@ CHECKPOINT_KEY = "lit_dpvae_privacy"
 MODEL_CLASS_KEY = "lit_dpvae_model_class"
 
 
+def _rng_state() -> dict[str, Any]:
+    """torch/CUDA/NumPy/Python RNG states as tensors and plain numbers (loadable with
+    ``weights_only=True``, which ``load_from_checkpoint`` uses)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_rest": [int(pos), int(has_gauss), float(cached)],
+        "python_state": torch.tensor(py_state, dtype=torch.int64),
+        "python_rest": [int(version), py_gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, cached = state["numpy_rest"]
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(cached)))
+    version, py_gauss = state["python_rest"]
+    random.setstate((int(version), tuple(int(v) for v in state["python_state"]), py_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class PrivacyConfigError(ValueError):
     """A Trainer or model setting that would silently break the privacy guarantee."""
 
@@ -464,11 +492,7 @@ class TermwiseDPStrategy(DDPStrategy):
             # The model's own randomness (reparameterisation, prior samples) continues exactly
             # where the checkpoint left it.
             rng, self._restore_rng = self._restore_rng, None
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            _set_rng_state(rng)
         if self._next_step_exceeds_budget():
             self.budget_exhausted = True
             module.trainer.should_stop = True
@@ -551,10 +575,7 @@ class TermwiseDPStrategy(DDPStrategy):
     # ---------------------------------------------------------------------------------------
     # Checkpoints: the privacy state travels with every checkpoint
     def privacy_state_dict(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-               "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        rng = _rng_state()
         return {
             "rng": rng,
             "mechanism": self.mechanism_name,
