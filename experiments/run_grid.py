@@ -152,9 +152,11 @@ def train_cell(spec: dict[str, Any], cell: dict[str, Any], dm) -> tuple[Any, dic
     pl.seed_everything(cell["seed"], verbose=False)
     model = make_model(spec, cell["pairing"], dm)
     mech = cell["mechanism"]
+    # no batch-wise term (VanillaVAE): the whole budget goes to the sample part (= DP-SGD)
+    share = spec["sample_share"] if model.divergence_key and model.lam else 1.0
     kw: dict[str, Any] = dict(mechanism=mech, max_grad_norm=spec["max_grad_norm"],
                               batch_max_grad_norm=spec["batch_max_grad_norm"],
-                              sample_share=spec["sample_share"], accountant=spec["accountant"],
+                              sample_share=share, accountant=spec["accountant"],
                               noise_seed=10_000 + cell["seed"], log_train_terms=False)
     if mech != "nonprivate":
         kw.update(target_epsilon=cell["eps"], target_delta=spec["delta"])
