@@ -258,12 +258,6 @@ class TermwiseDPStrategy(DDPStrategy):
                 "unscales p.grad only; bf16 rounding moves clipped norms past C). Use "
                 "precision='32-true'."
             )
-        if self.mechanism_name == "pairwise" and self.world_size > 1:
-            problems.append(
-                f"mechanism='pairwise' with {self.world_size} processes: pairs across ranks need "
-                "every rank's codes and identical prior samples, which is not implemented. Train "
-                "on one device, or use mechanism='termwise'."
-            )
         module = trainer.lightning_module
         if module is not None and not module.automatic_optimization:
             problems.append(
@@ -505,6 +499,10 @@ class TermwiseDPStrategy(DDPStrategy):
             if isinstance(mechanism, NaiveDPSGD) and self.world_size > 1:
                 stats = mechanism.aggregate(module, batch, reduce=self._all_reduce,
                                             keep=self._naive_local_keep(mechanism.max_batch_size))
+            elif isinstance(mechanism, PairwiseDPSGD) and self.world_size > 1:
+                stats = mechanism.aggregate(module, batch, reduce=self._all_reduce,
+                                            gather=self._gather_codes,
+                                            broadcast=self._broadcast_tensor)
             else:
                 stats = mechanism.aggregate(module, batch, reduce=self._all_reduce)
             assert self.expected_batch_size is not None and self.sample_rate is not None
@@ -556,19 +554,36 @@ class TermwiseDPStrategy(DDPStrategy):
             offset += size
         return out
 
+    def _gather_codes(self, t: Tensor) -> tuple[Tensor, int]:
+        """All ranks' rows of ``t`` without gradient (rank order) and this rank's offset."""
+        sizes = self._all_sizes(t)
+        parts = self._all_gather_rows(t.detach(), sizes)
+        return torch.cat(parts), sum(sizes[: self.global_rank])
+
+    def _broadcast_tensor(self, t: Tensor) -> Tensor:
+        t = t.contiguous().clone()
+        dist.broadcast(t, src=0)
+        return t
+
+    def _all_sizes(self, t: Tensor) -> list[int]:
+        size = torch.tensor([t.shape[0]], device=t.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size)
+        return [int(s) for s in sizes]
+
+    def _all_gather_rows(self, t: Tensor, sizes: list[int]) -> list[Tensor]:
+        longest = max(sizes)
+        padded = torch.zeros(longest, *t.shape[1:], dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t
+        chunks = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(chunks, padded)
+        return [c[:s] for c, s in zip(chunks, sizes)]
+
     def _gather_with_local_grad(self, t: Tensor) -> Tensor:
         """All ranks' rows of ``t`` (rank order); only the local rows carry gradient."""
         if self.world_size == 1 or not dist.is_initialized():
             return t
-        size = torch.tensor([t.shape[0]], device=t.device)
-        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
-        dist.all_gather(sizes, size)
-        longest = int(max(int(s) for s in sizes))
-        padded = torch.zeros(longest, *t.shape[1:], dtype=t.dtype, device=t.device)
-        padded[: t.shape[0]] = t.detach()
-        chunks = [torch.zeros_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(chunks, padded)
-        parts = [c[: int(s)] for c, s in zip(chunks, sizes)]
+        parts = self._all_gather_rows(t.detach(), self._all_sizes(t))
         parts[self.global_rank] = t
         return torch.cat(parts)
 

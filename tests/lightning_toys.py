@@ -11,15 +11,23 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_dpvae.privacy import LossTerms, poisson_dataloader
+from lit_dpvae.privacy.terms import PairwiseTerm
 
 
 class ToyLitVAE(pl.LightningModule):
     """Deterministic VAE-like model with a batch-wise term read through
     ``gather_for_batch_terms`` (so a multi-process run computes it on the global batch)."""
 
-    def __init__(self, batch_term: bool = True, lr: float = 0.1, batchnorm: bool = False) -> None:
+    def __init__(self, batch_term: bool = True, lr: float = 0.1, batchnorm: bool = False,
+                 pairwise: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
+        self.pairwise = pairwise
+        if pairwise:  # an IMQ MMD against fixed (data-independent) prior samples
+            from lit_dpvae.divergences import MMD
+
+            self.mmd = MMD("imq", (1.0,), n_prior_samples=16)
+            self.register_buffer("w", torch.linspace(-1, 1, 32).view(16, 2))
         norm = nn.BatchNorm1d(8) if batchnorm else nn.Identity()
         self.enc = nn.Sequential(nn.Linear(6, 8), norm, nn.Tanh(), nn.Linear(8, 4))
         self.dec = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 6))
@@ -34,7 +42,12 @@ class ToyLitVAE(pl.LightningModule):
         recon = (self.dec(mu) - x).pow(2).sum(-1)
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).sum(-1)
         terms = LossTerms(sample={"recon": recon, "kl": kl})
-        if self.batch_term:
+        if self.pairwise:
+            z = self.gather_for_batch_terms(mu)
+            value = self.mmd.value(z, self.w) if z.shape[0] >= 2 else z.sum() * 0.0
+            terms.batch["mmd"] = value
+            terms.pairwise["mmd"] = PairwiseTerm(mu, self.w, self.mmd, 1.0)
+        elif self.batch_term:
             z = self.gather_for_batch_terms(mu)
             div = z.mean(0).pow(2).sum() + torch.exp(-torch.cdist(z, z).pow(2)).mean() \
                 if z.shape[0] else z.sum()

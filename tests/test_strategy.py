@@ -28,7 +28,8 @@ def _strategy(**kwargs) -> TermwiseDPStrategy:
     return TermwiseDPStrategy(**defaults)
 
 
-def test_two_processes_match_one_device_and_stay_identical(tmp_path):
+@pytest.mark.parametrize("mechanism", ["termwise", "pairwise"])
+def test_two_processes_match_one_device_and_stay_identical(tmp_path, mechanism):
     """Same records, sampler seed and noise seed: the 2-process run (global batch split across
     ranks, divergence on the gathered global batch, sums all-reduced, noise added identically)
     ends with the weights of the 1-device run; replicas are bit-identical; no hang on empty
@@ -36,10 +37,13 @@ def test_two_processes_match_one_device_and_stay_identical(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     steps = 8
-    _trainer(_strategy(), one, max_steps=steps, callbacks=[RecordRanks(str(one))]).fit(
-        ToyLitVAE(), ToyData(sample_rate=0.06))
-    _trainer(_strategy(start_method="spawn"), two, devices=2, max_steps=steps,
-             callbacks=[RecordRanks(str(two))]).fit(ToyLitVAE(), ToyData(sample_rate=0.06))
+    pairwise = mechanism == "pairwise"
+    extra = {"mechanism": mechanism, "pair_max_grad_norm": 0.05} if pairwise else {}
+    _trainer(_strategy(**extra), one, max_steps=steps, callbacks=[RecordRanks(str(one))]).fit(
+        ToyLitVAE(pairwise=pairwise), ToyData(sample_rate=0.06))
+    _trainer(_strategy(start_method="spawn", **extra), two, devices=2, max_steps=steps,
+             callbacks=[RecordRanks(str(two))]).fit(ToyLitVAE(pairwise=pairwise),
+                                                    ToyData(sample_rate=0.06))
     ref = torch.load(one / "rank0.pt")
     ranks = [torch.load(two / f"rank{r}.pt") for r in range(2)]
     assert ref["steps"] == ranks[0]["steps"] == ranks[1]["steps"] == steps

@@ -528,18 +528,18 @@ class PairwiseDPSGD(Mechanism):
     def noise_multipliers(self) -> dict[str, float]:
         return {p: self.noise_multiplier / math.sqrt(self.shares[p]) for p in self.parts}
 
-    def check(self, module: nn.Module) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise NotImplementedError(
-                "PairwiseDPSGD runs on one process only: pairs across ranks need every rank's "
-                "codes and identical prior samples. Use mechanism='termwise' for multi-process "
-                "training, or train on one device."
-            )
-        super().check(module)
-
-    def aggregate(self, module: nn.Module, batch: Any, reduce: Reduce = _identity) -> Stats:
+    def aggregate(
+        self,
+        module: nn.Module,
+        batch: Any,
+        reduce: Reduce = _identity,
+        gather: Callable[[Tensor], tuple[Tensor, int]] | None = None,
+        broadcast: Callable[[Tensor], Tensor] | None = None,
+    ) -> Stats:
+        """``gather``/``broadcast`` (multi-process): ``gather(codes)`` returns the global codes
+        of all ranks (no gradient) and the offset of this rank's rows in them; ``broadcast``
+        gives every rank rank 0's prior samples. Every rank calls both for every pairwise term,
+        whatever its local batch size, so the collectives line up."""
         self.check(module)
         n = batch_size_of(batch)
         self.probe_sample_terms(module, batch, n)
@@ -581,13 +581,19 @@ class PairwiseDPSGD(Mechanism):
         stats: Stats = {"sample": reduce(sample)}
         pairwise = {name: torch.zeros_like(p) for name, p in params.items()}
         for term in terms.pairwise.values():
-            if n < 2:
+            partners, offset, prior = None, 0, term.prior_samples
+            if gather is not None:
+                partners, offset = gather(term.codes.detach())
+                if partners.shape[0] >= 2:
+                    prior = broadcast(prior.detach()) if broadcast is not None else prior
+            total = n if partners is None else partners.shape[0]
+            if total < 2 or n == 0:
                 continue  # the U-statistic is 0 (and so is its gradient) below two records
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 jac = latent_jacobian(cap.calls, term.codes, n)
-            owner, _, _ = owner_vectors(term.codes, term.prior_samples, term.kernel,
-                                        float(term.weight), jac.gram, self.pair_max_grad_norm)
+            owner, _, _ = owner_vectors(term.codes, prior, term.kernel, float(term.weight),
+                                        jac.gram, self.pair_max_grad_norm, partners, offset)
             for name, g in clipped_owner_sum(jac, owner, params, n).items():
                 pairwise[name] += g
         if not math.isfinite(float(sum(float(g.sum()) for g in pairwise.values()))):

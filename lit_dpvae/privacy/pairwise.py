@@ -114,22 +114,32 @@ def owner_vectors(
     weight: float,
     gram: Tensor,
     max_norm: float,
+    partners: Tensor | None = None,
+    offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Clipped aggregated latent vectors ``ū_i`` of one kernel divergence (n ≥ 2).
 
     ``ū_i = (2/(n−1)) Σ_{j≠i} a_ij u_ij − 2 c_i v_i`` with ``u_ij = λ∇₁k(z_i, z_j)``,
     ``v_i = λ (1/M) Σ_m ∇₁k(z_i, w_m)``, ``a_ij``/``c_i`` the clip factors of ``J_iᵀu_ij`` and
     ``J_iᵀv_i`` to ``max_norm`` (0 on the diagonal and for non-finite norms; a zero factor
-    contributes exactly zero). Returns ``(ū [n, d], pair norms [n, n], prior norms [n])``.
+    contributes exactly zero). Returns ``(ū [n, d], pair norms [n, N], prior norms [n])``.
+
+    Multi-process: the owners are this rank's ``codes`` and the partners are the *global*
+    codes ``partners [N, d]`` (all ranks, no gradient), in which this rank's rows start at
+    ``offset``; ``n − 1`` above is then ``N − 1``. The sum over all ranks' owners is the
+    single-process statistic of the global batch.
     """
     z = codes.detach()
-    n = z.shape[0]
+    zz = z if partners is None else partners.detach()
+    self_pairs = _self_pair_mask(z.shape[0], zz.shape[0], offset, z.device)
     if getattr(kernel, "radial", False):
-        return _radial_owner_vectors(z, prior_samples.detach(), kernel, weight, gram, max_norm)
-    u = weight * kernel.pair_grad(z[:, None, :], z[None, :, :])  # [n, n, d]
+        return _radial_owner_vectors(z, zz, self_pairs, prior_samples.detach(), kernel, weight,
+                                     gram, max_norm)
+    n = zz.shape[0]
+    u = weight * kernel.pair_grad(z[:, None, :], zz[None, :, :])  # [n, N, d]
     pair_norms = (torch.bmm(u, gram) * u).sum(-1).clamp_min(0).sqrt()  # uᵀ G_i u
     a = clip_factors(pair_norms, max_norm)
-    a = a * (1.0 - torch.eye(n, dtype=a.dtype, device=a.device))
+    a = a.masked_fill(self_pairs, 0.0)
     partner = torch.where((a > 0)[..., None], a[..., None] * u, torch.zeros_like(u)).sum(1)
     v = weight * kernel.pair_grad(z[:, None, :], prior_samples.detach()[None, :, :]).mean(1)
     prior_norms = (torch.bmm(gram, v[:, :, None])[..., 0] * v).sum(-1).clamp_min(0).sqrt()
@@ -138,27 +148,39 @@ def owner_vectors(
     return 2.0 / (n - 1) * partner - 2.0 * prior, pair_norms, prior_norms
 
 
+def _self_pair_mask(n_owners: int, n_partners: int, offset: int, device) -> Tensor:
+    """``[n, N]`` True where owner i meets itself (partner ``offset + i``)."""
+    mask = torch.zeros(n_owners, n_partners, dtype=torch.bool, device=device)
+    idx = torch.arange(n_owners, device=device)
+    mask[idx, idx + offset] = True
+    return mask
+
+
 def _radial_owner_vectors(
-    z: Tensor, w: Tensor, kernel, weight: float, gram: Tensor, max_norm: float
+    z: Tensor, zz: Tensor, self_pairs: Tensor, w: Tensor, kernel, weight: float, gram: Tensor,
+    max_norm: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``owner_vectors`` for a radial kernel, ``∇₁k(a, b) = φ(‖a−b‖²)·(a − b)``
     (``kernel.pair_scale``): no ``[n, n, d]`` pair-gradient tensor, sums as ``[n, n] @ [n, d]``.
 
     Pair norms use the exact differences ``D_ij = z_i − z_j`` (no ``‖z‖²`` expansion, whose
     cancellation could under-estimate a norm and break the clipping bound)."""
-    n, d = z.shape
-    diff = z[:, None, :] - z[None, :, :]  # [n, n, d]
+    d = z.shape[1]
+    n = zz.shape[0]
+    diff = z[:, None, :] - zz[None, :, :]  # [n, N, d]
     finite = torch.isfinite(z).all(1, keepdim=True)
+    finite_p = torch.isfinite(zz).all(1, keepdim=True)
     z_safe = torch.where(finite, z, torch.zeros_like(z))  # coef is 0 wherever z is not finite
+    zz_safe = torch.where(finite_p, zz, torch.zeros_like(zz))
     # φ only needs r² (its rounding moves the gradient, never the clipping: norms use diff).
-    r2 = torch.cdist(z_safe, z_safe).pow(2).masked_fill(~finite[:, 0][None, :], math.inf)
-    phi = weight * kernel.pair_scale(r2.masked_fill(~finite, math.inf), d)  # [n, n]
+    r2 = torch.cdist(z_safe, zz_safe).pow(2).masked_fill(~finite_p[:, 0][None, :], math.inf)
+    phi = weight * kernel.pair_scale(r2.masked_fill(~finite, math.inf), d)  # [n, N]
     quad = (torch.bmm(diff, gram) * diff).sum(-1).clamp_min(0)  # D_ijᵀ G_i D_ij
     pair_norms = phi.abs() * quad.sqrt()
     a = clip_factors(pair_norms, max_norm)
-    a = a * (1.0 - torch.eye(n, dtype=a.dtype, device=a.device))
-    coef = torch.where(a > 0, a * phi, torch.zeros_like(a))  # [n, n]
-    partner = coef.sum(1, keepdim=True) * z_safe - coef @ z_safe
+    a = a.masked_fill(self_pairs, 0.0)
+    coef = torch.where(a > 0, a * phi, torch.zeros_like(a))  # [n, N]
+    partner = coef.sum(1, keepdim=True) * z_safe - coef @ zz_safe
     phi_w = weight * kernel.pair_scale(torch.cdist(z, w).pow(2), d)  # [n, M]
     v = phi_w.mean(1, keepdim=True) * z - phi_w @ w / w.shape[0]  # λ (1/M) Σ_m ∇₁k(z_i, w_m)
     prior_norms = (torch.bmm(gram, v[:, :, None])[..., 0] * v).sum(-1).clamp_min(0).sqrt()
