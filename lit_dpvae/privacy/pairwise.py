@@ -34,11 +34,13 @@ from lit_dpvae.privacy.grad_sample import (
 
 @dataclass
 class LatentJacobian:
-    """What the Gram pass keeps for the final clipped sum: per layer call, the batched
-    backprops ``[d, rows, ...]`` of the codes' coordinates (None: layer not upstream of z)."""
+    """What the Gram pass keeps for the final clipped sum: the layer calls upstream of the
+    codes (the batched backprops themselves are not kept: ``Σ_k ū_ik b_i^(k)`` is one plain
+    backward of ``ū`` from the codes)."""
 
     calls: list[_Call]
-    backprops: list[Tensor | None]
+    used: list[int]  # indices of the calls upstream of the codes
+    codes: Tensor  # [n, d], with its graph (the final clipped sum backpropagates ū through it)
     gram: Tensor  # [n, d, d]
 
 
@@ -104,7 +106,8 @@ def latent_jacobian(calls: list[_Call], codes: Tensor, n: int) -> LatentJacobian
             materialised[p] = materialised[p] + rows if p in materialised else rows
     for rows in materialised.values():
         gram = gram + torch.bmm(rows, rows.transpose(1, 2))
-    return LatentJacobian(calls, backprops, gram)
+    used = [i for i, b in enumerate(backprops) if b is not None]
+    return LatentJacobian(calls, used, codes, gram)
 
 
 def owner_vectors(
@@ -148,6 +151,10 @@ def owner_vectors(
     return 2.0 / (n - 1) * partner - 2.0 * prior, pair_norms, prior_norms
 
 
+#: Owner rows per block of the ``[rows, N, d]`` pair differences (keeps them in cache).
+_CHUNK = 64
+
+
 def _self_pair_mask(n_owners: int, n_partners: int, offset: int, device) -> Tensor:
     """``[n, N]`` True where owner i meets itself (partner ``offset + i``)."""
     mask = torch.zeros(n_owners, n_partners, dtype=torch.bool, device=device)
@@ -167,7 +174,6 @@ def _radial_owner_vectors(
     cancellation could under-estimate a norm and break the clipping bound)."""
     d = z.shape[1]
     n = zz.shape[0]
-    diff = z[:, None, :] - zz[None, :, :]  # [n, N, d]
     finite = torch.isfinite(z).all(1, keepdim=True)
     finite_p = torch.isfinite(zz).all(1, keepdim=True)
     z_safe = torch.where(finite, z, torch.zeros_like(z))  # coef is 0 wherever z is not finite
@@ -175,7 +181,11 @@ def _radial_owner_vectors(
     # φ only needs r² (its rounding moves the gradient, never the clipping: norms use diff).
     r2 = torch.cdist(z_safe, zz_safe).pow(2).masked_fill(~finite_p[:, 0][None, :], math.inf)
     phi = weight * kernel.pair_scale(r2.masked_fill(~finite, math.inf), d)  # [n, N]
-    quad = (torch.bmm(diff, gram) * diff).sum(-1).clamp_min(0)  # D_ijᵀ G_i D_ij
+    quad = z.new_empty(z.shape[0], n)  # D_ijᵀ G_i D_ij, D_ij = z_i − z_j, in cache-sized blocks
+    for s in range(0, z.shape[0], _CHUNK):
+        diff = z[s:s + _CHUNK, None, :] - zz[None, :, :]  # [chunk, N, d]
+        quad[s:s + _CHUNK] = (torch.bmm(diff, gram[s:s + _CHUNK]) * diff).sum(-1)
+    quad = quad.clamp_min(0)
     pair_norms = phi.abs() * quad.sqrt()
     a = clip_factors(pair_norms, max_norm)
     a = a.masked_fill(self_pairs, 0.0)
@@ -192,24 +202,34 @@ def _radial_owner_vectors(
 def clipped_owner_sum(
     jac: LatentJacobian, owner: Tensor, params: dict[str, nn.Parameter], n: int
 ) -> dict[str, Tensor]:
-    """``Σ_i J_iᵀ ū_i`` per parameter: one local VJP per layer with backprops
-    ``Σ_k ū_ik b_i^(k)``; records with ``ū_i = 0`` contribute exactly zero."""
+    """``Σ_i J_iᵀ ū_i`` per parameter: one backward of ``ū`` from the codes to the layer
+    outputs (by linearity its row i is ``Σ_k ū_ik b_i^(k)``), then one local VJP per layer;
+    records with ``ū_i = 0`` contribute exactly zero (their backprop rows are zeroed, even
+    where a dropped record's rows are not finite)."""
     out = {name: torch.zeros_like(p) for name, p in params.items()}
     by_param = {p: name for name, p in params.items()}
-    keep = (owner != 0).any(1)
-    for call, b in zip(jac.calls, jac.backprops):
-        if b is None:
-            continue
+    calls = []
+    for i in jac.used:
+        call = jac.calls[i]
         own = [p for p in call.module.parameters(recurse=False) if p.requires_grad]
-        if not own:
+        if own:
+            calls.append((call, own))
+    if not calls:
+        return out
+    keep = (owner != 0).any(1)
+    keep_all = bool(keep.all())
+    codes = jac.codes
+    bps = torch.autograd.grad(
+        codes, [call.output for call, _ in calls], grad_outputs=owner.to(codes.dtype),
+        retain_graph=True, allow_unused=True,
+    )
+    for (call, own), bp in zip(calls, bps):
+        if bp is None:
             continue
-        m = b.shape[1] // n
-        if not bool(keep.all()):  # exact zeros, even where a dropped record's b is not finite
-            rows_keep = keep.repeat_interleave(m).view(1, -1, *([1] * (b.dim() - 2)))
-            b = torch.where(rows_keep, b, torch.zeros_like(b))
-        coeff = owner.repeat_interleave(m, 0).to(b.dtype)  # [rows, d]
-        flat = b.reshape(b.shape[0], b.shape[1], -1)  # [d, rows, F]
-        bp = torch.einsum("rk,krf->rf", coeff, flat).view(b.shape[1:])
+        m = bp.shape[0] // n
+        if not keep_all:
+            rows_keep = keep.repeat_interleave(m).view(-1, *([1] * (bp.dim() - 1)))
+            bp = torch.where(rows_keep, bp, torch.zeros_like(bp))
         grads = torch.autograd.grad(call.output, own, grad_outputs=bp, retain_graph=True)
         for p, g in zip(own, grads):
             if p not in by_param:
