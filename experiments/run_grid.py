@@ -89,6 +89,13 @@ GRIDS: dict[str, dict[str, Any]] = {
                             pairings=["info", "sparse"], mechanisms=["termwise", "pairwise"],
                             eps=[1.0, 10.0], seeds=[0, 1, 2], pairwise_sample_share=0.9,
                             pair_max_grad_norm=0.01),
+    # Issue 6 check: does naive DP-SGD only lose because lr 0.1 makes it diverge? The same cells
+    # with 10x and 100x smaller learning rates (one seed, ε=10).
+    **{f"fmnist_naive_lr{tag}": dict(COMMON, dataset="fashion_mnist", steps=300, latent_dim=16,
+                                      hidden=[256], batch_size=512, n_eval=2000, lr=lr,
+                                      pairings=["sparse", "cluster"], mechanisms=["naive"],
+                                      eps=[10.0], seeds=[0])
+       for tag, lr in (("1e-2", 0.01), ("1e-3", 0.001))},
     "micro": dict(COMMON, dataset="digits", steps=3, n_eval=200, pairings=["info"],
                   mechanisms=["nonprivate", "termwise"], eps=[10.0], seeds=[0],
                   classifier_steps=20),
