@@ -195,6 +195,13 @@ class Mechanism:
         self.last_terms = terms
         return terms
 
+    def _start(self, module: nn.Module, batch: Any) -> int:
+        """Checks every ``aggregate`` starts with; returns the number of records."""
+        self.check(module)
+        n = batch_size_of(batch)
+        self.probe_sample_terms(module, batch, n)
+        return n
+
     def _skip(self, n: int) -> bool:
         return n == 0 and not self.always_forward
 
@@ -297,9 +304,7 @@ class NonPrivate(Mechanism):
         return {"sample": math.inf, "batch": math.inf}
 
     def aggregate(self, module: nn.Module, batch: Any, reduce: Reduce = _identity) -> Stats:
-        self.check(module)
-        n = batch_size_of(batch)
-        self.probe_sample_terms(module, batch, n)
+        n = self._start(module, batch)
         if self._skip(n):
             return {part: reduce(v) for part, v in self.zeros(module).items()}
         params = named_trainable(module)
@@ -356,10 +361,8 @@ class NaiveDPSGD(Mechanism):
     ) -> Stats:
         """``keep``: how many local records survive the *global* truncation to ``n_max`` (a
         multi-process strategy computes it from the rank's positions in the global batch)."""
-        self.check(module)
         batch = truncate_batch(batch, self.max_batch_size if keep is None else keep)
-        n = batch_size_of(batch)
-        self.probe_sample_terms(module, batch, n)
+        n = self._start(module, batch)
         if self._skip(n):
             return {"total": reduce(self.zeros(module)["total"])}
         scale = float(self.expected_batch_size) if self.expected_batch_size else float(n)
@@ -428,9 +431,7 @@ class TermwiseDPSGD(Mechanism):
         return {part: sigmas[part] for part in self.parts}
 
     def aggregate(self, module: nn.Module, batch: Any, reduce: Reduce = _identity) -> Stats:
-        self.check(module)
-        n = batch_size_of(batch)
-        self.probe_sample_terms(module, batch, n)
+        n = self._start(module, batch)
         if self._skip(n):
             return {part: reduce(v) for part, v in self.zeros(module).items()}
         params = named_trainable(module)
@@ -540,9 +541,7 @@ class PairwiseDPSGD(Mechanism):
         of all ranks (no gradient) and the offset of this rank's rows in them; ``broadcast``
         gives every rank rank 0's prior samples. Every rank calls both for every pairwise term,
         whatever its local batch size, so the collectives line up."""
-        self.check(module)
-        n = batch_size_of(batch)
-        self.probe_sample_terms(module, batch, n)
+        n = self._start(module, batch)
         if self._skip(n):
             return {part: reduce(v) for part, v in self.zeros(module).items()}
         params = named_trainable(module)
