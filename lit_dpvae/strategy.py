@@ -580,8 +580,10 @@ class TermwiseDPStrategy(DDPStrategy):
         return [c[:s] for c, s in zip(chunks, sizes)]
 
     def _gather_with_local_grad(self, t: Tensor) -> Tensor:
-        """All ranks' rows of ``t`` (rank order); only the local rows carry gradient."""
-        if self.world_size == 1 or not dist.is_initialized():
+        """All ranks' rows of ``t`` (rank order); only the local rows carry gradient. Only in
+        training steps: validation and test run the whole split on every rank (eval mode)."""
+        module = self.lightning_module
+        if self.world_size == 1 or not dist.is_initialized() or not (module and module.training):
             return t
         parts = self._all_gather_rows(t.detach(), self._all_sizes(t))
         parts[self.global_rank] = t
