@@ -138,17 +138,34 @@ def owner_vectors(
     if getattr(kernel, "radial", False):
         return _radial_owner_vectors(z, zz, self_pairs, prior_samples.detach(), kernel, weight,
                                      gram, max_norm)
-    n = zz.shape[0]
+    n, d = zz.shape
+    trace = gram.diagonal(dim1=1, dim2=2).sum(-1)  # tr G_i, [n]
     u = weight * kernel.pair_grad(z[:, None, :], zz[None, :, :])  # [n, N, d]
-    pair_norms = (torch.bmm(u, gram) * u).sum(-1).clamp_min(0).sqrt()  # uᵀ G_i u
+    quad = (torch.bmm(u, gram) * u).sum(-1)  # uᵀ G_i u
+    pair_norms = rounding_safe_quad(quad, u.pow(2).sum(-1), trace[:, None], d).sqrt()
     a = clip_factors(pair_norms, max_norm)
     a = a.masked_fill(self_pairs, 0.0)
     partner = torch.where((a > 0)[..., None], a[..., None] * u, torch.zeros_like(u)).sum(1)
     v = weight * kernel.pair_grad(z[:, None, :], prior_samples.detach()[None, :, :]).mean(1)
-    prior_norms = (torch.bmm(gram, v[:, :, None])[..., 0] * v).sum(-1).clamp_min(0).sqrt()
+    prior_quad = (torch.bmm(gram, v[:, :, None])[..., 0] * v).sum(-1)
+    prior_norms = rounding_safe_quad(prior_quad, v.pow(2).sum(-1), trace, d).sqrt()
     c = clip_factors(prior_norms, max_norm)
     prior = torch.where((c > 0)[:, None], c[:, None] * v, torch.zeros_like(v))
     return 2.0 / (n - 1) * partner - 2.0 * prior, pair_norms, prior_norms
+
+
+def rounding_safe_quad(quad: Tensor, sq_len: Tensor, trace: Tensor, d: int) -> Tensor:
+    """An upper bound of the exact ``uᵀGu`` from its floating-point value.
+
+    For PSD ``G`` the rounding error of ``Σ_kl u_k G_kl u_l`` is at most
+    ``γ Σ_kl |u_k||G_kl||u_l| ≤ γ (Σ_k |u_k| √G_kk)² ≤ γ ‖u‖² tr G`` with
+    ``γ = (2d+1)ε/(1−(2d+1)ε)`` (``|G_kl| ≤ √(G_kk G_ll)``, then Cauchy–Schwarz). Adding that
+    much keeps a pair term whose direction is almost in the null space of ``G_i`` from being
+    under-clipped by cancellation (docs/privacy.md §8).
+    """
+    eps = torch.finfo(quad.dtype).eps
+    gamma = (2 * d + 2) * eps
+    return quad.clamp_min(0) + gamma * sq_len * trace
 
 
 #: Owner rows per block of the ``[rows, N, d]`` pair differences (keeps them in cache).
@@ -181,11 +198,13 @@ def _radial_owner_vectors(
     # φ only needs r² (its rounding moves the gradient, never the clipping: norms use diff).
     r2 = torch.cdist(z_safe, zz_safe).pow(2).masked_fill(~finite_p[:, 0][None, :], math.inf)
     phi = weight * kernel.pair_scale(r2.masked_fill(~finite, math.inf), d)  # [n, N]
+    trace = gram.diagonal(dim1=1, dim2=2).sum(-1)  # tr G_i, [n]
     quad = z.new_empty(z.shape[0], n)  # D_ijᵀ G_i D_ij, D_ij = z_i − z_j, in cache-sized blocks
     for s in range(0, z.shape[0], _CHUNK):
         diff = z[s:s + _CHUNK, None, :] - zz[None, :, :]  # [chunk, N, d]
-        quad[s:s + _CHUNK] = (torch.bmm(diff, gram[s:s + _CHUNK]) * diff).sum(-1)
-    quad = quad.clamp_min(0)
+        block = (torch.bmm(diff, gram[s:s + _CHUNK]) * diff).sum(-1)
+        quad[s:s + _CHUNK] = rounding_safe_quad(block, diff.pow(2).sum(-1),
+                                                trace[s:s + _CHUNK, None], d)
     pair_norms = phi.abs() * quad.sqrt()
     a = clip_factors(pair_norms, max_norm)
     a = a.masked_fill(self_pairs, 0.0)
@@ -193,7 +212,8 @@ def _radial_owner_vectors(
     partner = coef.sum(1, keepdim=True) * z_safe - coef @ zz_safe
     phi_w = weight * kernel.pair_scale(torch.cdist(z, w).pow(2), d)  # [n, M]
     v = phi_w.mean(1, keepdim=True) * z - phi_w @ w / w.shape[0]  # λ (1/M) Σ_m ∇₁k(z_i, w_m)
-    prior_norms = (torch.bmm(gram, v[:, :, None])[..., 0] * v).sum(-1).clamp_min(0).sqrt()
+    prior_quad = (torch.bmm(gram, v[:, :, None])[..., 0] * v).sum(-1)
+    prior_norms = rounding_safe_quad(prior_quad, v.pow(2).sum(-1), trace, d).sqrt()
     c = clip_factors(prior_norms, max_norm)
     prior = torch.where((c > 0)[:, None], c[:, None] * v, torch.zeros_like(v))
     return 2.0 / (n - 1) * partner - 2.0 * prior, pair_norms, prior_norms

@@ -320,3 +320,27 @@ def test_strategy_trains_infovae_with_the_pairwise_mechanism(tmp_path):
     # Multi-process pairwise training: tests/test_strategy.py::
     # test_two_processes_match_one_device_and_stay_identical[pairwise]
 
+
+
+def test_rounding_safe_quad_upper_bounds_the_exact_quadratic_form():
+    """Directions almost in the null space of a large PSD Gram: the float32 uᵀGu can cancel
+    below the exact value; with the margin it never does (exact value in float64)."""
+    from lit_dpvae.privacy.pairwise import rounding_safe_quad
+
+    gen = torch.Generator().manual_seed(0)
+    d = 20
+    worst = math.inf
+    for _ in range(200):
+        basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+        spectrum = torch.cat([torch.full((d - 1,), 1e6, dtype=torch.float64),
+                              torch.tensor([1e-6], dtype=torch.float64)])
+        gram64 = basis @ torch.diag(spectrum) @ basis.T
+        u64 = basis[:, -1] + 1e-7 * torch.randn(d, generator=gen, dtype=torch.float64)
+        exact = float(u64 @ gram64 @ u64)
+        gram32, u32 = gram64.float(), u64.float()
+        quad = (u32 @ gram32 @ u32).reshape(1)
+        bound = rounding_safe_quad(quad, u32.pow(2).sum().reshape(1),
+                                   gram32.diagonal().sum().reshape(1), d)
+        assert float(bound) >= exact
+        worst = min(worst, float(quad) - exact)
+    assert worst < 0  # the plain float32 value does under-estimate: the margin is needed
