@@ -292,7 +292,9 @@ def run_audit(
         return _flat_update(mech.privatize(stats, big_b, gen), u_std)
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    neg, pos, shifts = [], [], []
+    neg: list[float] = []
+    pos: list[float] = []
+    shifts: list[float] = []
     for _ in range(cfg.trials):
         idx = torch.randperm(len(pool), generator=gen)[: cfg.batch_size].sort().values
         s = pool[idx]
@@ -306,7 +308,7 @@ def run_audit(
             y = release(stats)
             scores.append(float((y - w_out) @ u))
         shifts.append(shift)
-    result = audit_scores(np.array(neg), np.array(pos), cfg.delta, cfg.confidence,
+    result: dict[str, Any] = audit_scores(np.array(neg), np.array(pos), cfg.delta, cfg.confidence,
                           cfg.calibration_fraction)
     accountant = PrivacyAccountant("rdp")
     accountant.step(mech.noise_multiplier, 1.0)

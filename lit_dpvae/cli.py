@@ -48,8 +48,8 @@ class DPVAECLI(LightningCLI):
         if hasattr(strategy, "epsilon"):
             eps = strategy.epsilon()
             report["epsilon"] = eps
-            report["delta"] = strategy.target_delta
-            report["steps"] = strategy.accountant.steps
+            report["delta"] = strategy.target_delta  # type: ignore[attr-defined]  # DP strategy
+            report["steps"] = strategy.accountant.steps  # type: ignore[attr-defined]  # DP strategy
         if self.config_init[self.subcommand].get("test_after_fit", True):
             results = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
             if results:
@@ -119,7 +119,7 @@ def sample_main(argv: list[str]) -> Path:
             xs.append(model.sample(n, labels=labels).cpu().numpy())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"x": np.concatenate(xs)}
+    arrays: dict[str, Any] = {"x": np.concatenate(xs)}
     if ys:
         arrays["y"] = np.concatenate(ys)
     np.savez_compressed(out, **arrays)

@@ -26,6 +26,8 @@ def normal_log_density(z: Tensor, mean: Tensor | float, log_var: Tensor | float)
 class Prior(nn.Module):
     """Base class of latent priors (see the module docstring for the interface)."""
 
+    _anchor: Tensor
+
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
         if latent_dim < 1:
@@ -76,6 +78,9 @@ class SpikeAndSlab(Prior):
     arXiv 1812.02833.
     """
 
+    log_weights: Tensor
+    scales: Tensor
+
     def __init__(
         self,
         latent_dim: int,
@@ -115,6 +120,10 @@ class MixtureOfGaussians(Prior):
     Reference: Dilokthanakul et al., "Deep unsupervised clustering with Gaussian mixture VAEs",
     arXiv 1611.02648.
     """
+
+    means: Tensor
+    log_weights: Tensor
+    log_var: Tensor
 
     def __init__(
         self,

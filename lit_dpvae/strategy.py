@@ -277,7 +277,8 @@ class TermwiseDPStrategy(DDPStrategy):
         else:  # one process: no process group, no port, nothing to synchronise
             self.set_world_ranks()
 
-    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+    # Lightning's DDPStrategy annotates a DistributedDataParallel return; this one wraps nothing
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:  # type: ignore[override]
         """No DistributedDataParallel: broadcast rank 0's weights once, like Opacus' DPDDP."""
         if self.world_size > 1 and dist.is_initialized():
             with torch.no_grad():
@@ -300,6 +301,7 @@ class TermwiseDPStrategy(DDPStrategy):
         if self.world_size == 1 and trainer.state.fn != "fit":
             # DDPStrategy would synchronise module states through a process group that a
             # single process never creates.
+            assert self.accelerator is not None and self.model is not None  # set by Lightning
             self.accelerator.setup(trainer)
             self.precision_plugin.convert_module(self.model)
             self.model_to_device()
@@ -307,9 +309,11 @@ class TermwiseDPStrategy(DDPStrategy):
             return
         super().setup(trainer)
         if trainer.state.fn == "fit" and self.world_size > 1:
+            assert self.mechanism is not None
             self.mechanism.always_forward = True
             if hasattr(module, "gather_for_batch_terms"):
-                module.gather_for_batch_terms = self._gather_with_local_grad
+                # instance-level override of the model's hook (a method, not a tensor/submodule)
+                module.gather_for_batch_terms = self._gather_with_local_grad  # type: ignore[assignment]
 
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self.lightning_module.trainer if self.lightning_module else None
@@ -447,6 +451,7 @@ class TermwiseDPStrategy(DDPStrategy):
     def _epsilon_after(self, more_steps: int) -> float:
         trial = PrivacyAccountant(self.accountant.name)
         trial.load_state_dict(self.accountant.state_dict())
+        assert self.mechanism is not None
         sigma = self.mechanism.noise_multiplier
         if more_steps:
             trial._impl.history.append((sigma, self.sample_rate, int(more_steps)))

@@ -65,7 +65,8 @@ class PrivacySpend(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        every = self.log_every_n_steps or trainer.log_every_n_steps or 1
+        # Trainer sets log_every_n_steps dynamically (not in its stubs)
+        every = self.log_every_n_steps or trainer.log_every_n_steps or 1  # type: ignore[attr-defined]
         last = batch_idx + 1 >= trainer.num_training_batches
         if trainer.global_step % every == 0 or last or self.max_epsilon is not None:
             self._log(trainer, pl_module)

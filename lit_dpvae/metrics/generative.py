@@ -21,13 +21,16 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lit_dpvae.divergences import MMD
+
+if TYPE_CHECKING:
+    from lit_dpvae.models.base import BaseVAE
 
 # Fixed hyper-parameters of the classifiers (decided in advance, never chosen on a test split).
 CLASSIFIER_HPARAMS: dict[str, Any] = {
@@ -44,7 +47,7 @@ CLASSIFIER_HPARAMS: dict[str, Any] = {
 # --------------------------------------------------------------------------------------------
 # Likelihood-side metrics
 @torch.no_grad()
-def elbo_metrics(model: nn.Module, loader: Any, seed: int = 0) -> dict[str, float]:
+def elbo_metrics(model: BaseVAE, loader: Any, seed: int = 0) -> dict[str, float]:
     """Mean per-record negative ELBO, reconstruction error and KL on ``loader`` (test split).
 
     ``loss_terms`` gives ``recon`` (−log p(x|z), K-sample mean) and ``kl`` (β·KL, closed form or
@@ -76,7 +79,7 @@ def elbo_metrics(model: nn.Module, loader: Any, seed: int = 0) -> dict[str, floa
 
 
 @torch.no_grad()
-def posterior_means(model: nn.Module, loader: Any) -> tuple[Tensor, Tensor]:
+def posterior_means(model: BaseVAE, loader: Any) -> tuple[Tensor, Tensor]:
     """Posterior means ``[n, d]`` and labels ``[n]`` of every record of ``loader``."""
     mus, ys = [], []
     for x, y in loader:
@@ -290,7 +293,7 @@ def prdc(real: Tensor, fake: Tensor, k: int = 5) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # Utility
 @torch.no_grad()
-def balanced_samples(model: nn.Module, n: int, num_classes: int, seed: int = 0,
+def balanced_samples(model: BaseVAE, n: int, num_classes: int, seed: int = 0,
                      batch_size: int = 2000) -> tuple[Tensor, Tensor]:
     """``n`` labelled synthetic records (balanced labels) from a conditional model."""
     y = torch.arange(n) % num_classes

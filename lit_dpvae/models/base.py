@@ -101,6 +101,7 @@ class BaseVAE(L.LightningModule):
                 group_norm,
                 num_classes if conditional else 0,
             )
+        assert decoder is not None  # injected together with encoder, or built above
         self.encoder, self.decoder = encoder, decoder
         self.likelihood = make_likelihood(likelihood, likelihood_scale)
         self.prior: Prior = StandardNormal(latent_dim)
@@ -133,6 +134,7 @@ class BaseVAE(L.LightningModule):
         div = getattr(self, "divergence", None)
         if codes is None or getattr(div, "composition", None) != "pairwise":
             return None
+        assert div is not None  # a None divergence has no "pairwise" composition
         gathered = self.gather_for_batch_terms(codes)
         if gathered.shape[0] < 2:
             empty = codes.new_zeros(0, codes.shape[1])

@@ -232,8 +232,8 @@ def build_encoder_decoder(
         activation=activation, group_norm=group_norm, num_classes=num_classes
     )
     if arch == "mlp":
-        enc = MLPEncoder(data_shape, latent_dim, hidden, **common)
-        dec = MLPDecoder(latent_dim, data_shape, list(hidden)[::-1], **common)
+        enc: nn.Module = MLPEncoder(data_shape, latent_dim, hidden, **common)
+        dec: nn.Module = MLPDecoder(latent_dim, data_shape, list(hidden)[::-1], **common)
         return enc, dec
     if arch == "conv":
         enc = ConvEncoder(data_shape, latent_dim, channels, **common)

@@ -26,7 +26,7 @@ Backends (same numbers up to float rounding; tests compare them with a one-recor
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -179,6 +179,7 @@ class _LayerwiseClipper:
         with capture_layers(module) as cap:
             loss, aux = run()
         outputs = [c.output for c in cap.calls]
+        backprops: Sequence[Tensor]
         backprops = torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
         backprops = [
             torch.zeros_like(o) if b is None else b.detach() for o, b in zip(outputs, backprops)
@@ -253,7 +254,7 @@ class _OpacusHooksClipper:
         try:
             for p in params.values():
                 p.grad = None
-                p.grad_sample = None
+                p.grad_sample = None  # type: ignore[attr-defined]  # Opacus per-sample attribute
             loss, aux = run()
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -276,7 +277,7 @@ class _OpacusHooksClipper:
                 grad_samples[name] = gs.detach()
         finally:
             for p in params.values():
-                p.grad_sample = None
+                p.grad_sample = None  # type: ignore[attr-defined]  # Opacus per-sample attribute
             gsm._close()
             for name, p in params.items():
                 p.grad = saved_grads[name]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,7 @@ def global_norm(tensors: dict[str, Tensor]) -> Tensor:
     """L2 norm of a dict of tensors viewed as one vector."""
     if not tensors:
         return torch.zeros(())
-    return torch.sqrt(sum(t.float().pow(2).sum() for t in tensors.values()))
+    return torch.sqrt(cast(Tensor, sum(t.float().pow(2).sum() for t in tensors.values())))
 
 
 def clip_vector(tensors: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
@@ -374,7 +374,7 @@ class NaiveDPSGD(Mechanism):
             loss = per_record.sum() if per_record is not None else 0.0
             if batch_loss is not None:
                 loss = loss + scale * batch_loss
-            return loss, terms
+            return cast(Tensor, loss), terms  # terms carry a per-record or a batch-wise part
 
         total, _, _ = self.clipper.clipped_sum(module, run, self.max_grad_norm, n)
         return {"total": reduce(total)}

@@ -69,6 +69,7 @@ def latent_jacobian(calls: list[_Call], codes: Tensor, n: int) -> LatentJacobian
         retain_graph=True, allow_unused=True,
     ) if used else []
     backprops: list[Tensor | None] = [None] * len(calls)
+    b: Tensor | None
     for i, b in zip(used, raw):
         backprops[i] = None if b is None else b.detach()
     seen: dict[nn.Parameter, int] = {}
