@@ -1,5 +1,6 @@
 """Command line: ``python -m lit_dpvae fit|validate|test --config cfg.yaml`` (LightningCLI) and
-``python -m lit_dpvae sample --ckpt run.ckpt --num 10000 --out synthetic.npz``.
+``python -m lit_dpvae sample --ckpt run.ckpt --num 10000 --out synthetic.npz`` and
+``python -m lit_dpvae export --ckpt run.ckpt --out model.pt`` (the releasable artefact).
 
 Configs select a model (``lit_dpvae.models.*``), a data module (``lit_dpvae.data.*``) and the
 strategy with all DP knobs under ``trainer.strategy.init_args``. The data shape and the number
@@ -73,8 +74,12 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> DPVAECLI:
     )
 
 
+EXPORT_KEY = "lit_dpvae_export"
+
+
 def load_model(ckpt: str | Path) -> BaseVAE:
-    """The model of a checkpoint written by ``TermwiseDPStrategy`` (its class is recorded)."""
+    """The model of a checkpoint written by ``TermwiseDPStrategy`` or of a file written by
+    ``export`` (both record the model class)."""
     from lit_dpvae.strategy import MODEL_CLASS_KEY
 
     path = Path(ckpt)
@@ -89,9 +94,52 @@ def load_model(ckpt: str | Path) -> BaseVAE:
         )
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    model = cls.load_from_checkpoint(path, map_location="cpu")
+    if checkpoint.get(EXPORT_KEY):
+        model = cls(**checkpoint["hyper_parameters"])
+        model.load_state_dict(checkpoint["state_dict"])
+    else:
+        model = cls.load_from_checkpoint(path, map_location="cpu")
     model.eval()
     return model
+
+
+def export_main(argv: list[str]) -> Path:
+    """``export``: the releasable artefact of a training checkpoint — weights, hyper-parameters,
+    model class and the privacy summary (ε, δ, σ_eff, steps, mechanism). Everything secret is
+    left out: the noise generator and sampler seeds, RNG states, optimizer state and loops."""
+    from lit_dpvae.strategy import CHECKPOINT_KEY, MODEL_CLASS_KEY
+
+    parser = argparse.ArgumentParser(prog="python -m lit_dpvae export",
+                                     description="Write a releasable model file (no secrets).")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by fit")
+    parser.add_argument("--out", required=True, help="output file (load with load_model/sample)")
+    args = parser.parse_args(argv)
+    checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    privacy = checkpoint.get(CHECKPOINT_KEY)
+    if privacy is None or MODEL_CLASS_KEY not in checkpoint:
+        raise ValueError(f"{args.ckpt} was not written by TermwiseDPStrategy: nothing to export")
+    summary = {
+        "mechanism": privacy["mechanism"],
+        "epsilon": float(privacy["epsilon"]),
+        "delta": float(privacy["target_delta"]),
+        "sigma_eff": float(privacy["noise_multiplier"]),
+        "steps": sum(int(t) for _, _, t in privacy["accountant"]["history"])
+        + int(privacy["accountant"].get("non_private_steps", 0)),
+    }
+    artefact = {
+        EXPORT_KEY: True,
+        MODEL_CLASS_KEY: checkpoint[MODEL_CLASS_KEY],
+        # LightningCLI adds bookkeeping keys such as ``_class_path``: constructor arguments only
+        "hyper_parameters": {k: v for k, v in checkpoint.get("hyper_parameters", {}).items()
+                             if not k.startswith("_")},
+        "state_dict": checkpoint["state_dict"],
+        "privacy": summary,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(artefact, out)
+    print(f"wrote {out}: {summary}", flush=True)
+    return out
 
 
 def sample_main(argv: list[str]) -> Path:
@@ -131,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "sample":
         sample_main(argv[1:])
+        return
+    if argv and argv[0] == "export":
+        export_main(argv[1:])
         return
     if argv and argv[0] == "audit":
         from lit_dpvae.audit import audit_main

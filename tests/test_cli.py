@@ -52,7 +52,16 @@ def test_fit_then_sample_writes_a_labelled_synthetic_dataset(tmp_path, monkeypat
     assert "lit_dpvae result: epsilon=" in out and "test_loss=" in out
     ckpt = tmp_path / "ckpt" / "last.ckpt"
     assert ckpt.is_file()
-    main(["sample", "--ckpt", str(ckpt), "--num", "25", "--out", str(tmp_path / "synth.npz")])
+    # The releasable artefact keeps the weights and the privacy summary, not the secrets.
+    main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "model.pt")])
+    import torch
+
+    artefact = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert set(artefact) == {"lit_dpvae_export", "lit_dpvae_model_class", "hyper_parameters",
+                             "state_dict", "privacy"}
+    assert 0 < artefact["privacy"]["epsilon"] <= 3.0 and artefact["privacy"]["steps"] > 0
+    main(["sample", "--ckpt", str(tmp_path / "model.pt"), "--num", "25",
+          "--out", str(tmp_path / "synth.npz")])
     data = np.load(tmp_path / "synth.npz")
     assert data["x"].shape == (25, 1, 8, 8)
     assert np.isfinite(data["x"]).all() and data["x"].min() >= 0 and data["x"].max() <= 1
