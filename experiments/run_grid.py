@@ -101,8 +101,8 @@ GRIDS: dict[str, dict[str, Any]] = {
                   classifier_steps=20),
 }
 
-METRICS = ["neg_elbo", "recon", "kl", "mse", "latent_mmd", "hoyer", "nmi", "purity", "fid",
-           "kid", "precision", "recall", "density", "coverage", "downstream_acc"]
+METRICS = ["neg_elbo", "recon", "kl", "mse", "latent_mmd", "latent_dim_mmd", "hoyer", "nmi",
+           "purity", "fid", "kid", "precision", "recall", "density", "coverage", "downstream_acc"]
 CURVE_METRICS = ["neg_elbo", "latent_mmd", "fid", "precision", "recall", "hoyer", "nmi",
                  "downstream_acc"]
 
@@ -210,6 +210,7 @@ def evaluate(spec: dict[str, Any], model, dm, extractor, real_feats) -> dict[str
         extract_features,
         fid_kid,
         hoyer_sparsity,
+        latent_dim_mmd,
         latent_mmd,
         nmi,
         posterior_means,
@@ -232,6 +233,7 @@ def evaluate(spec: dict[str, Any], model, dm, extractor, real_feats) -> dict[str
         guard("elbo", lambda: elbo_metrics(model, loader))
         mu, y = posterior_means(model, loader)
         guard("latent_mmd", lambda: {"latent_mmd": latent_mmd(mu, model.prior)})
+        guard("latent_dim_mmd", lambda: {"latent_dim_mmd": latent_dim_mmd(mu, model.prior)})
         guard("hoyer", lambda: {"hoyer": hoyer_sparsity(mu, standardise=True)})
         if hasattr(model.prior, "assign"):
             def clusters():
@@ -337,7 +339,8 @@ def summarise(name: str, spec: dict[str, Any], rows: list[dict], out_dir: Path,
              f"Cells: {len(rows)}; total cell time {sum(r['total_s'] for r in rows) / 60:.1f} "
              "min (train + eval, 1 torch thread).", "",
              "Mean ± std over seeds (n = number of seeds with a finite value). ↓ lower is "
-             "better: neg_elbo, recon, mse, latent_mmd, fid, kid; ↑ higher is better: the rest. "
+             "better: neg_elbo, recon, mse, latent_mmd, latent_dim_mmd, fid, kid; ↑ higher is "
+             "better: the rest. "
              "FID/KID/precision/recall/density/coverage use our own CNN features (trained on "
              "the real training split), not Inception: not comparable to published FIDs.", "",
              "Cells whose training diverged (NaN/Inf loss terms; the strategy refuses the step) "

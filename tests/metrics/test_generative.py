@@ -127,3 +127,14 @@ def test_elbo_metrics_and_samples_of_a_small_conditional_vae():
     assert mu.shape == (40, 2) and torch.equal(labels, y)
     xs, ys = balanced_samples(model, 30, 3)
     assert xs.shape == (30, 1, 8, 8) and torch.equal(torch.bincount(ys), torch.tensor([10] * 3))
+
+
+def test_latent_dim_mmd_is_small_for_prior_marginals_and_large_for_shifted_codes():
+    from lit_dpvae.metrics import latent_dim_mmd
+    from lit_dpvae.priors import SpikeAndSlab
+
+    prior = SpikeAndSlab(4)
+    torch.manual_seed(1)
+    same = latent_dim_mmd(prior.sample_dims(1000), prior)
+    shifted = latent_dim_mmd(prior.sample_dims(1000) + 1.0, prior)
+    assert abs(same) < 0.05 < shifted
