@@ -3,8 +3,8 @@
 Every private cell of a grid uses the same budget (ε, δ = 1e-5), the same clipping norm C, the
 same expected batch size B and the same number of steps; ``naive`` uses n_max = 2B. σ is
 calibrated by the accountant from the planned steps. ``nonprivate`` cells do not depend on ε and
-are run once per (pairing, seed). A ``pairwise`` mechanism is a hook: it is listed in
-``MECHANISM_HOOKS`` and runs as soon as ``TermwiseDPStrategy`` accepts it.
+are run once per (pairing, seed). ``pairwise`` cells (grid ``fmnist_pairwise``) give the
+divergence its own budget share (``pairwise_sample_share``, ``pair_max_grad_norm``).
 
 Each finished cell is written atomically to ``<out>/<grid>/cells/<cell>.json`` (+ a sample grid
 PNG); a rerun skips finished cells, so a half-finished grid resumes. The summary is
@@ -41,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MECHANISM_HOOKS = ("pairwise",)  # run when the strategy supports them; skipped otherwise
 
 # Model settings shared by all cells of a grid, per pairing.
 PAIRINGS: dict[str, dict[str, Any]] = {

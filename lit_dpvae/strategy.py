@@ -94,7 +94,7 @@ class TermwiseDPStrategy(DDPStrategy):
         mechanism: ``"termwise"`` (arXiv 2006.11204), ``"naive"`` (whole loss attributed per
             record, sensitivity ``2·n_max·C``), ``"nonprivate"``, or ``"pairwise"``
             (``PairwiseDPSGD``: MMD-type divergences clipped pair by pair, sensitivity ``8·C_p``;
-            one process only).
+            on one or many processes).
         target_epsilon, target_delta: the budget. With ``noise_multiplier=None``, σ_eff is
             calibrated so that the planned steps (``max_steps``, else ``max_epochs`` × steps per
             epoch) spend exactly ``target_epsilon``. Training stops before a step would exceed

@@ -91,6 +91,17 @@ def posterior_means(model: BaseVAE, loader: Any) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
+def _seeded_mmd(divergence: nn.Module, codes: Tensor, prior: nn.Module, seed: int) -> float:
+    """A divergence of at most 2000 codes (the first ones) against prior draws from a fixed
+    seed, leaving the global RNG as it was."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return float(divergence(codes[:2000].double(), prior))
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
 def latent_mmd(
     codes: Tensor,
     prior: nn.Module,
@@ -100,13 +111,7 @@ def latent_mmd(
 ) -> float:
     """Unbiased MMD² (IMQ kernel, InfoVAE bandwidths) between codes ``[n, d]`` and prior draws.
     At most 2000 codes are used (the first ones) to bound the cost."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        mmd = MMD("imq", bandwidths, n_prior_samples)
-        return float(mmd(codes[:2000].double(), prior))
-    finally:
-        torch.random.set_rng_state(gen_state)
+    return _seeded_mmd(MMD("imq", bandwidths, n_prior_samples), codes, prior, seed)
 
 
 def latent_dim_mmd(
@@ -121,13 +126,7 @@ def latent_dim_mmd(
     with SparseVAE's default bandwidths; at most 2000 codes (the first ones)."""
     from lit_dpvae.divergences import DimensionWiseMMD
 
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        mmd = DimensionWiseMMD("imq", bandwidths, n_prior_samples)
-        return float(mmd(codes[:2000].double(), prior))
-    finally:
-        torch.random.set_rng_state(gen_state)
+    return _seeded_mmd(DimensionWiseMMD("imq", bandwidths, n_prior_samples), codes, prior, seed)
 
 
 # --------------------------------------------------------------------------------------------

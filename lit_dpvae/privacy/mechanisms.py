@@ -479,8 +479,9 @@ class PairwiseDPSGD(Mechanism):
        sensitivity ``2C_b`` — only when ``sample_share + pairwise_share < 1``.
 
     ``σ_eff = (σ_s⁻² + σ_p⁻² + σ_b⁻²)^(-1/2)`` with ``σ_k = σ_eff/√γ_k``; ``pairwise_share``
-    defaults to ``1 − sample_share`` (no opaque batch part). Single process only: pairs across
-    ranks would need every rank's codes and the same prior samples (refused, ``check``).
+    defaults to ``1 − sample_share`` (no opaque batch part). Multi-process: ``aggregate`` takes
+    ``gather``/``broadcast`` (global partners without gradient, rank 0's prior samples), so the
+    all-reduced statistic equals the single-process one of the global batch.
     """
 
     summed_over_records = {"sample": True, "pairwise": True, "batch": False}
