@@ -93,8 +93,10 @@ def clip_factors(norms: Tensor, max_norm: float) -> Tensor:
 @dataclass
 class _Call:
     module: nn.Module
-    activations: list[Tensor]
+    activations: list[Tensor]  # detached inputs
     output: Tensor
+    #: The inputs with their graph (the pairwise Gram pass backpropagates from a layer's input).
+    inputs: list[Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -124,8 +126,8 @@ def capture_layers(module: nn.Module) -> Iterator[_Capture]:
                 f"{type(output).__name__}; per-record attribution needs layers that return one "
                 "tensor. Put the parameters in standard layers (Linear, Conv2d, GroupNorm, ...)."
             )
-        acts = [t.detach() for t in inputs if isinstance(t, Tensor)]
-        capture.calls.append(_Call(m, acts, output))
+        raw = [t for t in inputs if isinstance(t, Tensor)]
+        capture.calls.append(_Call(m, [t.detach() for t in raw], output, raw))
 
     handles = [m.register_forward_hook(hook) for m in _trainable_layers(module)]
     try:

@@ -515,6 +515,8 @@ class PairwiseDPSGD(Mechanism):
         #: How many pairwise divergences the model declares (each adds 8·C_p); set on the first
         #: batch, and a model that changes it later is refused.
         self.num_pairwise_terms = 1
+        #: Scratch memory the latent-Gram pass reuses from step to step (no state).
+        self._workspace: dict = {}
         super().__init__(noise_multiplier=noise_multiplier, backend=backend)
 
     @property
@@ -591,9 +593,10 @@ class PairwiseDPSGD(Mechanism):
                 continue  # the U-statistic is 0 (and so is its gradient) below two records
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                jac = latent_jacobian(cap.calls, term.codes, n)
+                jac = latent_jacobian(cap.calls, term.codes, n, self._workspace)
             owner, _, _ = owner_vectors(term.codes, prior, term.kernel, float(term.weight),
-                                        jac.gram, self.pair_max_grad_norm, partners, offset)
+                                        jac.gram, self.pair_max_grad_norm, partners, offset,
+                                        jac.terms)
             for name, g in clipped_owner_sum(jac, owner, params, n).items():
                 pairwise[name] += g
         if not math.isfinite(float(sum(float(g.sum()) for g in pairwise.values()))):

@@ -42,10 +42,14 @@ class LatentJacobian:
     used: list[int]  # indices of the calls upstream of the codes
     codes: Tensor  # [n, d], with its graph (the final clipped sum backpropagates ū through it)
     gram: Tensor  # [n, d, d]
+    #: Longest floating-point accumulation behind an entry of ``gram`` (its rounding error is
+    #: at most ``γ_terms · Σ_h |B_kh||B_lh|``; ``rounding_safe_quad`` adds it to the margin).
+    terms: int = 0
 
 
-def _graph_nodes(t: Tensor) -> set:
-    """The autograd nodes ``t`` depends on (the layers a code is computed from)."""
+def _graph_nodes(t: Tensor, stop: frozenset = frozenset()) -> set:
+    """The autograd nodes ``t`` depends on (the layers a code is computed from), not looking
+    past the nodes in ``stop`` (which are included when reached)."""
     seen: set = set()
     stack = [t.grad_fn]
     while stack:
@@ -53,31 +57,170 @@ def _graph_nodes(t: Tensor) -> set:
         if node is None or node in seen:
             continue
         seen.add(node)
-        stack.extend(nxt for nxt, _ in node.next_functions)
+        if node not in stop:
+            stack.extend(nxt for nxt, _ in node.next_functions)
     return seen
 
 
-def latent_jacobian(calls: list[_Call], codes: Tensor, n: int) -> LatentJacobian:
+def _is_linear_on_rows(call: _Call) -> bool:
+    """A Linear layer applied to one 2-D input (its input backprops are ``b W``)."""
+    return (isinstance(call.module, nn.Linear) and len(call.activations) == 1
+            and call.activations[0].dim() == 2)
+
+
+def _is_ghost_linear(call: _Call, n: int, seen: dict[nn.Parameter, int]) -> bool:
+    """A Linear layer called once on ``n`` rows of 2-D input: its part of ``G_i`` is
+    ``(‖a_i‖² + 1)·B_iB_iᵀ``."""
+    return (
+        _is_linear_on_rows(call)
+        and all(seen.get(p, 0) <= 1 for p in call.module.parameters(recurse=False))
+        and _rows_per_record(call, n) == 1
+    )
+
+
+def _scratch(workspace: dict | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised contiguous ``shape`` tensor, reusing the workspace's buffer: a fresh
+    multi-MB allocation costs more in page faults than the arithmetic done in it."""
+    numel = math.prod(shape)
+    buf = None if workspace is None else workspace.get("backprops")
+    if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+        buf = like.new_empty(numel + numel // 8)  # headroom for Poisson batch sizes
+        if workspace is not None:
+            workspace["backprops"] = buf
+    return buf[:numel].view(shape)
+
+
+def _linear_input_backprops(call: _Call, b: Tensor, workspace: dict | None) -> Tensor:
+    """``b [d, n, out] @ W`` for a Linear layer, reading only the output columns that are
+    non-zero for some record. A code coordinate usually reads one or two of the head's
+    outputs (μ_k and log σ²_k), so this is ``d·n·2·in`` instead of ``d·n·out·in`` flops. The
+    sum is the dense one without its exact-zero summands (same value)."""
+    w = call.module.weight.detach()
+    nonzero = (b != 0).any(1)  # [d, out]; NaN counts as non-zero
+    width = int(nonzero.sum(1).max()) if nonzero.numel() else 0
+    out = _scratch(workspace, (b.shape[0], b.shape[1], w.shape[1]), b)
+    if width == 0:
+        return out.zero_()
+    if 4 * width > w.shape[0]:
+        return torch.matmul(b, w, out=out)
+    cols = nonzero.to(torch.int8).topk(width, dim=1).indices  # [d, width]; padding reads zeros
+    vals = b.gather(2, cols[:, None, :].expand(-1, b.shape[1], -1))  # [d, n, width]
+    rows = w[cols]  # [d, width, in]
+    torch.mul(vals[..., 0, None], rows[:, None, 0], out=out)  # beats a k=2 bmm
+    for j in range(1, width):
+        out.addcmul_(vals[..., j, None], rows[:, None, j])
+    return out
+
+
+#: Autograd nodes of element-wise unary activations: their Jacobian is diagonal, so a batched
+#: backprop through one is a product with the derivative (one plain backward of ones).
+_ELEMENTWISE = frozenset({
+    "ReluBackward0", "LeakyReluBackward0", "EluBackward0", "SiluBackward0", "GeluBackward0",
+    "TanhBackward0", "SigmoidBackward0", "SoftplusBackward0", "MishBackward0",
+})
+
+
+def _through_activation(a: Tensor, g: Tensor, calls: list[_Call], below: list[int]
+                        ) -> tuple[int, Tensor] | None:
+    """When ``a = act(output of call j)`` for an element-wise ``act`` and a ``j`` in ``below``:
+    ``(j, g · act'(·))``, the batched backprops ``g [d, ...]`` carried to call j's output
+    (bit-equal to autograd's except where ``g`` is not finite). Otherwise None."""
+    node = a.grad_fn
+    if node is None or type(node).__name__ not in _ELEMENTWISE or len(node.next_functions) != 1:
+        return None
+    nxt, nr = node.next_functions[0]
+    for j in below:
+        out = calls[j].output
+        if out.grad_fn is nxt and out.output_nr == nr and out.shape == a.shape:
+            deriv = torch.autograd.grad(a, out, torch.ones_like(a), retain_graph=True)[0]
+            return j, g.mul_(deriv)
+    return None
+
+
+def _code_backprops(calls: list[_Call], used: list[int], codes: Tensor, n: int,
+                    workspace: dict | None = None) -> list[Tensor | None]:
+    """The backprops ``b^(k)`` of the ``d`` code coordinates at every used layer output.
+
+    Generic route: one batched VJP from the codes (``is_grads_batched``). Fast route, when the
+    codes read the network only through Linear *heads* (layers whose outputs reach the codes
+    with no other captured layer in between, and whose inputs do not depend on another head):
+    the batched VJP stops at the heads' outputs (a few element-wise ops), the heads' input
+    backprops are ``b W`` on the non-zero columns only, and one batched VJP carries them from
+    the heads' inputs to the layers below. Both give the same backprops (the chain rule through
+    a Linear layer is ``grad_input = grad_output · W``); the test suite compares them."""
+    d = codes.shape[1]
+    eye = torch.eye(d, dtype=codes.dtype, device=codes.device)[:, None, :].expand(d, n, d)
+    backprops: list[Tensor | None] = [None] * len(calls)
+    if not used:
+        return backprops
+    outputs = {calls[i].output.grad_fn: i for i in used}
+    reached = _graph_nodes(codes, frozenset(outputs))
+    heads = sorted(outputs[node] for node in reached if node in outputs)
+    below = [i for i in used if i not in heads]
+    # The heads' inputs, each with the heads reading it (in a fixed order: sums are
+    # deterministic, which bit-exact resumption and identical replicas rely on).
+    inputs: dict[int, tuple[Tensor, list[int]]] = {}
+    for i in heads:
+        a = calls[i].inputs[0] if calls[i].inputs else None
+        if a is not None:
+            inputs.setdefault(id(a), (a, []))[1].append(i)
+    head_nodes = frozenset(calls[i].output.grad_fn for i in heads)
+    fast = (
+        bool(below)
+        and all(_is_linear_on_rows(calls[i]) for i in heads)
+        and all(a.requires_grad and not (_graph_nodes(a, head_nodes) & head_nodes)
+                for a, _ in inputs.values())  # no head feeds another head
+    )
+    targets = heads if fast else used
+    raw = torch.autograd.grad(
+        codes, [calls[i].output for i in targets], grad_outputs=eye, is_grads_batched=True,
+        retain_graph=True, allow_unused=True,
+    )
+    for i, b in zip(targets, raw):
+        backprops[i] = None if b is None else b.detach()
+    if not fast:
+        return backprops
+    acts, grads_in = [], []
+    for a, members in inputs.values():
+        parts = [_linear_input_backprops(calls[i], b, workspace if len(inputs) == 1
+                                         and len(members) == 1 else None) for i in members
+                 if (b := backprops[i]) is not None]
+        if parts:
+            acts.append(a)
+            grads_in.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum(0))
+    if not acts:
+        return backprops
+    if len(acts) == 1 and (hop := _through_activation(acts[0], grads_in[0], calls, below)):
+        j, backprops[j] = hop  # every route to the layers below passes through call j
+        acts, grads_in = [calls[j].output], [hop[1]]
+        below = [i for i in below if i != j]
+        if not below:
+            return backprops
+    raw = torch.autograd.grad(
+        acts, [calls[i].output for i in below], grad_outputs=grads_in, is_grads_batched=True,
+        retain_graph=True, allow_unused=True,
+    )
+    for i, b in zip(below, raw):
+        backprops[i] = None if b is None else b.detach()
+    return backprops
+
+
+def latent_jacobian(calls: list[_Call], codes: Tensor, n: int,
+                    workspace: dict | None = None) -> LatentJacobian:
     """Per-record latent Gram ``G_i = J_i J_iᵀ`` of ``codes [n, d]`` w.r.t. the trainable
-    parameters of the captured layer ``calls`` (the graph is kept)."""
+    parameters of the captured layer ``calls`` (the graph is kept). ``workspace``: a dict the
+    caller keeps between steps, for reusable scratch memory (its contents are overwritten)."""
     d = codes.shape[1]
     upstream = _graph_nodes(codes)
     used = [i for i, c in enumerate(calls) if c.output.grad_fn in upstream]
-    grad_out = torch.eye(d, dtype=codes.dtype, device=codes.device)[:, None, :].expand(d, n, d)
-    raw = torch.autograd.grad(
-        codes, [calls[i].output for i in used], grad_outputs=grad_out, is_grads_batched=True,
-        retain_graph=True, allow_unused=True,
-    ) if used else []
-    backprops: list[Tensor | None] = [None] * len(calls)
-    b: Tensor | None
-    for i, b in zip(used, raw):
-        backprops[i] = None if b is None else b.detach()
     seen: dict[nn.Parameter, int] = {}
-    for call, b in zip(calls, backprops):
-        if b is not None:
-            for p in call.module.parameters(recurse=False):
-                seen[p] = seen.get(p, 0) + 1
-    gram = codes.new_zeros(n, d, d)
+    for i in used:
+        for p in calls[i].module.parameters(recurse=False):
+            seen[p] = seen.get(p, 0) + 1
+    backprops = _code_backprops(calls, used, codes, n, workspace)
+    dtype = gram_dtype(codes.dtype)
+    gram = codes.new_zeros(n, d, d, dtype=dtype)
+    terms = 0
     materialised: dict[nn.Parameter, Tensor] = {}
     for call, b in zip(calls, backprops):
         if b is None:
@@ -85,30 +228,26 @@ def latent_jacobian(calls: list[_Call], codes: Tensor, n: int) -> LatentJacobian
         own = [p for p in call.module.parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
-        acts = call.activations
-        if (
-            isinstance(call.module, nn.Linear)
-            and all(seen[p] == 1 for p in own)
-            and _rows_per_record(call, n) == 1
-            and len(acts) == 1
-            and acts[0].dim() == 2
-        ):
-            coef = torch.zeros(n, dtype=gram.dtype, device=gram.device)
+        if _is_ghost_linear(call, n, seen):
+            acts = call.activations
+            coef = torch.zeros(n, dtype=dtype, device=gram.device)
             if call.module.weight.requires_grad:
-                coef = coef + acts[0].pow(2).sum(1)
+                coef = coef + acts[0].to(dtype).pow(2).sum(1)
             if call.module.bias is not None and call.module.bias.requires_grad:
                 coef = coef + 1.0
-            bb = b.reshape(d, n, -1).transpose(0, 1)  # [n, d, out]
+            bb = b.reshape(d, n, -1).transpose(0, 1).to(dtype)  # [n, d, out]
             gram = gram + coef[:, None, None] * torch.bmm(bb, bb.transpose(1, 2))
+            terms += bb.shape[-1] + acts[0].shape[1] + 4
             continue
         per_k = [_per_sample_grads(call, b[k], n, functorch=False) for k in range(d)]
         for p in own:
-            rows = torch.stack([g[p].reshape(n, -1) for g in per_k], 1)  # [n, d, P_p]
+            rows = torch.stack([g[p].reshape(n, -1).to(dtype) for g in per_k], 1)  # [n, d, P_p]
             materialised[p] = materialised[p] + rows if p in materialised else rows
     for rows in materialised.values():
         gram = gram + torch.bmm(rows, rows.transpose(1, 2))
+        terms += rows.shape[-1] + 2
     used = [i for i, b in enumerate(backprops) if b is not None]
-    return LatentJacobian(calls, used, codes, gram)
+    return LatentJacobian(calls, used, codes, gram, terms + len(materialised))
 
 
 def owner_vectors(
@@ -120,57 +259,125 @@ def owner_vectors(
     max_norm: float,
     partners: Tensor | None = None,
     offset: int = 0,
+    gram_terms: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Clipped aggregated latent vectors ``ū_i`` of one kernel divergence (n ≥ 2).
 
     ``ū_i = (2/(n−1)) Σ_{j≠i} a_ij u_ij − 2 c_i v_i`` with ``u_ij = λ∇₁k(z_i, z_j)``,
     ``v_i = λ (1/M) Σ_m ∇₁k(z_i, w_m)``, ``a_ij``/``c_i`` the clip factors of ``J_iᵀu_ij`` and
     ``J_iᵀv_i`` to ``max_norm`` (0 on the diagonal and for non-finite norms; a zero factor
-    contributes exactly zero). Returns ``(ū [n, d], pair norms [n, N], prior norms [n])``.
+    contributes exactly zero). Returns ``(ū [n, d], pair norms [n, N], prior norms [n])`` in
+    the Gram's dtype. ``gram_terms``: ``LatentJacobian.terms`` (the Gram's rounding).
 
     Multi-process: the owners are this rank's ``codes`` and the partners are the *global*
     codes ``partners [N, d]`` (all ranks, no gradient), in which this rank's rows start at
     ``offset``; ``n − 1`` above is then ``N − 1``. The sum over all ranks' owners is the
     single-process statistic of the global batch.
     """
-    z = codes.detach()
-    zz = z if partners is None else partners.detach()
+    dtype = gram.dtype
+    z = codes.detach().to(dtype)
+    zz = z if partners is None else partners.detach().to(dtype)
+    w = prior_samples.detach().to(dtype)
     self_pairs = _self_pair_mask(z.shape[0], zz.shape[0], offset, z.device)
-    if getattr(kernel, "radial", False):
-        return _radial_owner_vectors(z, zz, self_pairs, prior_samples.detach(), kernel, weight,
-                                     gram, max_norm)
     n, d = zz.shape
     trace = gram.diagonal(dim1=1, dim2=2).sum(-1)  # tr G_i, [n]
-    u = weight * kernel.pair_grad(z[:, None, :], zz[None, :, :])  # [n, N, d]
-    quad = (torch.bmm(u, gram) * u).sum(-1)  # uᵀ G_i u
-    pair_norms = rounding_safe_quad(quad, u.pow(2).sum(-1), trace[:, None], d).sqrt()
-    a = clip_factors(pair_norms, max_norm)
-    a = a.masked_fill(self_pairs, 0.0)
-    partner = torch.where((a > 0)[..., None], a[..., None] * u, torch.zeros_like(u)).sum(1)
-    v = weight * kernel.pair_grad(z[:, None, :], prior_samples.detach()[None, :, :]).mean(1)
+    if getattr(kernel, "radial", False):
+        phi, quad = _radial_pair_quads(z, zz, w, kernel, weight, gram, trace, gram_terms)
+        pair_norms = phi.abs() * quad.sqrt()
+        a = clip_factors(pair_norms, max_norm).masked_fill(self_pairs, 0.0)
+        coef = torch.where(a > 0, a * phi, torch.zeros_like(a))  # [n, N]
+        finite = torch.isfinite(zz).all(1, keepdim=True)
+        zz_safe = torch.where(finite, zz, torch.zeros_like(zz))  # coef is 0 where not finite
+        z_safe = torch.where(torch.isfinite(z).all(1, keepdim=True), z, torch.zeros_like(z))
+        partner = coef.sum(1, keepdim=True) * z_safe - coef @ zz_safe
+        phi_w = weight * kernel.pair_scale(torch.cdist(z, w).pow(2), d)  # [n, M]
+        v = phi_w.mean(1, keepdim=True) * z - phi_w @ w / w.shape[0]  # λ (1/M) Σ_m ∇₁k(z_i, w_m)
+    else:
+        u = weight * kernel.pair_grad(z[:, None, :], zz[None, :, :])  # [n, N, d]
+        quad = (torch.bmm(u, gram) * u).sum(-1)  # uᵀ G_i u
+        pair_norms = rounding_safe_quad(quad, u.pow(2).sum(-1), trace[:, None],
+                                        2 * d + 2 + gram_terms).sqrt()
+        a = clip_factors(pair_norms, max_norm).masked_fill(self_pairs, 0.0)
+        partner = torch.where((a > 0)[..., None], a[..., None] * u, torch.zeros_like(u)).sum(1)
+        v = weight * kernel.pair_grad(z[:, None, :], w[None, :, :]).mean(1)
     prior_quad = (torch.bmm(gram, v[:, :, None])[..., 0] * v).sum(-1)
-    prior_norms = rounding_safe_quad(prior_quad, v.pow(2).sum(-1), trace, d).sqrt()
+    prior_norms = rounding_safe_quad(prior_quad, v.pow(2).sum(-1), trace,
+                                     2 * d + 2 + gram_terms).sqrt()
     c = clip_factors(prior_norms, max_norm)
     prior = torch.where((c > 0)[:, None], c[:, None] * v, torch.zeros_like(v))
     return 2.0 / (n - 1) * partner - 2.0 * prior, pair_norms, prior_norms
 
 
-def rounding_safe_quad(quad: Tensor, sq_len: Tensor, trace: Tensor, d: int) -> Tensor:
-    """An upper bound of the exact ``uᵀGu`` from its floating-point value.
+def _radial_pair_quads(z: Tensor, zz: Tensor, w: Tensor, kernel, weight: float, gram: Tensor,
+                       trace: Tensor, gram_terms: int) -> tuple[Tensor, Tensor]:
+    """For a radial kernel, ``∇₁k(a, b) = φ(‖a−b‖²)·(a − b)`` (``kernel.pair_scale``):
+    ``(λφ_ij [n, N], an upper bound of D_ijᵀG_iD_ij [n, N])`` with ``D_ij = z_i − z_j``.
 
-    For PSD ``G`` the rounding error of ``Σ_kl u_k G_kl u_l`` is at most
-    ``γ Σ_kl |u_k||G_kl||u_l| ≤ γ (Σ_k |u_k| √G_kk)² ≤ γ ‖u‖² tr G`` with
-    ``γ = (2d+1)ε/(1−(2d+1)ε)`` (``|G_kl| ≤ √(G_kk G_ll)``, then Cauchy–Schwarz). Adding that
-    much keeps a pair term whose direction is almost in the null space of ``G_i`` from being
-    under-clipped by cancellation (docs/privacy.md §8).
+    No ``[n, N, d]`` tensor is formed: ``D_ijᵀG_iD_ij = z_iᵀG_iz_i − 2(G_iz_i)·z_j +
+    vec(G_i)·vec(z_jz_jᵀ)`` is three matrix products (the last ``[n, d²] @ [d², N]``). Its
+    cancellation error is bounded by ``rounding_safe_quad`` with scale ``(‖z_i‖ + ‖z_j‖)²``
+    (every summand is a product of entries of ``z_i``/``z_j`` with one of ``G_i``), so the
+    clipping bound survives rounding although the expansion cancels (docs/privacy.md §8)."""
+    n, d = z.shape
+    finite = torch.isfinite(z).all(1, keepdim=True)
+    finite_p = torch.isfinite(zz).all(1, keepdim=True)
+    z_safe = torch.where(finite, z, torch.zeros_like(z))
+    zz_safe = torch.where(finite_p, zz, torch.zeros_like(zz))
+    # φ only needs r² (its rounding moves the gradient, never the clipping: norms use the form).
+    r2 = torch.cdist(z_safe, zz_safe).pow(2).masked_fill(~finite_p[:, 0][None, :], math.inf)
+    phi = weight * kernel.pair_scale(r2.masked_fill(~finite, math.inf), d)  # [n, N]
+    # The expansion cancels (its error scales with (‖z_i‖ + ‖z_j‖)², not ‖D_ij‖²), so it is
+    # evaluated in float64 from the exact float64 images of z and G; the Gram's own rounding
+    # (in its dtype) is bounded separately with ‖D_ij‖².
+    z64, zz64, g64 = z.double(), zz.double(), gram.double()
+    gz = torch.bmm(g64, z64[:, :, None])[:, :, 0]  # G_i z_i
+    outer = (zz64[:, :, None] * zz64[:, None, :]).reshape(zz.shape[0], d * d)  # vec(z_j z_jᵀ)
+    quad = (gz * z64).sum(1, keepdim=True) - 2.0 * (gz @ zz64.T) + g64.reshape(n, d * d) @ outer.T
+    sq_z, sq_zz = z64.pow(2).sum(1, keepdim=True), zz64.pow(2).sum(1)[None, :]
+    scale = (sq_z.sqrt() + sq_zz.sqrt()).pow(2)  # ≥ every |product| the expansions sum
+    trace64 = trace.double()[:, None]
+    sq_dist = rounding_safe_quad(sq_z + sq_zz - 2.0 * (z64 @ zz64.T), scale, 1.0, d + 4)
+    bound = rounding_safe_quad(quad, scale, trace64, d * d + 2 * d + 8)
+    bound = bound + _margin(gram_terms, gram.dtype) * sq_dist * trace64
+    return phi, bound.to(z.dtype)
+
+
+def gram_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype for the Gram and quadratic-form products: float32 inputs go to float64 when
+    ``torch.get_float32_matmul_precision()`` is not ``"highest"`` (TF32/bf16 matmuls — which
+    Lightning recommends on tensor-core GPUs — would make the rounding margin below useless;
+    float64 products of float32 values are not affected by that setting)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return torch.float64
+    return dtype
+
+
+def rounding_safe_quad(quad: Tensor, scale: Tensor, trace: Tensor | float, terms: int) -> Tensor:
+    """An upper bound of the exact quadratic form from its floating-point value ``quad``.
+
+    For a PSD ``G`` the rounding error of a quadratic form evaluated with at most ``terms``
+    rounded operations per summand chain is at most ``γ Σ_kl |u_k||G_kl||v_l|``, and
+    ``Σ_kl |u_k||G_kl||v_l| ≤ (Σ_k |u_k| √G_kk)(Σ_l |v_l| √G_ll) ≤ ‖u‖‖v‖ tr G``
+    (``|G_kl| ≤ √(G_kk G_ll)``, then Cauchy–Schwarz), with ``γ = mε/(1 − mε)``. ``scale``
+    bounds the products of norms involved (``‖u‖²`` for ``uᵀGu``; ``(‖z_i‖ + ‖z_j‖)²`` for
+    the expanded form of ``(z_i − z_j)ᵀG(z_i − z_j)``) and ``terms`` counts the Gram's own
+    accumulation (``LatentJacobian.terms``) plus the form's. The margin is doubled for its own
+    rounding and for the computed Gram being PSD only up to rounding. Adding it keeps a pair
+    term whose direction is almost in the null space of ``G_i`` from being under-clipped by
+    cancellation (docs/privacy.md §8).
     """
-    eps = torch.finfo(quad.dtype).eps
-    gamma = (2 * d + 2) * eps
-    return quad.clamp_min(0) + gamma * sq_len * trace
+    return quad.clamp_min(0) + _margin(terms, quad.dtype) * scale * trace
 
 
-#: Owner rows per block of the ``[rows, N, d]`` pair differences (keeps them in cache).
-_CHUNK = 64
+def _margin(terms: int, dtype: torch.dtype) -> float:
+    """``2γ`` with ``γ = mε/(1 − mε)``, ``m = terms`` (see ``rounding_safe_quad``)."""
+    m = terms * torch.finfo(dtype).eps
+    if m >= 0.5:
+        raise ValueError(
+            f"a rounding margin for {terms} accumulated {dtype} operations is not meaningful "
+            "(mε ≥ 1/2): use float64 for this model"
+        )
+    return 2.0 * m / (1.0 - m)
 
 
 def _self_pair_mask(n_owners: int, n_partners: int, offset: int, device) -> Tensor:
@@ -179,45 +386,6 @@ def _self_pair_mask(n_owners: int, n_partners: int, offset: int, device) -> Tens
     idx = torch.arange(n_owners, device=device)
     mask[idx, idx + offset] = True
     return mask
-
-
-def _radial_owner_vectors(
-    z: Tensor, zz: Tensor, self_pairs: Tensor, w: Tensor, kernel, weight: float, gram: Tensor,
-    max_norm: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``owner_vectors`` for a radial kernel, ``∇₁k(a, b) = φ(‖a−b‖²)·(a − b)``
-    (``kernel.pair_scale``): no ``[n, n, d]`` pair-gradient tensor, sums as ``[n, n] @ [n, d]``.
-
-    Pair norms use the exact differences ``D_ij = z_i − z_j`` (no ``‖z‖²`` expansion, whose
-    cancellation could under-estimate a norm and break the clipping bound)."""
-    d = z.shape[1]
-    n = zz.shape[0]
-    finite = torch.isfinite(z).all(1, keepdim=True)
-    finite_p = torch.isfinite(zz).all(1, keepdim=True)
-    z_safe = torch.where(finite, z, torch.zeros_like(z))  # coef is 0 wherever z is not finite
-    zz_safe = torch.where(finite_p, zz, torch.zeros_like(zz))
-    # φ only needs r² (its rounding moves the gradient, never the clipping: norms use diff).
-    r2 = torch.cdist(z_safe, zz_safe).pow(2).masked_fill(~finite_p[:, 0][None, :], math.inf)
-    phi = weight * kernel.pair_scale(r2.masked_fill(~finite, math.inf), d)  # [n, N]
-    trace = gram.diagonal(dim1=1, dim2=2).sum(-1)  # tr G_i, [n]
-    quad = z.new_empty(z.shape[0], n)  # D_ijᵀ G_i D_ij, D_ij = z_i − z_j, in cache-sized blocks
-    for s in range(0, z.shape[0], _CHUNK):
-        diff = z[s:s + _CHUNK, None, :] - zz[None, :, :]  # [chunk, N, d]
-        block = (torch.bmm(diff, gram[s:s + _CHUNK]) * diff).sum(-1)
-        quad[s:s + _CHUNK] = rounding_safe_quad(block, diff.pow(2).sum(-1),
-                                                trace[s:s + _CHUNK, None], d)
-    pair_norms = phi.abs() * quad.sqrt()
-    a = clip_factors(pair_norms, max_norm)
-    a = a.masked_fill(self_pairs, 0.0)
-    coef = torch.where(a > 0, a * phi, torch.zeros_like(a))  # [n, N]
-    partner = coef.sum(1, keepdim=True) * z_safe - coef @ zz_safe
-    phi_w = weight * kernel.pair_scale(torch.cdist(z, w).pow(2), d)  # [n, M]
-    v = phi_w.mean(1, keepdim=True) * z - phi_w @ w / w.shape[0]  # λ (1/M) Σ_m ∇₁k(z_i, w_m)
-    prior_quad = (torch.bmm(gram, v[:, :, None])[..., 0] * v).sum(-1)
-    prior_norms = rounding_safe_quad(prior_quad, v.pow(2).sum(-1), trace, d).sqrt()
-    c = clip_factors(prior_norms, max_norm)
-    prior = torch.where((c > 0)[:, None], c[:, None] * v, torch.zeros_like(v))
-    return 2.0 / (n - 1) * partner - 2.0 * prior, pair_norms, prior_norms
 
 
 def clipped_owner_sum(

@@ -340,7 +340,7 @@ def test_rounding_safe_quad_upper_bounds_the_exact_quadratic_form():
         gram32, u32 = gram64.float(), u64.float()
         quad = (u32 @ gram32 @ u32).reshape(1)
         bound = rounding_safe_quad(quad, u32.pow(2).sum().reshape(1),
-                                   gram32.diagonal().sum().reshape(1), d)
+                                   gram32.diagonal().sum().reshape(1), 2 * d + 3)
         assert float(bound) >= exact
         worst = min(worst, float(quad) - exact)
     assert worst < 0  # the plain float32 value does under-estimate: the margin is needed
