@@ -95,7 +95,9 @@ def _linear_input_backprops(call: _Call, b: Tensor, workspace: dict | None) -> T
     non-zero for some record. A code coordinate usually reads one or two of the head's
     outputs (μ_k and log σ²_k), so this is ``d·n·2·in`` instead of ``d·n·out·in`` flops. The
     sum is the dense one without its exact-zero summands (same value)."""
-    w = call.module.weight.detach()
+    weight = call.module.weight
+    assert isinstance(weight, Tensor)
+    w = weight.detach()
     nonzero = (b != 0).any(1)  # [d, out]; NaN counts as non-zero
     width = int(nonzero.sum(1).max()) if nonzero.numel() else 0
     out = _scratch(workspace, (b.shape[0], b.shape[1], w.shape[1]), b)
@@ -138,7 +140,8 @@ def _through_activation(a: Tensor, g: Tensor, calls: list[_Call], below: list[in
 
 
 def _code_backprops(calls: list[_Call], used: list[int], codes: Tensor, n: int,
-                    workspace: dict | None = None) -> list[Tensor | None]:
+                    workspace: dict | None = None, allow_fast: bool = True
+                    ) -> list[Tensor | None]:
     """The backprops ``b^(k)`` of the ``d`` code coordinates at every used layer output.
 
     Generic route: one batched VJP from the codes (``is_grads_batched``). Fast route, when the
@@ -166,10 +169,11 @@ def _code_backprops(calls: list[_Call], used: list[int], codes: Tensor, n: int,
             inputs.setdefault(id(a), (a, []))[1].append(i)
     head_nodes = frozenset(calls[i].output.grad_fn for i in heads)
     fast = (
-        bool(below)
+        allow_fast
+        and bool(below)
         and all(_is_linear_on_rows(calls[i]) for i in heads)
-        and all(a.requires_grad and not (_graph_nodes(a, head_nodes) & head_nodes)
-                for a, _ in inputs.values())  # no head feeds another head
+        and not any(a.requires_grad and _graph_nodes(a, head_nodes) & head_nodes
+                    for a, _ in inputs.values())  # no head feeds another head
     )
     targets = heads if fast else used
     raw = torch.autograd.grad(
@@ -182,9 +186,11 @@ def _code_backprops(calls: list[_Call], used: list[int], codes: Tensor, n: int,
         return backprops
     acts, grads_in = [], []
     for a, members in inputs.values():
-        parts = [_linear_input_backprops(calls[i], b, workspace if len(inputs) == 1
-                                         and len(members) == 1 else None) for i in members
-                 if (b := backprops[i]) is not None]
+        if not a.requires_grad:
+            continue  # a head on the data: nothing below it
+        scratch = workspace if len(inputs) == 1 and len(members) == 1 else None
+        parts = [_linear_input_backprops(calls[i], bp, scratch) for i in members
+                 if (bp := backprops[i]) is not None]
         if parts:
             acts.append(a)
             grads_in.append(parts[0] if len(parts) == 1 else torch.stack(parts).sum(0))

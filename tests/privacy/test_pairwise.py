@@ -344,3 +344,147 @@ def test_rounding_safe_quad_upper_bounds_the_exact_quadratic_form():
         assert float(bound) >= exact
         worst = min(worst, float(quad) - exact)
     assert worst < 0  # the plain float32 value does under-estimate: the margin is needed
+
+
+# --------------------------------------------------------------------------------------------
+# The fast route of the latent-Gram pass (Linear heads, element-wise activations) gives the
+# backprops of the generic batched VJP, for every encoder shape it accepts or must decline.
+class _Encoder(nn.Module):
+    def __init__(self, shape: str, d: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.shape, self.d = shape, d
+        if shape == "conv":
+            self.body = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten())
+            width = 2 * 16
+        elif shape == "groupnorm":
+            self.body = nn.Sequential(nn.Linear(6, 8), nn.GroupNorm(2, 8), nn.SiLU())
+            width = 8
+        elif shape == "deep":
+            self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 7), nn.ReLU())
+            width = 7
+        elif shape == "linear-linear":
+            self.body = nn.Sequential(nn.Linear(6, 8))
+            width = 8
+        else:
+            self.body = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+            width = 8
+        self.head = nn.Linear(width, 2 * d)
+        self.mu = nn.Linear(width, d)  # "two-heads": separate μ and log σ² layers
+        self.lv = nn.Linear(width, d)
+        self.skip = nn.Linear(6, d)  # "skip": a second head reading the input
+        self.post = nn.Linear(2 * d, 2 * d)  # "head-feeds-head"
+
+    def forward(self, x):
+        h = self.body(x)
+        if self.shape == "two-heads":
+            mu, lv = self.mu(h), self.lv(h)
+        elif self.shape == "head-feeds-head":
+            o = self.head(h)
+            mu, lv = (self.post(o) + o).chunk(2, -1)
+        else:
+            mu, lv = self.head(h).chunk(2, -1)
+        if self.shape == "skip":
+            mu = mu + self.skip(x)
+        eps = torch.linspace(-1, 1, x.shape[0] * self.d).view(x.shape[0], self.d)
+        return mu + torch.exp(0.5 * lv) * eps
+
+
+SHAPES = ("relu-chunk", "two-heads", "groupnorm", "deep", "linear-linear", "skip",
+          "head-feeds-head", "conv")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fast_latent_backprops_equal_the_batched_vjp(shape, monkeypatch):
+    from lit_dpvae.privacy import pairwise as pw
+    from lit_dpvae.privacy.grad_sample import capture_layers
+
+    enc = _Encoder(shape)
+    n = 5
+    x = torch.randn(n, *((1, 4, 4) if shape == "conv" else (6,)),
+                    generator=torch.Generator().manual_seed(1))
+    with capture_layers(enc) as cap:
+        codes = enc(x)
+    upstream = pw._graph_nodes(codes)
+    used = [i for i, c in enumerate(cap.calls) if c.output.grad_fn in upstream]
+    calls_fast = []
+    real = pw._linear_input_backprops
+    monkeypatch.setattr(pw, "_linear_input_backprops",
+                        lambda *a: calls_fast.append(1) or real(*a))
+    fast = pw._code_backprops(cap.calls, used, codes, n, {})
+    slow = pw._code_backprops(cap.calls, used, codes, n, None, allow_fast=False)
+    assert [b is None for b in fast] == [b is None for b in slow]
+    for f, s in zip(fast, slow):
+        if s is not None:
+            torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-7)
+    # The shapes with Linear heads over a deeper network take the fast route; a head that
+    # feeds another head (two routes to one layer) must not.
+    assert bool(calls_fast) == (shape != "head-feeds-head")
+    jac = pw.latent_jacobian(cap.calls, codes, n, {})
+    params = [p for p in enc.parameters()]
+    for i in range(n):  # G_i = J_i J_iᵀ against the full Jacobian of record i
+        rows = [torch.cat([g.reshape(-1) if g is not None else torch.zeros(p.numel())
+                           for g, p in zip(torch.autograd.grad(codes[i, k], params,
+                                                               retain_graph=True,
+                                                               allow_unused=True), params)])
+                for k in range(enc.d)]
+        jac_i = torch.stack(rows)
+        torch.testing.assert_close(jac.gram[i], jac_i @ jac_i.T, rtol=1e-4, atol=1e-6)
+
+
+def test_radial_pair_norm_bound_survives_cancellation():
+    """Codes of norm 1e3 differing by 1e-3 along the near-null direction of an
+    ill-conditioned float32 Gram: the bound of D_ijᵀG_iD_ij is never below the exact value
+    (float64 from the same backprops), while the same form from the float32 Gram without the
+    Gram margin does fall below it — so both margins are needed and sufficient here."""
+    from lit_dpvae.privacy.pairwise import _radial_pair_quads
+
+    gen = torch.Generator().manual_seed(0)
+    d, p, n = 4, 50, 8
+    kernel = MMD("imq", bandwidths=(1.0,), n_prior_samples=4)
+    below_without_margin = 0
+    for _ in range(30):
+        basis = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
+        right = torch.linalg.qr(torch.randn(p, d, generator=gen, dtype=torch.float64))[0].T
+        sing = torch.tensor([1e3, 1e3, 1e3, 1e-3], dtype=torch.float64)
+        b32 = (basis @ torch.diag(sing) @ right).float()  # [d, P], one record's backprops
+        b64 = b32.double()
+        gram32 = (b32 @ b32.T)[None].expand(n, d, d).contiguous()
+        gram64 = b64 @ b64.T
+        null = basis[:, -1]
+        centre = 1e3 * torch.randn(d, generator=gen, dtype=torch.float64)
+        steps = 1e-3 * (null[None] + 1e-2 * torch.randn(n, d, generator=gen,
+                                                          dtype=torch.float64))
+        z = (centre[None] + steps).float()
+        z64 = z.double()
+        diff = z64[:, None, :] - z64[None, :, :]  # exact in float64
+        exact = torch.einsum("ijk,kl,ijl->ij", diff, gram64, diff)
+        trace = gram32.diagonal(dim1=1, dim2=2).sum(-1)
+        _, bound = _radial_pair_quads(z, z, z[:2], kernel, 1.0, gram32, trace, p + 2)
+        off = ~torch.eye(n, dtype=torch.bool)
+        assert bool((bound.double()[off] >= exact[off]).all())
+        plain = torch.einsum("ijk,kl,ijl->ij", diff, gram32[0].double(), diff)
+        below_without_margin += int((plain[off] < exact[off]).sum())
+    assert below_without_margin > 0
+
+
+def test_reduced_float32_matmul_precision_computes_pair_norms_in_float64():
+    """Under TF32/bf16 matmuls (``set_float32_matmul_precision("high")``, which Lightning
+    suggests on tensor-core GPUs) the rounding margin would not bound the error: the Gram and
+    the forms are then float64, and the statistic matches the full-precision one."""
+    from lit_dpvae.privacy.pairwise import gram_dtype
+
+    model = PairToy("mlp", "mmd", lam=5.0)
+    x = torch.randn(6, *model.shape, generator=torch.Generator().manual_seed(4))
+    want = _mech(0.05).aggregate(model, (x,))["pairwise"]
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert gram_dtype(torch.float32) == torch.float64
+        got = _mech(0.05).aggregate(model, (x,))["pairwise"]
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert gram_dtype(torch.float32) == torch.float32
+    for name in want:
+        assert got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
