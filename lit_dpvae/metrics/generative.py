@@ -43,6 +43,19 @@ CLASSIFIER_HPARAMS: dict[str, Any] = {
     "seed": 0,
 }
 
+# The downstream classifier's recipe (trained on labelled synthetic data, tested on real). Chosen
+# on REAL Fashion-MNIST only, before any synthetic run: trained on the real training pool, measured
+# on the real validation split (experiments/results/fmnist_downstream_tuning.md, "Classifier
+# recipe"). ``CLASSIFIER_HPARAMS`` stays the FID/PRDC feature net's recipe so that existing FID
+# numbers stay comparable. Optional keys (absent = the old behaviour): ``schedule`` ("constant" or
+# "cosine" decay of the learning rate to 0 over ``steps``), ``dropout`` (before the head, training
+# only), ``hflip`` (random horizontal flips of training images), ``pool`` (side of the average
+# pool before the fc layer, default 2).
+# Chosen: 2000 steps, lr 3e-3 with cosine decay, 4×4 pool: 89.9 % real val accuracy (the FID
+# recipe: 79.0 %), ≈ 63 s on one thread.
+DOWNSTREAM_HPARAMS: dict[str, Any] = dict(CLASSIFIER_HPARAMS, steps=2000, lr=3e-3,
+                                          schedule="cosine", pool=4)
+
 
 # --------------------------------------------------------------------------------------------
 # Likelihood-side metrics
@@ -138,24 +151,26 @@ class FeatureNet(nn.Module):
     ``[n, C, H, W]`` input in [0, 1] (8×8 digits and 28×28 Fashion-MNIST)."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10,
-                 channels: tuple[int, int] = (32, 64), features: int = 128) -> None:
+                 channels: tuple[int, int] = (32, 64), features: int = 128,
+                 dropout: float = 0.0, pool: int = 2) -> None:
         super().__init__()
         c1, c2 = channels
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, c1, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Linear(4 * c2, features), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
+            nn.Linear(pool * pool * c2, features), nn.ReLU(),
         )
         self.head = nn.Linear(features, num_classes)
+        self.drop = nn.Dropout(dropout)  # no parameters: state dicts are unchanged
         self.num_features = features
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))
+        return self.head(self.drop(self.body(x)))
 
 
 class FeatureExtractor(nn.Module):
@@ -176,28 +191,48 @@ class FeatureExtractor(nn.Module):
 def train_classifier(x: Tensor, y: Tensor, num_classes: int = 10,
                      hparams: dict[str, Any] | None = None) -> FeatureNet:
     """Train :class:`FeatureNet` with Adam and cross-entropy for a fixed number of steps
-    (``CLASSIFIER_HPARAMS``: 1000 steps of 128, lr 1e-3, whatever the data size)."""
+    (``CLASSIFIER_HPARAMS``: 1000 steps of 128, lr 1e-3, whatever the data size; optional keys
+    ``schedule``, ``dropout``, ``hflip``: see :data:`DOWNSTREAM_HPARAMS`)."""
     hp = dict(CLASSIFIER_HPARAMS, **(hparams or {}))
     gen = torch.Generator().manual_seed(int(hp["seed"]))
     state = torch.random.get_rng_state()
     torch.manual_seed(int(hp["seed"]))
     try:
-        net = FeatureNet(x.shape[1], num_classes, tuple(hp["channels"]), int(hp["features"]))
+        net = FeatureNet(x.shape[1], num_classes, tuple(hp["channels"]), int(hp["features"]),
+                         float(hp.get("dropout", 0.0)), int(hp.get("pool", 2)))
     finally:
         torch.random.set_rng_state(state)
     opt = torch.optim.Adam(net.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    schedule = hp.get("schedule", "constant")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown classifier schedule {schedule!r}")
     n, bs = x.shape[0], int(hp["batch_size"])
-    net.train()
     steps, perm, pos = int(hp["steps"]), torch.randperm(n, generator=gen), 0
-    for _ in range(steps):
-        if pos >= n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + bs]
-        pos += bs
-        loss = F.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+             if schedule == "cosine" else None)
+    hflip = bool(hp.get("hflip", False))
+    # dropout draws from the global RNG: seed it too (and restore the caller's state afterwards)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(int(hp["seed"]) + 1)
+    try:
+        net.train()
+        for _ in range(steps):
+            if pos >= n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            idx = perm[pos : pos + bs]
+            pos += bs
+            xb = x[idx]
+            if hflip:
+                flip = torch.rand(xb.shape[0], generator=gen) < 0.5
+                xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+            loss = F.cross_entropy(net(xb), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+    finally:
+        torch.random.set_rng_state(state)
     return net.eval()
 
 
@@ -230,7 +265,8 @@ def feature_extractor(x_train: Tensor, y_train: Tensor, cache: str | Path,
     cache = Path(cache)
     hp = dict(CLASSIFIER_HPARAMS, **(hparams or {}))
     fp = _fingerprint(x_train, y_train, hp)
-    net = FeatureNet(x_train.shape[1], num_classes, hp["channels"], hp["features"])
+    net = FeatureNet(x_train.shape[1], num_classes, hp["channels"], hp["features"],
+                     float(hp.get("dropout", 0.0)), int(hp.get("pool", 2)))
     info: dict[str, Any] | None = None
     if cache.exists():
         blob = torch.load(cache, map_location="cpu", weights_only=False)
@@ -330,8 +366,10 @@ def balanced_samples(model: BaseVAE, n: int, num_classes: int, seed: int = 0,
 
 def downstream_accuracy(x_syn: Tensor, y_syn: Tensor, x_test: Tensor, y_test: Tensor,
                         num_classes: int = 10, hparams: dict[str, Any] | None = None) -> float:
-    """Train the fixed :class:`FeatureNet` classifier (``CLASSIFIER_HPARAMS``) on synthetic
-    labelled data and return its accuracy on the real test split. Nothing is selected on the
-    test split: architecture, epochs and learning rate are constants of this module."""
-    net = train_classifier(x_syn.float(), y_syn.long(), num_classes, hparams)
+    """Train the fixed :class:`FeatureNet` classifier (``DOWNSTREAM_HPARAMS``, overridden by
+    ``hparams``) on synthetic labelled data and return its accuracy on the real test split.
+    Nothing is selected on the test split: the recipe is a constant of this module, chosen on real
+    training/validation data only."""
+    hp = dict(DOWNSTREAM_HPARAMS, **(hparams or {}))
+    net = train_classifier(x_syn.float(), y_syn.long(), num_classes, hp)
     return accuracy(net, x_test, y_test)

@@ -138,3 +138,28 @@ def test_latent_dim_mmd_is_small_for_prior_marginals_and_large_for_shifted_codes
     same = latent_dim_mmd(prior.sample_dims(1000), prior)
     shifted = latent_dim_mmd(prior.sample_dims(1000) + 1.0, prior)
     assert abs(same) < 0.05 < shifted
+
+
+def test_downstream_recipe_is_separate_from_the_feature_net_recipe():
+    from lit_dpvae.metrics.generative import (
+        CLASSIFIER_HPARAMS,
+        DOWNSTREAM_HPARAMS,
+        train_classifier,
+    )
+
+    # the FID feature net keeps its recipe (and its cache fingerprint): no new keys
+    assert set(CLASSIFIER_HPARAMS) == {"channels", "features", "steps", "batch_size", "lr",
+                                       "weight_decay", "seed"}
+    assert DOWNSTREAM_HPARAMS["schedule"] == "cosine" and DOWNSTREAM_HPARAMS["pool"] == 4
+    x, y = torch.rand(40, 1, 8, 8), torch.arange(40) % 2
+    net = train_classifier(x, y, 2, dict(DOWNSTREAM_HPARAMS, steps=3, dropout=0.5, hflip=True))
+    assert net.body[-2].in_features == 4 * 4 * 64 and not net.training
+    # deterministic given the seed, and the caller's RNG state is untouched
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    again = train_classifier(x, y, 2, dict(DOWNSTREAM_HPARAMS, steps=3, dropout=0.5, hflip=True))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    for a, b in zip(net.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="schedule"):
+        train_classifier(x, y, 2, {"steps": 1, "schedule": "linear"})
