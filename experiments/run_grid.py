@@ -64,8 +64,13 @@ COMMON = {
 # Optional spec keys (absent from older grids; these defaults keep their behaviour). ``eval_split``
 # "val" evaluates every metric (−ELBO, FID, downstream accuracy, ...) on the validation split
 # carved from the training pool, for hyper-parameter selection without touching the test split.
+# ``sample_temperature`` τ (None = 1, unchanged) draws synthetic samples at z ~ N(0, τ²I) (a
+# standard-normal prior only): post-processing of the released decoder, no privacy cost.
+# ``extra_temperatures`` (list) additionally records ``downstream_acc_tau<τ>`` for each τ, from the
+# same trained model (selection on the validation split only).
 OPTIONAL: dict[str, Any] = {"optimizer": "sgd", "eval_split": "test", "arch": "mlp",
-                            "n_synthetic": None, "classifier_steps": None}
+                            "n_synthetic": None, "classifier_steps": None,
+                            "sample_temperature": None, "extra_temperatures": None}
 
 GRIDS: dict[str, dict[str, Any]] = {
     "quick_digits": dict(COMMON, dataset="digits", steps=150,
@@ -176,6 +181,27 @@ def make_model(spec: dict[str, Any], pairing: str, dm):
     return model
 
 
+def set_sample_temperature(model, tau: float | None):
+    """Make ``model.sample`` draw z ~ N(0, τ²I) (τ = None or 1: the model's own sampler)."""
+    from lit_dpvae.priors import StandardNormal
+
+    model.__dict__.pop("sample", None)  # back to the class's sampler
+    if tau is None or float(tau) == 1.0:
+        return model
+    if not isinstance(model.prior, StandardNormal):
+        raise ValueError("sample_temperature needs a standard-normal prior")
+    t = float(tau)
+
+    @torch.no_grad()
+    def sample(self, n, labels=None):
+        onehot = self._onehot(None if labels is None else torch.as_tensor(labels), n, "sample")
+        z = t * self.prior.sample(n).to(self.device)
+        return self.likelihood.mean(self.decode(z, onehot))
+
+    model.sample = types.MethodType(sample, model)
+    return model
+
+
 def train_cell(spec: dict[str, Any], cell: dict[str, Any], dm) -> tuple[Any, dict[str, Any]]:
     import lightning.pytorch as pl
 
@@ -270,11 +296,15 @@ def evaluate(spec: dict[str, Any], model, dm, extractor, real_feats) -> dict[str
     if model.conditional:
         m = spec.get("n_synthetic") or dm.num_train
 
-        def downstream():
+        def downstream(key="downstream_acc"):
             xs, ys = balanced_samples(model, m, dm.num_classes, seed=2)
-            return {"downstream_acc": downstream_accuracy(xs, ys, x_test, y_test,
-                                                          dm.num_classes, hp)}
+            return {key: downstream_accuracy(xs, ys, x_test, y_test, dm.num_classes, hp)}
         guard("downstream", downstream)
+        main_tau = spec.get("sample_temperature")
+        for tau in spec.get("extra_temperatures") or []:
+            set_sample_temperature(model, tau)
+            guard(f"downstream_tau{tau:g}", lambda t=tau: downstream(f"downstream_acc_tau{t:g}"))
+        set_sample_temperature(model, main_tau)
     return out
 
 
@@ -311,6 +341,7 @@ def run_grid(name: str, spec: dict[str, Any], out_dir: Path, command: str) -> li
         dm = make_data(spec, cell["seed"])
         model, info = train_cell(spec, cell, dm)
         t_train = time.time() - t0
+        set_sample_temperature(model, spec.get("sample_temperature"))
         metrics = evaluate(spec, model, dm, extractor, real_feats)
         samples = metrics.pop("_samples")
         png = out_dir / name / "samples" / f"{cell['key']}.png"
@@ -320,7 +351,8 @@ def run_grid(name: str, spec: dict[str, Any], out_dir: Path, command: str) -> li
                "total_s": round(time.time() - t0, 1)}
         write_json_atomic(cell_dir / f"{cell['key']}.json", row)
         print(f"[grid]   done in {row['total_s']} s: " + ", ".join(
-            f"{k}={row[k]:.4g}" for k in ("epsilon", "neg_elbo", "fid", "downstream_acc")
+            f"{k}={row[k]:.4g}" for k in ("epsilon", "neg_elbo", "fid", "downstream_acc",
+                                          *(k for k in row if k.startswith("downstream_acc_")))
             if isinstance(row.get(k), float)), flush=True)
     rows = [json.loads((cell_dir / f"{c['key']}.json").read_text()) for c in cells
             if (cell_dir / f"{c['key']}.json").exists()]
@@ -340,9 +372,10 @@ def _mean_std(values: list[float]) -> tuple[float, float, int]:
 
 def summarise(name: str, spec: dict[str, Any], rows: list[dict], out_dir: Path,
               command: str) -> None:
+    metrics = METRICS + sorted({k for r in rows for k in r if k.startswith("downstream_acc_")})
     cols = ["key", "pairing", "mechanism", "eps", "seed", "epsilon", "steps", "diverged",
             "sigma_eff",
-            "num_train", *METRICS, "train_s", "total_s"]
+            "num_train", *metrics, "train_s", "total_s"]
     with open(out_dir / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -351,7 +384,7 @@ def summarise(name: str, spec: dict[str, Any], rows: list[dict], out_dir: Path,
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["pairing"], r["mechanism"], r["eps"]), []).append(r)
-    shown = [m for m in METRICS if any(isinstance(r.get(m), (int, float)) for r in rows)]
+    shown = [m for m in metrics if any(isinstance(r.get(m), (int, float)) for r in rows)]
     lines = [f"# Grid `{name}`", "", "Made by:", "", f"    {command}", "",
              f"Settings: `{json.dumps({k: v for k, v in spec.items()})}`", "",
              f"Cells: {len(rows)}; total cell time {sum(r['total_s'] for r in rows) / 60:.1f} "

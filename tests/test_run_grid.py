@@ -42,3 +42,29 @@ def test_micro_grid_writes_csv_md_plots_and_resumes(tmp_path, capsys):
     assert "2 cells, 1 done, 1 to run" in out and "info-termwise-eps10-s0" not in out
     assert json.loads((cells / "info-termwise-eps10-s0.json").read_text()) == before
     assert len(list(csv.DictReader(open(tmp_path / "micro.csv")))) == 2
+
+
+def test_sample_temperature_is_post_processing_of_the_decoder(tmp_path):
+    import torch
+
+    from lit_dpvae.models import VanillaVAE
+
+    grid = _load()
+    model = VanillaVAE(data_shape=(1, 8, 8), latent_dim=2, hidden=(8,), num_classes=3,
+                       conditional=True).eval()
+    labels = torch.tensor([0, 0, 1, 1])
+    grid.set_sample_temperature(model, 0.0)  # τ = 0: z = 0, one image per label
+    x = model.sample(4, labels)
+    assert torch.equal(x[0], x[1]) and torch.equal(x[2], x[3]) and not torch.equal(x[0], x[2])
+    grid.set_sample_temperature(model, None)  # back to the model's own sampler
+    torch.manual_seed(0)
+    y = model.sample(4, labels)
+    assert not torch.equal(y[0], y[1])
+    torch.manual_seed(0)
+    assert torch.equal(y, VanillaVAE.sample(model, 4, labels))
+
+    args = ["--grid", "micro", "--out", str(tmp_path), "--set", 'pairings=["vanilla_cond"]',
+            'mechanisms=["termwise"]', "sample_temperature=0.5", "extra_temperatures=[0.0]"]
+    grid.main(args)
+    rows = list(csv.DictReader(open(tmp_path / "micro.csv")))
+    assert rows[0]["downstream_acc"] != "" and rows[0]["downstream_acc_tau0"] != ""
