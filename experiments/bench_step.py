@@ -419,14 +419,17 @@ def _run_memory_child(jobs: list[str], batch_size: int, threads: int) -> list[di
 
 
 def measure_memory(
-    model_names: list[str], batch_size: int, threads: int, one_process: bool = False
+    model_names: list[str], batch_size: int, threads: int, one_process: bool = False,
+    configs: tuple[str, ...] = MEMORY_CONFIGS,
 ) -> dict[str, dict[str, float]]:
     """Peak RSS (MB) of one step per (model, configuration), each in a fresh subprocess.
 
     ``one_process`` (quick mode) runs all jobs in a single subprocess, resetting the peak in
     between, because starting Python + torch + Opacus costs seconds per process.
     """
-    jobs = [f"{m}:{c}" for m in model_names for c in MEMORY_CONFIGS]
+    jobs = [f"{m}:{c}" for m in model_names for c in configs]
+    if REFERENCE not in configs:
+        jobs += [f"{m}:{REFERENCE}" for m in model_names]  # the baseline comes with it
     if one_process and _reset_peak_rss():
         found = _run_memory_child(jobs, batch_size, threads)
     else:
@@ -512,6 +515,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "use with --threads 1: with 2 threads on busy cores OpenMP spin-waits)")
     p.add_argument("--memory-batch-size", type=int, default=4096)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--memory-configs", default=",".join(MEMORY_CONFIGS),
+                   help="comma-separated configurations whose peak memory is measured")
     p.add_argument("--json", type=Path, default=None, help="write ratios and peak memory here")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     p.add_argument("--profile", default=None, metavar="CONFIG",
@@ -555,7 +560,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(format_table(m, step_ms[m], args.batch_size), end="\n\n", flush=True)
     if not args.no_memory:
         memory = measure_memory(models, args.memory_batch_size, args.threads,
-                                one_process=args.quick)
+                                one_process=args.quick,
+                                configs=tuple(c.strip() for c in args.memory_configs.split(",")
+                                              if c.strip()))
     for m in models:
         ref = step_ms[m][REFERENCE]
         result[m] = {name: round(v / ref, 4) for name, v in step_ms[m].items()}

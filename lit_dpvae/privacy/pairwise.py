@@ -6,11 +6,15 @@ divergence is ``t = J_iᵀ u`` with a latent vector ``u ∈ R^d``; its norm is
     ‖J_iᵀ u‖² = uᵀ G_i u,      G_i = J_i J_iᵀ  (d × d, the per-record latent Gram),
 
 so all ``n²`` pair norms cost one ``G_i`` per record plus ``n²·d²`` flops, and no per-pair (or
-per-record) parameter gradient is ever materialised for Linear layers. ``G_i`` comes from ``d``
-batched vector-Jacobian products to the captured layer outputs (``is_grads_batched``) and, per
-Linear layer called once on ``n`` rows, the ghost identity
-``⟨b a_iᵀ, b' a_iᵀ⟩ + ⟨b, b'⟩ = (‖a_i‖² + 1)·⟨b, b'⟩``; any other layer materialises its
-per-record Jacobian rows with the engine's per-sample samplers (``d`` of them). The clipped sum
+per-record) parameter gradient is ever materialised for Linear layers. ``G_i`` needs the
+backprops of the ``d`` code coordinates at each captured layer output: a batched
+vector-Jacobian product (``is_grads_batched``), or — when the codes read the network through
+Linear heads — a short batched VJP to the heads, ``b·W`` on the heads' non-zero columns and a
+product with the derivative of an element-wise activation (``_code_backprops``). Per Linear
+layer called once on ``n`` rows, the ghost identity
+``⟨b a_iᵀ, b' a_iᵀ⟩ + ⟨b, b'⟩ = (‖a_i‖² + 1)·⟨b, b'⟩`` gives its part of ``G_i``; any other layer
+materialises its per-record Jacobian rows with the engine's per-sample samplers (``d`` of them).
+Pair norms are clipped with rounding-safe upper bounds (``rounding_safe_quad``). The clipped sum
 ``Σ_i J_iᵀ ū_i`` is then one local VJP per layer with backprops ``Σ_k ū_ik · b_i^(k)``.
 Proofs: docs/privacy.md §8.
 """
