@@ -293,9 +293,9 @@ def owner_vectors(
     trace = gram.diagonal(dim1=1, dim2=2).sum(-1)  # tr G_i, [n]
     if getattr(kernel, "radial", False):
         phi, quad = _radial_pair_quads(z, zz, w, kernel, weight, gram, trace, gram_terms)
-        pair_norms = phi.abs() * quad.sqrt()
-        a = clip_factors(pair_norms, max_norm).masked_fill(self_pairs, 0.0)
-        coef = torch.where(a > 0, a * phi, torch.zeros_like(a))  # [n, N]
+        pair_norms = quad.sqrt_().mul_(phi.abs())
+        a = clip_factors(pair_norms, max_norm).masked_fill_(self_pairs, 0.0)
+        coef = torch.where(a > 0, a.mul_(phi), 0.0)  # [n, N]; exact zeros where a = 0
         finite = torch.isfinite(zz).all(1, keepdim=True)
         zz_safe = torch.where(finite, zz, torch.zeros_like(zz))  # coef is 0 where not finite
         z_safe = torch.where(torch.isfinite(z).all(1, keepdim=True), z, torch.zeros_like(z))
@@ -324,32 +324,31 @@ def _radial_pair_quads(z: Tensor, zz: Tensor, w: Tensor, kernel, weight: float, 
     ``(λφ_ij [n, N], an upper bound of D_ijᵀG_iD_ij [n, N])`` with ``D_ij = z_i − z_j``.
 
     No ``[n, N, d]`` tensor is formed: ``D_ijᵀG_iD_ij = z_iᵀG_iz_i − 2(G_iz_i)·z_j +
-    vec(G_i)·vec(z_jz_jᵀ)`` is three matrix products (the last ``[n, d²] @ [d², N]``). Its
-    cancellation error is bounded by ``rounding_safe_quad`` with scale ``(‖z_i‖ + ‖z_j‖)²``
-    (every summand is a product of entries of ``z_i``/``z_j`` with one of ``G_i``), so the
-    clipping bound survives rounding although the expansion cancels (docs/privacy.md §8)."""
+    vec(G_i)·vec(z_jz_jᵀ)`` is three matrix products (the last ``[n, d²] @ [d², N]``). The
+    expansion cancels — its error scales with ``(‖z_i‖ + ‖z_j‖)²``, not ``‖D_ij‖²`` — so it is
+    evaluated in float64 from the exact float64 images of ``z`` and ``G`` and bounded by
+    ``rounding_safe_quad``'s margin with that scale; the Gram's own rounding (in its dtype)
+    is bounded with an upper bound of ``‖D_ij‖²`` (docs/privacy.md §8). ``[n, N]`` work is
+    done in place: at large batches it is memory-bound."""
     n, d = z.shape
-    finite = torch.isfinite(z).all(1, keepdim=True)
-    finite_p = torch.isfinite(zz).all(1, keepdim=True)
-    z_safe = torch.where(finite, z, torch.zeros_like(z))
-    zz_safe = torch.where(finite_p, zz, torch.zeros_like(zz))
-    # φ only needs r² (its rounding moves the gradient, never the clipping: norms use the form).
-    r2 = torch.cdist(z_safe, zz_safe).pow(2).masked_fill(~finite_p[:, 0][None, :], math.inf)
-    phi = weight * kernel.pair_scale(r2.masked_fill(~finite, math.inf), d)  # [n, N]
-    # The expansion cancels (its error scales with (‖z_i‖ + ‖z_j‖)², not ‖D_ij‖²), so it is
-    # evaluated in float64 from the exact float64 images of z and G; the Gram's own rounding
-    # (in its dtype) is bounded separately with ‖D_ij‖².
     z64, zz64, g64 = z.double(), zz.double(), gram.double()
+    sq_z, sq_zz = z64.pow(2).sum(1, keepdim=True), zz64.pow(2).sum(1)[None, :]
+    sq_dist = torch.addmm(sq_z + sq_zz, z64, zz64.T, alpha=-2.0).clamp_min_(0)  # ‖D_ij‖²
+    # φ only needs r² (its rounding moves the gradient, never the clipping: the norms use
+    # the bound below with this same φ). Non-finite codes get r² = ∞.
+    finite = torch.isfinite(z).all(1)[:, None] & torch.isfinite(zz).all(1)[None, :]
+    phi = weight * kernel.pair_scale(sq_dist.to(z.dtype).masked_fill_(~finite, math.inf), d)
     gz = torch.bmm(g64, z64[:, :, None])[:, :, 0]  # G_i z_i
     outer = (zz64[:, :, None] * zz64[:, None, :]).reshape(zz.shape[0], d * d)  # vec(z_j z_jᵀ)
-    quad = (gz * z64).sum(1, keepdim=True) - 2.0 * (gz @ zz64.T) + g64.reshape(n, d * d) @ outer.T
-    sq_z, sq_zz = z64.pow(2).sum(1, keepdim=True), zz64.pow(2).sum(1)[None, :]
-    scale = (sq_z.sqrt() + sq_zz.sqrt()).pow(2)  # ≥ every |product| the expansions sum
-    trace64 = trace.double()[:, None]
-    sq_dist = rounding_safe_quad(sq_z + sq_zz - 2.0 * (z64 @ zz64.T), scale, 1.0, d + 4)
-    bound = rounding_safe_quad(quad, scale, trace64, d * d + 2 * d + 8)
-    bound = bound + _margin(gram_terms, gram.dtype) * sq_dist * trace64
-    return phi, bound.to(z.dtype)
+    quad = torch.addmm((gz * z64).sum(1, keepdim=True), gz, zz64.T, alpha=-2.0)
+    quad.addmm_(g64.reshape(n, d * d), outer.T).clamp_min_(0)
+    # margin = tr G_i · (γ_form·scale + γ_gram·(‖D‖² + γ_dist·scale)), scale = (‖z_i‖+‖z_j‖)²
+    g_form = _margin(d * d + 2 * d + 8, torch.float64)
+    g_dist = _margin(d + 4, torch.float64)
+    g_gram = _margin(gram_terms, gram.dtype)
+    margin = (sq_z.sqrt() + sq_zz.sqrt()).square_().mul_(g_form + g_gram * g_dist)
+    margin.add_(sq_dist, alpha=g_gram).mul_(trace.double()[:, None])
+    return phi, quad.add_(margin).to(z.dtype)
 
 
 def gram_dtype(dtype: torch.dtype) -> torch.dtype:
