@@ -43,6 +43,13 @@ class BaseVAE(L.LightningModule):
         activation, group_norm: block options (``group_norm`` = number of groups, 0 = none).
         num_classes: number of labels; required with ``conditional=True``.
         conditional: concatenate one-hot labels to encoder and decoder inputs.
+        label_prior: (conditional, no divergence) a class-conditional prior
+            ``p(z | y) = p(z − μ_y)`` with learned means ``μ_y`` (a bias-free Linear on the
+            one-hot label, a trainable layer like any other): the KL of record i reads
+            ``(x_i, y_i)`` only, so it stays sample-wise, and ``sample(n, labels)`` draws
+            ``z = μ_y + ε``. It keeps codes and labels consistent when the code also carries
+            the class — the failure mode of a DP-trained conditional VAE, whose decoder then
+            ignores the label.
         likelihood: ``"bernoulli"`` | ``"gaussian"`` | ``"laplace"`` or a ``Likelihood``.
         likelihood_scale: fixed scale of the Gaussian/Laplace likelihood.
         beta: weight β of the per-record KL. lam: weight λ of the divergence.
@@ -65,6 +72,7 @@ class BaseVAE(L.LightningModule):
         group_norm: int = 0,
         num_classes: int = 0,
         conditional: bool = False,
+        label_prior: bool = False,
         likelihood: str | Likelihood = "bernoulli",
         likelihood_scale: float = 0.1,
         beta: float = 1.0,
@@ -81,6 +89,13 @@ class BaseVAE(L.LightningModule):
         self.save_hyperparameters(ignore=ignore)
         if conditional and num_classes < 1:
             raise ValueError("conditional=True needs num_classes >= 1")
+        if label_prior and not conditional:
+            raise ValueError("label_prior=True needs conditional=True (the prior reads the label)")
+        if label_prior and (self.divergence_key is not None and lam != 0.0):
+            raise ValueError(
+                "label_prior=True is for pairings without a batch-wise divergence (lam = 0): "
+                "the divergence would compare the codes with the unshifted prior"
+            )
         if n_samples < 1:
             raise ValueError(f"n_samples (K) must be >= 1, got {n_samples}")
         if (encoder is None) != (decoder is None):
@@ -105,6 +120,10 @@ class BaseVAE(L.LightningModule):
         self.encoder, self.decoder = encoder, decoder
         self.likelihood = make_likelihood(likelihood, likelihood_scale)
         self.prior: Prior = StandardNormal(latent_dim)
+        self.label_means: nn.Linear | None = None
+        if label_prior:
+            self.label_means = nn.Linear(self.num_classes, self.latent_dim, bias=False)
+            nn.init.normal_(self.label_means.weight)  # distinct class means from the start
         self._val_latents: list[tuple[Tensor, Tensor | None]] = []
 
     # ---- hooks for pairings and the strategy -------------------------------------------------
@@ -196,7 +215,13 @@ class BaseVAE(L.LightningModule):
         rep = None if onehot is None else onehot.repeat_interleave(k, 0)  # record-major
         params = self.decode(z.reshape(n * k, self.latent_dim), rep)
         log_px_z = self.likelihood.log_prob(x.repeat_interleave(k, 0), params).view(n, k)
-        sample = {"recon": -log_px_z.mean(1), "kl": self.beta * self.per_record_kl(mu, log_var, z)}
+        if self.label_means is not None:  # KL(q ‖ p(· − μ_y)) = KL(q shifted by −μ_y ‖ p)
+            assert onehot is not None
+            shift = self.label_means(onehot)
+            kl = self.per_record_kl(mu - shift, log_var, z - shift[:, None])
+        else:
+            kl = self.per_record_kl(mu, log_var, z)
+        sample = {"recon": -log_px_z.mean(1), "kl": self.beta * kl}
         batch_terms: dict[str, Tensor] = {}
         pairwise: dict[str, PairwiseTerm] = {}
         if self.divergence_key is not None and self.lam != 0.0:
@@ -258,6 +283,9 @@ class BaseVAE(L.LightningModule):
         required in conditional mode and refused otherwise."""
         onehot = self._onehot(None if labels is None else torch.as_tensor(labels), n, "sample")
         z = self.prior.sample(n).to(self.device)
+        if self.label_means is not None:
+            assert onehot is not None
+            z = z + self.label_means(onehot)
         return self.likelihood.mean(self.decode(z, onehot))
 
     @torch.no_grad()

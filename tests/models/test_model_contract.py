@@ -174,3 +174,52 @@ def test_conditional_needs_labels():
     model = _make("VanillaVAE", conditional=True)
     with pytest.raises(ValueError, match="labels are required"):
         model.loss_terms(torch.rand(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize(("arch", "k"), [("mlp", 1), ("conv", 3)])
+def test_label_prior_is_per_record_and_shifts_kl_and_samples(arch, k, monkeypatch):
+    """``label_prior``: KL to N(μ_y, I) in closed form, per record (the label means are a layer
+    read by record i's own label only), samples drawn around the label's mean."""
+    from lit_dpvae.priors import StandardNormal
+
+    torch.manual_seed(0)
+    model = _make("VanillaVAE", arch, conditional=True, k=k, label_prior=True)
+    monkeypatch.setattr(model, "draw_noise", _record_noise)
+    x, y = _batch(6, SHAPES[arch])
+    terms = model.loss_terms((x, y))
+    onehot = torch.nn.functional.one_hot(y, 3).float()
+    mu, log_var = model.encode(x, onehot)
+    shift = model.label_means.weight.T[y]
+    want = StandardNormal.kl(mu - shift, log_var) * model.beta
+    torch.testing.assert_close(terms.sample["kl"], want)
+    assert not torch.allclose(terms.sample["kl"], StandardNormal.kl(mu, log_var) * model.beta)
+    y2 = y.clone()
+    y2[2] = (y[2] + 1) % 3  # another label for record 2 only
+    changed = model.loss_terms((x, y2))
+    others = [0, 1, 3, 4, 5]
+    torch.testing.assert_close(changed.sample["kl"][others], terms.sample["kl"][others])
+    assert not torch.allclose(changed.sample["kl"][2], terms.sample["kl"][2])
+    # Record 0's terms give gradient to the mean of its own label only.
+    model.zero_grad()
+    terms.per_record()[0].backward()
+    grad = model.label_means.weight.grad
+    assert grad[:, y[0]].abs().sum() > 0
+    assert grad[:, [c for c in range(3) if c != int(y[0])]].abs().sum() == 0
+    # Samples: z = μ_y + ε (decoded), so equal seeds and labels give equal images.
+    torch.manual_seed(3)
+    z_noise = model.prior.sample(4)
+    labels = torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(3)
+    got = model.sample(4, labels)
+    with torch.no_grad():
+        want_img = model.likelihood.mean(model.decode(
+            z_noise + model.label_means.weight.T[labels],
+            torch.nn.functional.one_hot(labels, 3).float()))
+    torch.testing.assert_close(got, want_img)
+
+
+def test_label_prior_refusals():
+    with pytest.raises(ValueError, match="conditional=True"):
+        _make("VanillaVAE", label_prior=True)
+    with pytest.raises(ValueError, match="without a batch-wise divergence"):
+        _make("InfoVAE", conditional=True, label_prior=True, lam=1.0)
