@@ -68,3 +68,23 @@ def test_sample_temperature_is_post_processing_of_the_decoder(tmp_path):
     grid.main(args)
     rows = list(csv.DictReader(open(tmp_path / "micro.csv")))
     assert rows[0]["downstream_acc"] != "" and rows[0]["downstream_acc_tau0"] != ""
+
+
+def test_ema_of_the_iterates_is_applied_after_training(tmp_path):
+    import torch
+
+    grid = _load()
+    ema = grid.ParamEMA(0.1)
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        for value in (0.0, 1.0, 2.0):
+            model.weight.fill_(value)
+            ema.on_train_batch_end(None, model, None, None, 0)
+    ema.apply(model)
+    # d = min(0.1, (1+t)/(10+t)) = 0.1: 0 -> 0.9 -> 0.9 + 0.9·1.1 = 1.89
+    assert torch.allclose(model.weight, torch.full((1, 2), 1.89))
+    args = ["--grid", "micro", "--out", str(tmp_path), "--set", 'mechanisms=["termwise"]',
+            "ema=0.9"]
+    grid.main(args)
+    rows = list(csv.DictReader(open(tmp_path / "micro.csv")))
+    assert rows[0]["neg_elbo"] != ""
