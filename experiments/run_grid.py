@@ -73,10 +73,11 @@ COMMON = {
 # same trained model (selection on the validation split only). ``ema`` (decay, None = off)
 # evaluates an exponential moving average of the DP-SGD iterates (warm-up decay
 # min(ema, (1+t)/(10+t))): every iterate is covered by the accountant, so this is post-processing.
+# ``label_prior`` (False = off) passes ``label_prior=True`` to a conditional model.
 OPTIONAL: dict[str, Any] = {"optimizer": "sgd", "eval_split": "test", "arch": "mlp",
                             "n_synthetic": None, "classifier_steps": None,
                             "sample_temperature": None, "extra_temperatures": None,
-                            "ema": None}
+                            "ema": None, "label_prior": False}
 
 GRIDS: dict[str, dict[str, Any]] = {
     "quick_digits": dict(COMMON, dataset="digits", steps=150,
@@ -193,6 +194,8 @@ def make_model(spec: dict[str, Any], pairing: str, dm):
                   hidden=tuple(spec["hidden"]), beta=spec["beta"], num_classes=dm.num_classes,
                   arch=spec.get("arch") or "mlp")
     kwargs.update(p["kwargs"])
+    if spec.get("label_prior"):  # class-conditional prior N(μ_y, I) (conditional pairings)
+        kwargs["label_prior"] = True
     model = getattr(models, p["cls"])(**kwargs)
     lr, momentum, opt = spec["lr"], spec["momentum"], spec.get("optimizer") or "sgd"
 

@@ -88,3 +88,14 @@ def test_ema_of_the_iterates_is_applied_after_training(tmp_path):
     grid.main(args)
     rows = list(csv.DictReader(open(tmp_path / "micro.csv")))
     assert rows[0]["neg_elbo"] != ""
+
+
+def test_label_prior_key_reaches_the_model():
+    import types
+
+    grid = _load()
+    dm = types.SimpleNamespace(data_shape=(1, 8, 8), num_classes=3)
+    spec = dict(grid.GRIDS["micro"], latent_dim=2, hidden=[8])
+    assert not grid.make_model(spec, "vanilla_cond", dm).hparams.get("label_prior", False)
+    model = grid.make_model(dict(spec, label_prior=True), "vanilla_cond", dm)
+    assert model.hparams["label_prior"] is True
