@@ -488,3 +488,12 @@ def test_reduced_float32_matmul_precision_computes_pair_norms_in_float64():
     for name in want:
         assert got[name].dtype == torch.float32
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
+
+
+def test_a_meaningless_rounding_margin_is_refused():
+    from lit_dpvae.privacy.pairwise import rounding_safe_quad
+
+    one = torch.ones(1, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="not meaningful"):
+        rounding_safe_quad(one, one, one, 1000)  # 1000 · 2⁻⁷ ≥ ½
+    assert float(rounding_safe_quad(one.float(), one.float(), one.float(), 1000)) > 1.0
