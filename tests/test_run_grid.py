@@ -99,3 +99,7 @@ def test_label_prior_key_reaches_the_model():
     assert not grid.make_model(spec, "vanilla_cond", dm).hparams.get("label_prior", False)
     model = grid.make_model(dict(spec, label_prior=True), "vanilla_cond", dm)
     assert model.hparams["label_prior"] is True
+    # The pairing of the round-3 grid is the same model.
+    lp = grid.make_model(spec, "vanilla_cond_lp", dm)
+    assert lp.hparams["label_prior"] is True and lp.label_means is not None
+    assert grid.GRIDS["fmnist_downstream_lp"]["pairings"] == ["vanilla_cond_lp"]
