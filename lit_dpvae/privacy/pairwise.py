@@ -130,7 +130,9 @@ def _through_activation(a: Tensor, g: Tensor, calls: list[_Call], below: list[in
                         ) -> tuple[int, Tensor] | None:
     """When ``a = act(output of call j)`` for an element-wise ``act`` and a ``j`` in ``below``:
     ``(j, g · act'(·))``, the batched backprops ``g [d, ...]`` carried to call j's output
-    (bit-equal to autograd's except where ``g`` is not finite). Otherwise None."""
+    (autograd's values up to rounding; where ``g`` is not finite a product can be NaN where
+    autograd's masked ReLU backward gives 0 — such a record then gets clip factor 0). Otherwise
+    None."""
     node = a.grad_fn
     if node is None or type(node).__name__ not in _ELEMENTWISE or len(node.next_functions) != 1:
         return None

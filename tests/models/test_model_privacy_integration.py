@@ -29,6 +29,21 @@ def test_clipped_sample_part_matches_a_per_record_oracle(name, arch, k, backend,
         conditional=True,
         n_samples=k,
     )
+    _check_against_oracle(model, backend, monkeypatch)
+
+
+@pytest.mark.parametrize(("arch", "k"), [("mlp", 1), ("conv", 2)])
+def test_label_prior_clipped_sample_part_matches_a_per_record_oracle(arch, k, monkeypatch):
+    """The class-conditional prior's learned means are attributed per record like any layer."""
+    torch.manual_seed(0)
+    model = model_class("VanillaVAE")(
+        data_shape=(1, 8, 8), latent_dim=3, arch=arch, hidden=(16,), channels=(4, 8),
+        group_norm=2, num_classes=3, conditional=True, label_prior=True, n_samples=k,
+    )
+    _check_against_oracle(model, "ghost", monkeypatch)
+
+
+def _check_against_oracle(model, backend, monkeypatch):
     monkeypatch.setattr(model, "draw_noise", _record_noise)
     batch = _batch(5, (1, 8, 8))
     clip = 1.0
