@@ -73,11 +73,13 @@ COMMON = {
 # same trained model (selection on the validation split only). ``ema`` (decay, None = off)
 # evaluates an exponential moving average of the DP-SGD iterates (warm-up decay
 # min(ema, (1+t)/(10+t))): every iterate is covered by the accountant, so this is post-processing.
-# ``label_prior`` (False = off) passes ``label_prior=True`` to a conditional model.
+# ``label_prior`` (False = off) passes ``label_prior=True`` to a conditional model;
+# ``label_prior_scale`` (False = off) also learns the prior's per-class diagonal scale.
 OPTIONAL: dict[str, Any] = {"optimizer": "sgd", "eval_split": "test", "arch": "mlp",
                             "n_synthetic": None, "classifier_steps": None,
                             "sample_temperature": None, "extra_temperatures": None,
-                            "ema": None, "label_prior": False}
+                            "ema": None, "label_prior": False,
+                            "label_prior_scale": False}
 
 GRIDS: dict[str, dict[str, Any]] = {
     "quick_digits": dict(COMMON, dataset="digits", steps=150,
@@ -207,6 +209,8 @@ def make_model(spec: dict[str, Any], pairing: str, dm):
     kwargs.update(p["kwargs"])
     if spec.get("label_prior"):  # class-conditional prior N(μ_y, I) (conditional pairings)
         kwargs["label_prior"] = True
+    if spec.get("label_prior_scale"):  # ... with a learned per-class diagonal scale
+        kwargs["label_prior_scale"] = True
     model = getattr(models, p["cls"])(**kwargs)
     lr, momentum, opt = spec["lr"], spec["momentum"], spec.get("optimizer") or "sgd"
 
@@ -233,9 +237,7 @@ def set_sample_temperature(model, tau: float | None):
     @torch.no_grad()
     def sample(self, n, labels=None):
         onehot = self._onehot(None if labels is None else torch.as_tensor(labels), n, "sample")
-        z = t * self.prior.sample(n).to(self.device)
-        if getattr(self, "label_means", None) is not None:  # label_prior: around μ_y
-            z = z + self.label_means(onehot)
+        z = self.prior_shift(t * self.prior.sample(n).to(self.device), onehot)  # μ_y + s_y τ ε
         return self.likelihood.mean(self.decode(z, onehot))
 
     model.sample = types.MethodType(sample, model)

@@ -50,6 +50,11 @@ class BaseVAE(L.LightningModule):
             ``z = μ_y + ε``. It keeps codes and labels consistent when the code also carries
             the class — the failure mode of a DP-trained conditional VAE, whose decoder then
             ignores the label.
+        label_prior_scale: (needs ``label_prior``) also learn a per-class diagonal scale,
+            ``p(z | y) = N(μ_y, diag(s_y²))`` with ``log s_y`` a second bias-free Linear on the
+            one-hot label (initialised to 0, i.e. s_y = 1): the prior can narrow to where the
+            class's codes are, and ``sample`` draws ``z = μ_y + s_y ⊙ ε``. The KL uses
+            KL(N(μ, σ²) ‖ N(m, s²)) = KL(N((μ − m)/s, σ²/s²) ‖ N(0, I)); still sample-wise.
         likelihood: ``"bernoulli"`` | ``"gaussian"`` | ``"laplace"`` or a ``Likelihood``.
         likelihood_scale: fixed scale of the Gaussian/Laplace likelihood.
         beta: weight β of the per-record KL. lam: weight λ of the divergence.
@@ -73,6 +78,7 @@ class BaseVAE(L.LightningModule):
         num_classes: int = 0,
         conditional: bool = False,
         label_prior: bool = False,
+        label_prior_scale: bool = False,
         likelihood: str | Likelihood = "bernoulli",
         likelihood_scale: float = 0.1,
         beta: float = 1.0,
@@ -91,6 +97,11 @@ class BaseVAE(L.LightningModule):
             raise ValueError("conditional=True needs num_classes >= 1")
         if label_prior and not conditional:
             raise ValueError("label_prior=True needs conditional=True (the prior reads the label)")
+        if label_prior_scale and not label_prior:
+            raise ValueError(
+                "label_prior_scale=True needs label_prior=True (it scales the class-conditional "
+                "prior N(μ_y, I))"
+            )
         if label_prior and (self.divergence_key is not None and lam != 0.0):
             raise ValueError(
                 "label_prior=True is for pairings without a batch-wise divergence (lam = 0): "
@@ -124,6 +135,10 @@ class BaseVAE(L.LightningModule):
         if label_prior:
             self.label_means = nn.Linear(self.num_classes, self.latent_dim, bias=False)
             nn.init.normal_(self.label_means.weight)  # distinct class means from the start
+        self.label_log_scales: nn.Linear | None = None
+        if label_prior_scale:
+            self.label_log_scales = nn.Linear(self.num_classes, self.latent_dim, bias=False)
+            nn.init.zeros_(self.label_log_scales.weight)  # s_y = 1: starts as N(μ_y, I)
         self._val_latents: list[tuple[Tensor, Tensor | None]] = []
 
     # ---- hooks for pairings and the strategy -------------------------------------------------
@@ -215,10 +230,17 @@ class BaseVAE(L.LightningModule):
         rep = None if onehot is None else onehot.repeat_interleave(k, 0)  # record-major
         params = self.decode(z.reshape(n * k, self.latent_dim), rep)
         log_px_z = self.likelihood.log_prob(x.repeat_interleave(k, 0), params).view(n, k)
-        if self.label_means is not None:  # KL(q ‖ p(· − μ_y)) = KL(q shifted by −μ_y ‖ p)
+        if self.label_means is not None:  # KL(q ‖ N(μ_y, s_y²)) = KL(q mapped by (·−μ_y)/s_y ‖ p)
             assert onehot is not None
             shift = self.label_means(onehot)
-            kl = self.per_record_kl(mu - shift, log_var, z - shift[:, None])
+            if self.label_log_scales is None:
+                kl = self.per_record_kl(mu - shift, log_var, z - shift[:, None])
+            else:
+                log_s = self.label_log_scales(onehot)
+                inv = (-log_s).exp()
+                kl = self.per_record_kl(
+                    (mu - shift) * inv, log_var - 2 * log_s, (z - shift[:, None]) * inv[:, None]
+                )
         else:
             kl = self.per_record_kl(mu, log_var, z)
         sample = {"recon": -log_px_z.mean(1), "kl": self.beta * kl}
@@ -283,10 +305,17 @@ class BaseVAE(L.LightningModule):
         required in conditional mode and refused otherwise."""
         onehot = self._onehot(None if labels is None else torch.as_tensor(labels), n, "sample")
         z = self.prior.sample(n).to(self.device)
-        if self.label_means is not None:
-            assert onehot is not None
-            z = z + self.label_means(onehot)
-        return self.likelihood.mean(self.decode(z, onehot))
+        return self.likelihood.mean(self.decode(self.prior_shift(z, onehot), onehot))
+
+    def prior_shift(self, eps: Tensor, onehot: Tensor | None) -> Tensor:
+        """Map prior draws ``eps ~ p(ε)`` to the class-conditional prior's ``μ_y + s_y ⊙ ε``
+        (identity without ``label_prior``)."""
+        if self.label_means is None:
+            return eps
+        assert onehot is not None
+        if self.label_log_scales is not None:
+            eps = eps * self.label_log_scales(onehot).exp()
+        return eps + self.label_means(onehot)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:

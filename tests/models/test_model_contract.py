@@ -218,8 +218,55 @@ def test_label_prior_is_per_record_and_shifts_kl_and_samples(arch, k, monkeypatc
     torch.testing.assert_close(got, want_img)
 
 
+@pytest.mark.parametrize(("arch", "k", "analytic"), [("mlp", 1, True), ("conv", 3, False)])
+def test_label_prior_scale_kl_and_samples(arch, k, analytic, monkeypatch):
+    """``label_prior_scale``: the KL to N(μ_y, diag(s_y²)) — closed form, or the Monte Carlo
+    estimate at the same draws — equals torch.distributions' value; record i's KL reads its own
+    label's scale only; samples are μ_y + s_y ⊙ ε."""
+    from torch.distributions import Normal, kl_divergence
+
+    torch.manual_seed(0)
+    model = _make("VanillaVAE", arch, conditional=True, k=k, label_prior=True,
+                  label_prior_scale=True)
+    monkeypatch.setattr(model, "analytic_kl", analytic)
+    monkeypatch.setattr(model, "draw_noise", _record_noise)
+    with torch.no_grad():  # s_y ≠ 1 (the initial value would hide a missing scale)
+        model.label_log_scales.weight.normal_(0.0, 0.5)
+    x, y = _batch(6, SHAPES[arch])
+    terms = model.loss_terms((x, y))
+    onehot = torch.nn.functional.one_hot(y, 3).float()
+    with torch.no_grad():
+        mu, log_var = model.encode(x, onehot)
+        m, s = model.label_means.weight.T[y], model.label_log_scales.weight.T[y].exp()
+        q, p = Normal(mu, (0.5 * log_var).exp()), Normal(m, s)
+        if analytic:
+            want = kl_divergence(q, p).sum(-1)
+        else:
+            z = mu[:, None] + (0.5 * log_var).exp()[:, None] * _record_noise(mu, k)
+            want = (Normal(mu[:, None], (0.5 * log_var).exp()[:, None]).log_prob(z)
+                    - Normal(m[:, None], s[:, None]).log_prob(z)).sum(-1).mean(1)
+    torch.testing.assert_close(terms.sample["kl"], want * model.beta, rtol=1e-4, atol=1e-4)
+    model.zero_grad()
+    terms.per_record()[0].backward()
+    grad = model.label_log_scales.weight.grad
+    assert grad[:, y[0]].abs().sum() > 0
+    assert grad[:, [c for c in range(3) if c != int(y[0])]].abs().sum() == 0
+    torch.manual_seed(3)
+    eps = model.prior.sample(4)
+    labels = torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(3)
+    got = model.sample(4, labels)
+    with torch.no_grad():
+        w = model.label_means.weight.T[labels], model.label_log_scales.weight.T[labels].exp()
+        want_img = model.likelihood.mean(model.decode(
+            w[0] + w[1] * eps, torch.nn.functional.one_hot(labels, 3).float()))
+    torch.testing.assert_close(got, want_img)
+
+
 def test_label_prior_refusals():
     with pytest.raises(ValueError, match="conditional=True"):
         _make("VanillaVAE", label_prior=True)
+    with pytest.raises(ValueError, match="label_prior_scale=True needs label_prior=True"):
+        _make("VanillaVAE", conditional=True, label_prior_scale=True)
     with pytest.raises(ValueError, match="without a batch-wise divergence"):
         _make("InfoVAE", conditional=True, label_prior=True, lam=1.0)

@@ -32,14 +32,20 @@ def test_clipped_sample_part_matches_a_per_record_oracle(name, arch, k, backend,
     _check_against_oracle(model, backend, monkeypatch)
 
 
+@pytest.mark.parametrize("scale", [False, True])
 @pytest.mark.parametrize(("arch", "k"), [("mlp", 1), ("conv", 2)])
-def test_label_prior_clipped_sample_part_matches_a_per_record_oracle(arch, k, monkeypatch):
-    """The class-conditional prior's learned means are attributed per record like any layer."""
+def test_label_prior_clipped_sample_part_matches_a_per_record_oracle(arch, k, scale, monkeypatch):
+    """The class-conditional prior's learned means (and scales) are attributed per record like
+    any layer."""
     torch.manual_seed(0)
     model = model_class("VanillaVAE")(
         data_shape=(1, 8, 8), latent_dim=3, arch=arch, hidden=(16,), channels=(4, 8),
         group_norm=2, num_classes=3, conditional=True, label_prior=True, n_samples=k,
+        label_prior_scale=scale,
     )
+    if scale:
+        with torch.no_grad():
+            model.label_log_scales.weight.normal_(0.0, 0.5)
     _check_against_oracle(model, "ghost", monkeypatch)
 
 
