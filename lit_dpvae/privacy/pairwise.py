@@ -304,13 +304,20 @@ def owner_vectors(
         partner = coef.sum(1, keepdim=True) * z_safe - coef @ zz_safe
         phi_w = weight * kernel.pair_scale(torch.cdist(z, w).pow(2), d)  # [n, M]
         v = phi_w.mean(1, keepdim=True) * z - phi_w @ w / w.shape[0]  # λ (1/M) Σ_m ∇₁k(z_i, w_m)
-    else:
-        u = weight * kernel.pair_grad(z[:, None, :], zz[None, :, :])  # [n, N, d]
-        quad = (torch.bmm(u, gram) * u).sum(-1)  # uᵀ G_i u
-        pair_norms = rounding_safe_quad(quad, u.pow(2).sum(-1), trace[:, None],
-                                        2 * d + 2 + gram_terms).sqrt()
-        a = clip_factors(pair_norms, max_norm).masked_fill(self_pairs, 0.0)
-        partner = torch.where((a > 0)[..., None], a[..., None] * u, torch.zeros_like(u)).sum(1)
+    else:  # owners in row blocks: the [rows, N, d] pair vectors stay ≤ _PAIR_BLOCK elements
+        rows = max(1, _PAIR_BLOCK // max(1, n * d))
+        pair_norms = z.new_empty(z.shape[0], n)
+        partner = torch.empty_like(z)
+        for lo in range(0, z.shape[0], rows):
+            hi = min(lo + rows, z.shape[0])
+            u = weight * kernel.pair_grad(z[lo:hi, None, :], zz[None, :, :])  # [rows, N, d]
+            quad = (torch.bmm(u, gram[lo:hi]) * u).sum(-1)  # uᵀ G_i u
+            norms = rounding_safe_quad(quad, u.pow(2).sum(-1), trace[lo:hi, None],
+                                       2 * d + 2 + gram_terms).sqrt()
+            a = clip_factors(norms, max_norm).masked_fill(self_pairs[lo:hi], 0.0)
+            partner[lo:hi] = torch.where((a > 0)[..., None], a[..., None] * u,
+                                         torch.zeros_like(u)).sum(1)
+            pair_norms[lo:hi] = norms
         v = weight * kernel.pair_grad(z[:, None, :], w[None, :, :]).mean(1)
     prior_quad = (torch.bmm(gram, v[:, :, None])[..., 0] * v).sum(-1)
     prior_norms = rounding_safe_quad(prior_quad, v.pow(2).sum(-1), trace,
@@ -318,6 +325,10 @@ def owner_vectors(
     c = clip_factors(prior_norms, max_norm)
     prior = torch.where((c > 0)[:, None], c[:, None] * v, torch.zeros_like(v))
     return 2.0 / (n - 1) * partner - 2.0 * prior, pair_norms, prior_norms
+
+
+# Elements of one block of non-radial pair vectors ``[rows, N, d]`` (2^22: 32 MB in float64).
+_PAIR_BLOCK = 1 << 22
 
 
 def _radial_pair_quads(z: Tensor, zz: Tensor, w: Tensor, kernel, weight: float, gram: Tensor,
