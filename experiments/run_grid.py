@@ -75,11 +75,12 @@ COMMON = {
 # min(ema, (1+t)/(10+t))): every iterate is covered by the accountant, so this is post-processing.
 # ``label_prior`` (False = off) passes ``label_prior=True`` to a conditional model;
 # ``label_prior_scale`` (False = off) also learns the prior's per-class diagonal scale.
+# ``channels`` (None = the model default) sets the conv widths for ``arch="conv"``.
 OPTIONAL: dict[str, Any] = {"optimizer": "sgd", "eval_split": "test", "arch": "mlp",
                             "n_synthetic": None, "classifier_steps": None,
                             "sample_temperature": None, "extra_temperatures": None,
                             "ema": None, "label_prior": False,
-                            "label_prior_scale": False}
+                            "label_prior_scale": False, "channels": None}
 
 GRIDS: dict[str, dict[str, Any]] = {
     "quick_digits": dict(COMMON, dataset="digits", steps=150,
@@ -219,6 +220,8 @@ def make_model(spec: dict[str, Any], pairing: str, dm):
     kwargs.update(p["kwargs"])
     if spec.get("label_prior"):  # class-conditional prior N(μ_y, I) (conditional pairings)
         kwargs["label_prior"] = True
+    if spec.get("channels"):
+        kwargs["channels"] = tuple(spec["channels"])
     if spec.get("label_prior_scale"):  # ... with a learned per-class diagonal scale
         kwargs["label_prior_scale"] = True
     model = getattr(models, p["cls"])(**kwargs)

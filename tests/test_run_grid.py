@@ -103,3 +103,32 @@ def test_label_prior_key_reaches_the_model():
     lp = grid.make_model(spec, "vanilla_cond_lp", dm)
     assert lp.hparams["label_prior"] is True and lp.label_means is not None
     assert grid.GRIDS["fmnist_downstream_lp"]["pairings"] == ["vanilla_cond_lp"]
+
+
+def test_label_prior_scale_and_channels_keys_reach_the_model():
+    import types
+
+    grid = _load()
+    dm = types.SimpleNamespace(data_shape=(1, 8, 8), num_classes=3)
+    spec = dict(grid.GRIDS["micro"], latent_dim=2, hidden=[8])
+    plain = grid.make_model(spec, "vanilla_cond_lp", dm)
+    assert plain.label_log_scales is None and plain.hparams["channels"] == (32, 64)
+    model = grid.make_model(dict(spec, label_prior_scale=True, arch="conv", channels=[4, 8]),
+                            "vanilla_cond_lp", dm)
+    assert model.label_log_scales is not None
+    assert model.hparams["channels"] == (4, 8)
+    # The temperature sampler draws μ_y + s_y ⊙ τε.
+    import torch
+
+    with torch.no_grad():
+        model.label_log_scales.weight.normal_()
+    grid.set_sample_temperature(model, 0.5)
+    labels = torch.tensor([1, 2])
+    torch.manual_seed(0)
+    eps = model.prior.sample(2)
+    torch.manual_seed(0)
+    got = model.sample(2, labels)
+    onehot = torch.nn.functional.one_hot(labels, 3).float()
+    with torch.no_grad():
+        z = model.label_means(onehot) + model.label_log_scales(onehot).exp() * 0.5 * eps
+        torch.testing.assert_close(got, model.likelihood.mean(model.decode(z, onehot)))
