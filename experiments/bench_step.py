@@ -515,6 +515,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "use with --threads 1: with 2 threads on busy cores OpenMP spin-waits)")
     p.add_argument("--memory-batch-size", type=int, default=4096)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the peak-memory subprocesses; with --json, replace its "
+                        "peak_memory_mb and keep the timings already there")
     p.add_argument("--memory-configs", default=",".join(MEMORY_CONFIGS),
                    help="comma-separated configurations whose peak memory is measured")
     p.add_argument("--json", type=Path, default=None, help="write ratios and peak memory here")
@@ -550,6 +553,20 @@ def main(argv: list[str] | None = None) -> dict:
         for m in models:
             profile_config(m, args.profile, args.batch_size)
         return {}
+
+    if args.memory_only:
+        memory = measure_memory(models, args.memory_batch_size, args.threads,
+                                one_process=args.quick,
+                                configs=tuple(c.strip() for c in args.memory_configs.split(",")
+                                              if c.strip()))
+        for m, entry in memory.items():
+            print(f"  {m}: " + ", ".join(f"{k} {v:.0f}" for k, v in entry.items()))
+        if args.json:
+            old = json.loads(args.json.read_text()) if args.json.exists() else {}
+            old["peak_memory_mb"] = {**old.get("peak_memory_mb", {}), **memory}
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(old, indent=2) + "\n")
+        return {"peak_memory_mb": memory}
 
     result: dict = {}
     step_ms: dict[str, dict[str, float]] = {}

@@ -64,3 +64,16 @@ def test_mmd_is_zero_mean_for_identical_distributions(bench):
                                    torch.randn(128, 4, generator=gen), 8.0))
     assert abs(sum(values) / len(values)) < 5e-3
     assert shifted > 0.05
+
+
+def test_memory_only_replaces_peak_memory_and_keeps_timings(bench, tmp_path):
+    out = tmp_path / "bench.json"
+    out.write_text(json.dumps({"mlp": {"non-private": 1.0}, "step_ms": {"mlp": {"x": 2.0}},
+                               "peak_memory_mb": {"conv": {"old": 1.0}}}))
+    bench.main(["--quick", "--memory-only", "--models", "mlp", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["mlp"] == {"non-private": 1.0} and data["step_ms"] == {"mlp": {"x": 2.0}}
+    assert data["peak_memory_mb"]["conv"] == {"old": 1.0}  # models not measured are kept
+    assert set(data["peak_memory_mb"]["mlp"]) == {"TermwiseDPSGD-ghost", "non-private",
+                                                  "baseline"}
+    assert all(mb > 0 for mb in data["peak_memory_mb"]["mlp"].values())

@@ -18,6 +18,10 @@ Backends (same numbers up to float rounding; tests compare them with a one-recor
   Opacus' per-sample samplers for layers without one), then the clipped sum as one local
   vector-Jacobian product per layer with the backprops rescaled by ``c_i``. No per-sample gradient
   of a Linear layer is ever materialised, and there is no second backward through the network.
+  Layers without a ghost norm (Conv, GroupNorm, ...) get per-sample gradients from Opacus'
+  samplers in blocks of rows (a conv's unfolded input is k² times its activation); when
+  ``n × parameters`` exceeds ``_MATERIALISE_LIMIT`` only their norms are kept and the layer's
+  clipped sum is the same rescaled-backprop VJP.
 - ``"hooks"``: Opacus' ``GradSampleModule`` materialises ``p.grad_sample`` for every parameter.
 - ``"functorch"``: as ``"ghost"``, but every layer's per-sample gradients come from
   ``torch.func`` (Opacus' ``ft_compute_per_sample_gradient``), never from a hand-written sampler.
@@ -25,6 +29,7 @@ Backends (same numbers up to float rounding; tests compare them with a one-recor
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -148,17 +153,65 @@ def _rows_per_record(call: _Call, n: int) -> int:
     return rows // n
 
 
+# Elements of the per-row working set (a conv's unfolded input) that one sampler call may use.
+_SAMPLER_BLOCK = 1 << 24
+
+
+# Above this many elements (n × the layer's trainable parameters) a layer's per-sample gradients
+# are not kept: their norms are taken block by block and the clipped sum is a VJP (one more
+# backward of the layer). Below it, keeping them and summing with the clip factors is faster.
+_MATERIALISE_LIMIT = 1 << 24
+
+
+def _rows_per_block(call: _Call, rows: int) -> int:
+    """Rows per sampler call: a ConvNd sampler unfolds its input ``prod(kernel_size)``-fold
+    (``[rows, C_in·k², T]``); bounding the rows bounds that peak. Other layers: all rows."""
+    module = call.module
+    if not isinstance(module, nn.modules.conv._ConvNd) or rows == 0:
+        return max(rows, 1)
+    per_row = call.activations[0][0].numel() * math.prod(module.kernel_size)
+    return max(1, min(rows, _SAMPLER_BLOCK // max(1, per_row)))
+
+
 def _per_sample_grads(call: _Call, backprops: Tensor, n: int, functorch: bool) -> dict:
-    """Per-record gradients ``{param: [n, *param.shape]}`` of one layer call."""
+    """Per-record gradients ``{param: [n, *param.shape]}`` of one layer call. Rows are sampled
+    in blocks (``_rows_per_block``); each row's gradient reads its own row only, so the blocks
+    change the peak memory, not the result."""
     m = _rows_per_record(call, n)
     sampler = None if functorch else GradSampleModule.GRAD_SAMPLERS.get(type(call.module))
-    if sampler is None:
-        grads = ft_compute_per_sample_gradient(call.module, call.activations, backprops)
-    else:
-        grads = sampler(call.module, call.activations, backprops)
+    step = _rows_per_block(call, backprops.shape[0])
+    parts = []
+    for lo in range(0, max(backprops.shape[0], 1), step):
+        acts = [a[lo:lo + step] for a in call.activations]
+        b = backprops[lo:lo + step]
+        if sampler is None:
+            parts.append(ft_compute_per_sample_gradient(call.module, acts, b))
+        else:
+            parts.append(sampler(call.module, acts, b))
+    grads = parts[0] if len(parts) == 1 else {
+        p: torch.cat([part[p] for part in parts]) for p in parts[0]}
     if m == 1:
         return grads
     return {p: g.reshape(n, m, *g.shape[1:]).sum(1) for p, g in grads.items()}
+
+
+def _per_record_sq_norms(call: _Call, backprops: Tensor, n: int) -> Tensor:
+    """``‖g_i‖²`` per record (``[n]``, float32) of one layer call's trainable parameters, from
+    Opacus' per-sample sampler run on blocks of whole records; the per-sample gradients of a
+    block are dropped once their norms are taken, so nothing ``[n, *param.shape]`` is kept."""
+    m = _rows_per_record(call, n)
+    sampler = GradSampleModule.GRAD_SAMPLERS[type(call.module)]
+    records = max(1, _rows_per_block(call, backprops.shape[0]) // m)
+    sq = torch.zeros(n, device=backprops.device, dtype=torch.float32)
+    for lo in range(0, n, records):
+        hi = min(n, lo + records)
+        grads = sampler(call.module, [a[lo * m:hi * m] for a in call.activations],
+                        backprops[lo * m:hi * m])
+        for p, g in grads.items():
+            if p.requires_grad:
+                g = g.reshape(hi - lo, m, -1).sum(1)
+                sq[lo:hi] += torch.linalg.vector_norm(g, dim=1).float() ** 2
+    return sq
 
 
 class _LayerwiseClipper:
@@ -216,6 +269,15 @@ class _LayerwiseClipper:
                 for p, ns in norms.items():
                     if p.requires_grad:
                         sq_norm = sq_norm + ns.reshape(n).float() ** 2
+                ghost_calls.append((call, b))
+                continue
+            if (
+                not self.functorch
+                and single
+                and type(call.module) in GradSampleModule.GRAD_SAMPLERS
+                and n * sum(p.numel() for p in own if p.requires_grad) > _MATERIALISE_LIMIT
+            ):  # norms from per-sample gradients block by block; the sum by the ghost VJP below
+                sq_norm = sq_norm + _per_record_sq_norms(call, b, n)
                 ghost_calls.append((call, b))
                 continue
             for p, g in _per_sample_grads(call, b, n, self.functorch).items():

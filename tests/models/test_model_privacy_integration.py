@@ -49,6 +49,26 @@ def test_label_prior_clipped_sample_part_matches_a_per_record_oracle(arch, k, sc
     _check_against_oracle(model, "ghost", monkeypatch)
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_conv_row_blocks_keep_records_with_k_rows(keep, monkeypatch):
+    """K = 2 rows per record and per-sample gradients sampled in blocks of 3 conv rows (kept:
+    blocks split a record's rows; norms only, every layer with a sampler forced onto that
+    route: blocks of whole records): still the per-record oracle."""
+    import lit_dpvae.privacy.grad_sample as gs
+
+    if not keep:
+        monkeypatch.setattr(gs, "_MATERIALISE_LIMIT", 0)
+
+    torch.manual_seed(0)
+    model = model_class("VanillaVAE")(
+        data_shape=(1, 8, 8), latent_dim=3, arch="conv", hidden=(16,), channels=(4, 8),
+        group_norm=2, num_classes=3, conditional=True, n_samples=2,
+    )
+    # the decoder's last convs read [8 or 4, 8, 8] rows: 3 rows of the largest per block
+    monkeypatch.setattr(gs, "_SAMPLER_BLOCK", 3 * 8 * 8 * 8 * 9)
+    _check_against_oracle(model, "ghost", monkeypatch)
+
+
 def _check_against_oracle(model, backend, monkeypatch):
     monkeypatch.setattr(model, "draw_noise", _record_noise)
     batch = _batch(5, (1, 8, 8))
