@@ -554,6 +554,8 @@ def main(argv: list[str] | None = None) -> dict:
             profile_config(m, args.profile, args.batch_size)
         return {}
 
+    if args.memory_only and args.no_memory:
+        raise SystemExit("--memory-only and --no-memory contradict each other: choose one")
     if args.memory_only:
         memory = measure_memory(models, args.memory_batch_size, args.threads,
                                 one_process=args.quick,
@@ -563,7 +565,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {m}: " + ", ".join(f"{k} {v:.0f}" for k, v in entry.items()))
         if args.json:
             old = json.loads(args.json.read_text()) if args.json.exists() else {}
-            old["peak_memory_mb"] = {**old.get("peak_memory_mb", {}), **memory}
+            peaks = old.setdefault("peak_memory_mb", {})
+            for m, entry in memory.items():  # per configuration: others measured before stay
+                peaks[m] = {**peaks.get(m, {}), **entry}
+            old.setdefault("settings", {}).update(memory_batch_size=args.memory_batch_size,
+                                                  memory_threads=args.threads,
+                                                  torch=torch.__version__)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(old, indent=2) + "\n")
         return {"peak_memory_mb": memory}

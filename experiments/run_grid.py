@@ -221,6 +221,9 @@ def make_model(spec: dict[str, Any], pairing: str, dm):
     if spec.get("label_prior"):  # class-conditional prior N(μ_y, I) (conditional pairings)
         kwargs["label_prior"] = True
     if spec.get("channels"):
+        if kwargs["arch"] != "conv":
+            raise ValueError("channels sets conv widths: use it with arch=\"conv\" (the MLP "
+                             "widths are hidden)")
         kwargs["channels"] = tuple(spec["channels"])
     if spec.get("label_prior_scale"):  # ... with a learned per-class diagonal scale
         kwargs["label_prior_scale"] = True

@@ -77,3 +77,11 @@ def test_memory_only_replaces_peak_memory_and_keeps_timings(bench, tmp_path):
     assert set(data["peak_memory_mb"]["mlp"]) == {"TermwiseDPSGD-ghost", "non-private",
                                                   "baseline"}
     assert all(mb > 0 for mb in data["peak_memory_mb"]["mlp"].values())
+    assert data["settings"]["memory_batch_size"] == 16  # --quick
+    # A subset of configurations keeps the others' numbers.
+    bench.main(["--quick", "--memory-only", "--models", "mlp", "--memory-configs", "non-private",
+                "--json", str(out)])
+    again = json.loads(out.read_text())["peak_memory_mb"]["mlp"]
+    assert again["TermwiseDPSGD-ghost"] == data["peak_memory_mb"]["mlp"]["TermwiseDPSGD-ghost"]
+    with pytest.raises(SystemExit, match="contradict"):
+        bench.main(["--quick", "--memory-only", "--no-memory"])

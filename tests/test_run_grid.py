@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -117,6 +119,8 @@ def test_label_prior_scale_and_channels_keys_reach_the_model():
                             "vanilla_cond_lp", dm)
     assert model.label_log_scales is not None
     assert model.hparams["channels"] == (4, 8)
+    with pytest.raises(ValueError, match="arch=\"conv\""):
+        grid.make_model(dict(spec, channels=[4, 8]), "vanilla_cond_lp", dm)
     # The temperature sampler draws μ_y + s_y ⊙ τε.
     import torch
 

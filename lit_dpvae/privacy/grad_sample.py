@@ -18,10 +18,11 @@ Backends (same numbers up to float rounding; tests compare them with a one-recor
   Opacus' per-sample samplers for layers without one), then the clipped sum as one local
   vector-Jacobian product per layer with the backprops rescaled by ``c_i``. No per-sample gradient
   of a Linear layer is ever materialised, and there is no second backward through the network.
-  Layers without a ghost norm (Conv, GroupNorm, ...) get per-sample gradients from Opacus'
-  samplers in blocks of rows (a conv's unfolded input is k² times its activation); when
-  ``n × parameters`` exceeds ``_MATERIALISE_LIMIT`` only their norms are kept and the layer's
-  clipped sum is the same rescaled-backprop VJP.
+  Other layers (Conv, GroupNorm, Linear with K rows per record, ...) get per-record gradients
+  from Opacus' samplers in blocks of records (a conv's unfolded input is k² times its
+  activation); when ``rows × parameters`` exceeds ``_MATERIALISE_LIMIT`` and the layer is called
+  once, they are not kept for the whole batch: one pass over the blocks takes the norms, a
+  second recomputes each block and adds ``Σ c_i g_i`` with the same ``weighted_sum``.
 - ``"hooks"``: Opacus' ``GradSampleModule`` materialises ``p.grad_sample`` for every parameter.
 - ``"functorch"``: as ``"ghost"``, but every layer's per-sample gradients come from
   ``torch.func`` (Opacus' ``ft_compute_per_sample_gradient``), never from a hand-written sampler.
@@ -153,65 +154,65 @@ def _rows_per_record(call: _Call, n: int) -> int:
     return rows // n
 
 
-# Elements of the per-row working set (a conv's unfolded input) that one sampler call may use.
+# Elements of the per-row working set of one sampler call (a conv's unfolded input, the per-row
+# gradients): blocks of records are sized so that rows × this stays ≤ _SAMPLER_BLOCK.
 _SAMPLER_BLOCK = 1 << 24
 
-
-# Above this many elements (n × the layer's trainable parameters) a layer's per-sample gradients
-# are not kept: their norms are taken block by block and the clipped sum is a VJP (one more
-# backward of the layer). Below it, keeping them and summing with the clip factors is faster.
+# Above this many elements (rows × the layer's trainable parameters) a layer's per-sample
+# gradients are not kept for the whole batch: a first pass over blocks of records takes their
+# norms, a second pass recomputes each block and adds Σ c_i g_i (twice the sampler work, memory
+# of one block). Below it, one pass keeps them all.
 _MATERIALISE_LIMIT = 1 << 24
 
 
-def _rows_per_block(call: _Call, rows: int) -> int:
-    """Rows per sampler call: a ConvNd sampler unfolds its input ``prod(kernel_size)``-fold
-    (``[rows, C_in·k², T]``); bounding the rows bounds that peak. Other layers: all rows."""
-    module = call.module
-    if not isinstance(module, nn.modules.conv._ConvNd) or rows == 0:
-        return max(rows, 1)
-    per_row = call.activations[0][0].numel() * math.prod(module.kernel_size)
-    return max(1, min(rows, _SAMPLER_BLOCK // max(1, per_row)))
+def _trainable_numel(call: _Call) -> int:
+    return sum(p.numel() for p in call.module.parameters(recurse=False) if p.requires_grad)
+
+
+def _record_blocks(call: _Call, n: int) -> list[tuple[int, int]]:
+    """Record ranges ``[lo, hi)`` for the sampler calls of one layer call. Blocks only when every
+    input of the call has the batch's rows first (an EmbeddingBag's flat indices do not: one
+    block); a block's working set is ``rows × max(input per row × kernel size, parameters)``."""
+    m = _rows_per_record(call, n)
+    rows = n * m
+    acts = call.activations
+    if not acts or not all(a.dim() > 0 and a.shape[0] == rows for a in acts):
+        return [(0, n)]
+    per_row = acts[0][0].numel()
+    if isinstance(call.module, nn.modules.conv._ConvNd):
+        per_row *= math.prod(call.module.kernel_size)  # the sampler's unfold
+    per_row = max(per_row, _trainable_numel(call), 1)
+    records = max(1, _SAMPLER_BLOCK // (per_row * m))
+    return [(lo, min(n, lo + records)) for lo in range(0, n, records)]
+
+
+def _block_grads(call: _Call, backprops: Tensor, n: int, lo: int, hi: int,
+                 functorch: bool) -> dict:
+    """Per-record gradients ``{param: [hi − lo, *param.shape]}`` of records ``lo..hi−1``. Each
+    row's gradient reads its own row only, so blocks change the peak memory, not the result."""
+    m = _rows_per_record(call, n)
+    if (lo, hi) == (0, n):
+        acts, b = call.activations, backprops
+    else:
+        acts = [a[lo * m:hi * m] for a in call.activations]
+        b = backprops[lo * m:hi * m]
+    sampler = None if functorch else GradSampleModule.GRAD_SAMPLERS.get(type(call.module))
+    if sampler is None:
+        grads = ft_compute_per_sample_gradient(call.module, acts, b)
+    else:
+        grads = sampler(call.module, acts, b)
+    if m == 1:
+        return grads
+    return {p: g.reshape(hi - lo, m, *g.shape[1:]).sum(1) for p, g in grads.items()}
 
 
 def _per_sample_grads(call: _Call, backprops: Tensor, n: int, functorch: bool) -> dict:
-    """Per-record gradients ``{param: [n, *param.shape]}`` of one layer call. Rows are sampled
-    in blocks (``_rows_per_block``); each row's gradient reads its own row only, so the blocks
-    change the peak memory, not the result."""
-    m = _rows_per_record(call, n)
-    sampler = None if functorch else GradSampleModule.GRAD_SAMPLERS.get(type(call.module))
-    step = _rows_per_block(call, backprops.shape[0])
-    parts = []
-    for lo in range(0, max(backprops.shape[0], 1), step):
-        acts = [a[lo:lo + step] for a in call.activations]
-        b = backprops[lo:lo + step]
-        if sampler is None:
-            parts.append(ft_compute_per_sample_gradient(call.module, acts, b))
-        else:
-            parts.append(sampler(call.module, acts, b))
-    grads = parts[0] if len(parts) == 1 else {
-        p: torch.cat([part[p] for part in parts]) for p in parts[0]}
-    if m == 1:
-        return grads
-    return {p: g.reshape(n, m, *g.shape[1:]).sum(1) for p, g in grads.items()}
-
-
-def _per_record_sq_norms(call: _Call, backprops: Tensor, n: int) -> Tensor:
-    """``‖g_i‖²`` per record (``[n]``, float32) of one layer call's trainable parameters, from
-    Opacus' per-sample sampler run on blocks of whole records; the per-sample gradients of a
-    block are dropped once their norms are taken, so nothing ``[n, *param.shape]`` is kept."""
-    m = _rows_per_record(call, n)
-    sampler = GradSampleModule.GRAD_SAMPLERS[type(call.module)]
-    records = max(1, _rows_per_block(call, backprops.shape[0]) // m)
-    sq = torch.zeros(n, device=backprops.device, dtype=torch.float32)
-    for lo in range(0, n, records):
-        hi = min(n, lo + records)
-        grads = sampler(call.module, [a[lo * m:hi * m] for a in call.activations],
-                        backprops[lo * m:hi * m])
-        for p, g in grads.items():
-            if p.requires_grad:
-                g = g.reshape(hi - lo, m, -1).sum(1)
-                sq[lo:hi] += torch.linalg.vector_norm(g, dim=1).float() ** 2
-    return sq
+    """Per-record gradients ``{param: [n, *param.shape]}`` of one layer call (in blocks)."""
+    parts = [_block_grads(call, backprops, n, lo, hi, functorch)
+             for lo, hi in _record_blocks(call, n)]
+    if len(parts) == 1:
+        return parts[0]
+    return {p: torch.cat([part[p] for part in parts]) for p in parts[0]}
 
 
 class _LayerwiseClipper:
@@ -255,6 +256,7 @@ class _LayerwiseClipper:
         sq_norm = torch.zeros(n, device=loss.device, dtype=torch.float32)
         materialised: dict[nn.Parameter, Tensor] = {}
         ghost_calls = []
+        blocked_calls = []
         for call, b in zip(cap.calls, backprops):
             own = list(call.module.parameters(recurse=False))
             norm_sampler = GradSampleHooksFastGradientClipping.NORM_SAMPLERS.get(type(call.module))
@@ -271,14 +273,19 @@ class _LayerwiseClipper:
                         sq_norm = sq_norm + ns.reshape(n).float() ** 2
                 ghost_calls.append((call, b))
                 continue
+            blocks = _record_blocks(call, n)
             if (
-                not self.functorch
-                and single
-                and type(call.module) in GradSampleModule.GRAD_SAMPLERS
-                and n * sum(p.numel() for p in own if p.requires_grad) > _MATERIALISE_LIMIT
-            ):  # norms from per-sample gradients block by block; the sum by the ghost VJP below
-                sq_norm = sq_norm + _per_record_sq_norms(call, b, n)
-                ghost_calls.append((call, b))
+                single
+                and len(blocks) > 1
+                and n * _rows_per_record(call, n) * _trainable_numel(call) > _MATERIALISE_LIMIT
+            ):  # two passes over blocks of records: norms now, Σ c_i g_i once the c_i are known
+                for lo, hi in blocks:
+                    for p, g in _block_grads(call, b, n, lo, hi, self.functorch).items():
+                        if p.requires_grad:
+                            sq_norm[lo:hi] += (
+                                torch.linalg.vector_norm(g.reshape(hi - lo, -1), dim=1).float()
+                                ** 2)
+                blocked_calls.append((call, b, blocks))
                 continue
             for p, g in _per_sample_grads(call, b, n, self.functorch).items():
                 if p.requires_grad:
@@ -300,6 +307,11 @@ class _LayerwiseClipper:
                 out[by_param[p]] += g
         for p, g in materialised.items():
             out[by_param[p]] += weighted_sum(factors, g)
+        for call, b, blocks in blocked_calls:  # the same per-record gradients, recomputed
+            for lo, hi in blocks:
+                for p, g in _block_grads(call, b, n, lo, hi, self.functorch).items():
+                    if p.requires_grad:
+                        out[by_param[p]] += weighted_sum(factors[lo:hi], g)
         _check_finite(out)
         return out, norms, aux
 

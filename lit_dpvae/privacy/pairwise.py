@@ -304,7 +304,7 @@ def owner_vectors(
         partner = coef.sum(1, keepdim=True) * z_safe - coef @ zz_safe
         phi_w = weight * kernel.pair_scale(torch.cdist(z, w).pow(2), d)  # [n, M]
         v = phi_w.mean(1, keepdim=True) * z - phi_w @ w / w.shape[0]  # λ (1/M) Σ_m ∇₁k(z_i, w_m)
-    else:  # owners in row blocks: the [rows, N, d] pair vectors stay ≤ _PAIR_BLOCK elements
+    else:  # owners in row blocks: [rows, N, d] pair and [rows, M, d] prior vectors ≤ _PAIR_BLOCK
         rows = max(1, _PAIR_BLOCK // max(1, n * d))
         pair_norms = z.new_empty(z.shape[0], n)
         partner = torch.empty_like(z)
@@ -318,7 +318,11 @@ def owner_vectors(
             partner[lo:hi] = torch.where((a > 0)[..., None], a[..., None] * u,
                                          torch.zeros_like(u)).sum(1)
             pair_norms[lo:hi] = norms
-        v = weight * kernel.pair_grad(z[:, None, :], w[None, :, :]).mean(1)
+        v = torch.empty_like(z)
+        rows = max(1, _PAIR_BLOCK // max(1, w.shape[0] * d))
+        for lo in range(0, z.shape[0], rows):  # λ (1/M) Σ_m ∇₁k(z_i, w_m), [rows, M, d] a block
+            v[lo:lo + rows] = weight * kernel.pair_grad(z[lo:lo + rows, None, :],
+                                                        w[None, :, :]).mean(1)
     prior_quad = (torch.bmm(gram, v[:, :, None])[..., 0] * v).sum(-1)
     prior_norms = rounding_safe_quad(prior_quad, v.pow(2).sum(-1), trace,
                                      2 * d + 2 + gram_terms).sqrt()

@@ -402,3 +402,80 @@ def test_conv_per_sample_grads_in_row_blocks_equal_the_oracle(backend, keep, blo
     want = per_record_oracle(model, x, 0.5)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
+
+
+class _SharedConv(nn.Module):
+    """One Conv2d called twice per record (its per-record gradient is the sum of two calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.head = nn.Linear(16, 1)
+
+    def loss_terms(self, batch):
+        from lit_dpvae.privacy import LossTerms
+
+        h = self.conv(torch.tanh(self.conv(batch[0])))
+        return LossTerms(sample={"recon": self.head(h.flatten(1)).pow(2).sum(-1)}, batch={})
+
+
+class _Bag(nn.Module):
+    """EmbeddingBag on flat indices with offsets: its inputs do not have the batch's rows first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(12, 4, mode="sum")
+        self.head = nn.Linear(4, 2)
+
+    def loss_terms(self, batch):
+        from lit_dpvae.privacy import LossTerms
+
+        idx = batch[0]
+        n, length = idx.shape
+        h = self.bag(idx.reshape(-1), torch.arange(0, n * length, length))
+        return LossTerms(sample={"recon": (self.head(h) - 1).pow(2).sum(-1)}, batch={})
+
+
+@pytest.mark.parametrize("make", [_SharedConv, _Bag])
+def test_layers_that_cannot_be_cut_by_rows_keep_the_oracle(make, monkeypatch):
+    """A layer called twice (its norm needs both calls) and an EmbeddingBag (flat indices, not
+    rows) with the smallest blocks and the two-pass route forced: still the per-record oracle."""
+    import lit_dpvae.privacy.grad_sample as gs
+
+    monkeypatch.setattr(gs, "_SAMPLER_BLOCK", 1)
+    monkeypatch.setattr(gs, "_MATERIALISE_LIMIT", 0)
+    torch.manual_seed(0)
+    model = make()
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 1, 4, 4, generator=g) if make is _SharedConv
+         else torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(5)]))
+    got = TermwiseDPSGD(max_grad_norm=0.5, noise_multiplier=1.0,
+                        sample_share=1.0).aggregate(model, (x,))["sample"]
+    want = per_record_oracle(model, x, 0.5)
+    assert any(float(w.norm()) > 0 for w in want.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("limit", [1 << 40, 0])
+def test_conv_sampler_calls_are_blocked(limit, monkeypatch):
+    """The conv sampler really sees blocks of ≤ the bound (kept route: one pass; two-pass route:
+    each block twice), not the whole batch."""
+    from opacus.grad_sample import GradSampleModule
+
+    import lit_dpvae.privacy.grad_sample as gs
+
+    conv_sampler = GradSampleModule.GRAD_SAMPLERS[nn.Conv2d]
+    rows_seen = []
+
+    def spy(module, activations, backprops):
+        rows_seen.append(backprops.shape[0])
+        return conv_sampler(module, activations, backprops)
+
+    monkeypatch.setitem(GradSampleModule.GRAD_SAMPLERS, nn.Conv2d, spy)
+    monkeypatch.setattr(gs, "_SAMPLER_BLOCK", 2 * 144)  # the toy's conv: 16 · 9 per row
+    monkeypatch.setattr(gs, "_MATERIALISE_LIMIT", limit)
+    model, shape = make_toy("conv")
+    x = torch.randn(7, *shape, generator=torch.Generator().manual_seed(1))
+    TermwiseDPSGD(max_grad_norm=0.5, noise_multiplier=1.0).aggregate(model, (x,))
+    assert max(rows_seen) <= 2 and sum(rows_seen) == (7 if limit else 14)
