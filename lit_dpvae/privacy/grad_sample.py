@@ -162,7 +162,7 @@ _SAMPLER_BLOCK = 1 << 24
 # gradients are not kept for the whole batch: a first pass over blocks of records takes their
 # norms, a second pass recomputes each block and adds Σ c_i g_i (twice the sampler work, memory
 # of one block). Below it, one pass keeps them all.
-_MATERIALISE_LIMIT = 1 << 24
+_MATERIALISE_LIMIT = 1 << 26
 
 
 def _trainable_numel(call: _Call) -> int:
