@@ -80,7 +80,8 @@ OPTIONAL: dict[str, Any] = {"optimizer": "sgd", "eval_split": "test", "arch": "m
                             "n_synthetic": None, "classifier_steps": None,
                             "sample_temperature": None, "extra_temperatures": None,
                             "ema": None, "label_prior": False,
-                            "label_prior_scale": False, "channels": None}
+                            "label_prior_scale": False, "channels": None,
+                            "adam_bc_floor": None}
 
 GRIDS: dict[str, dict[str, Any]] = {
     "quick_digits": dict(COMMON, dataset="digits", steps=150,
@@ -212,6 +213,7 @@ def make_data(spec: dict[str, Any], seed: int):
 
 def make_model(spec: dict[str, Any], pairing: str, dm):
     import lit_dpvae.models as models
+    from lit_dpvae.optim import DPAdamBC
 
     p = PAIRINGS[pairing]
     kwargs = dict(data_shape=dm.data_shape, latent_dim=spec["latent_dim"],
@@ -233,6 +235,8 @@ def make_model(spec: dict[str, Any], pairing: str, dm):
     def configure_optimizers(self):  # SGD + momentum (quickstart round 2: beats Adam under noise)
         if opt == "adam":
             return torch.optim.Adam(self.parameters(), lr=lr)
+        if opt == "adam_bc":  # Adam with the DP noise variance removed from v̂ (lit_dpvae.optim)
+            return DPAdamBC(self.parameters(), lr=lr, floor=spec.get("adam_bc_floor") or 0.05)
         return torch.optim.SGD(self.parameters(), lr=lr, momentum=momentum)
 
     model.configure_optimizers = types.MethodType(configure_optimizers, model)

@@ -36,6 +36,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lit_dpvae.optim import DPAdamBC
 from lit_dpvae.privacy import (
     NaiveDPSGD,
     NonPrivate,
@@ -540,7 +541,19 @@ class TermwiseDPStrategy(DDPStrategy):
         for name, p in module.named_parameters():
             if name in update:
                 p.grad = update[name].to(p.dtype)
+        torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer
+        if isinstance(torch_optimizer, DPAdamBC):
+            torch_optimizer.noise_std = self.update_noise_std
         return closure_loss
+
+    @property
+    def update_noise_std(self) -> float:
+        """φ: std of the Gaussian noise in each coordinate of the update written into ``p.grad``
+        (``σC/B`` for one part; public). 0 when not private."""
+        if self.mechanism is None or self.expected_batch_size is None:
+            raise RuntimeError("update_noise_std is known once Trainer.fit has set up the "
+                               "strategy (mechanism and expected batch size)")
+        return self.mechanism.update_noise_std(self.expected_batch_size)
 
     def _naive_local_keep(self, n_max: int) -> int:
         # Local record j of rank r is record j·W + r of the global batch; keep those < n_max.

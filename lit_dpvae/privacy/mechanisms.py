@@ -245,6 +245,22 @@ class Mechanism:
                 update[name] = value if name not in update else update[name] + value
         return update
 
+    def update_noise_std(self, expected_batch_size: float) -> float:
+        """Std of the Gaussian noise in each coordinate of the released update (``privatize``):
+        ``sqrt(Σ_k (s_k σ_k Δ_k)²)``, ``s_k`` = 1/B for parts summed over records, else 1.
+
+        Public (σ_k, Δ_k and B are public), so an optimizer may use it freely, e.g. to remove the
+        noise's share from Adam's second moment (``lit_dpvae.optim.DPAdamBC``).
+        """
+        if not expected_batch_size > 0:
+            raise ValueError(
+                f"expected_batch_size must be > 0 (q·N, public), got {expected_batch_size}"
+            )
+        std = self.noise_std()
+        return math.sqrt(sum(
+            ((1.0 / expected_batch_size if self.summed_over_records[p] else 1.0) * std[p]) ** 2
+            for p in self.parts))
+
     def privatize(
         self,
         stats: Stats,
@@ -262,10 +278,7 @@ class Mechanism:
         if len(self.parts) == 1:
             return self.combine(self.add_noise(stats, generator), expected_batch_size)
         noiseless = self.combine(stats, expected_batch_size)
-        std = self.noise_std()
-        scale = {p: 1.0 / expected_batch_size if self.summed_over_records[p] else 1.0
-                 for p in self.parts}
-        total_std = math.sqrt(sum((scale[p] * std[p]) ** 2 for p in self.parts))
+        total_std = self.update_noise_std(expected_batch_size)
         if total_std == 0:
             return noiseless
         return {
