@@ -14,6 +14,7 @@ The accountant sees one subsampled Gaussian mechanism per step with
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from lit_dpvae.privacy.grad_sample import (
     weighted_sum,
 )
 from lit_dpvae.privacy.pairwise import clipped_owner_sum, latent_jacobian, owner_vectors
+from lit_dpvae.privacy.precision import ieee_fp32_matmul
 from lit_dpvae.privacy.terms import LossTerms, LossTermsError, batch_size_of, loss_terms_of
 
 Stats = dict[str, dict[str, Tensor]]
@@ -43,6 +45,18 @@ Reduce = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 def _identity(stats: dict[str, Tensor]) -> dict[str, Tensor]:
     return stats
+
+
+def _ieee_matmuls(aggregate: Callable[..., Stats]) -> Callable[..., Stats]:
+    """Form a private mechanism's statistics under IEEE float32 matmuls (no TF32/bf16 input
+    rounding, which would let a clipped contribution exceed its bound; precision.py)."""
+
+    @functools.wraps(aggregate)
+    def wrapped(self: Mechanism, *args: Any, **kwargs: Any) -> Stats:
+        with ieee_fp32_matmul():
+            return aggregate(self, *args, **kwargs)
+
+    return wrapped
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -369,6 +383,7 @@ class NaiveDPSGD(Mechanism):
     def sensitivity(self) -> dict[str, float]:
         return {"total": 2.0 * self.max_batch_size * self.max_grad_norm}
 
+    @_ieee_matmuls
     def aggregate(
         self, module: nn.Module, batch: Any, reduce: Reduce = _identity, keep: int | None = None
     ) -> Stats:
@@ -443,6 +458,7 @@ class TermwiseDPSGD(Mechanism):
         sigmas = {"sample": sigma_s, "batch": sigma_b}
         return {part: sigmas[part] for part in self.parts}
 
+    @_ieee_matmuls
     def aggregate(self, module: nn.Module, batch: Any, reduce: Reduce = _identity) -> Stats:
         n = self._start(module, batch)
         if self._skip(n):
@@ -545,6 +561,7 @@ class PairwiseDPSGD(Mechanism):
     def noise_multipliers(self) -> dict[str, float]:
         return {p: self.noise_multiplier / math.sqrt(self.shares[p]) for p in self.parts}
 
+    @_ieee_matmuls
     def aggregate(
         self,
         module: nn.Module,

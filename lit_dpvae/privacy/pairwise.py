@@ -34,6 +34,7 @@ from lit_dpvae.privacy.grad_sample import (
     _rows_per_record,
     clip_factors,
 )
+from lit_dpvae.privacy.precision import reduced_fp32_matmul
 
 
 @dataclass
@@ -370,10 +371,10 @@ def _radial_pair_quads(z: Tensor, zz: Tensor, w: Tensor, kernel, weight: float, 
 
 def gram_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype for the Gram and quadratic-form products: float32 inputs go to float64 when
-    ``torch.get_float32_matmul_precision()`` is not ``"highest"`` (TF32/bf16 matmuls — which
+    float32 matmuls may round their inputs (``reduced_fp32_matmul``: TF32/bf16 — which
     Lightning recommends on tensor-core GPUs — would make the rounding margin below useless;
     float64 products of float32 values are not affected by that setting)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    if dtype == torch.float32 and reduced_fp32_matmul():
         return torch.float64
     return dtype
 
