@@ -76,12 +76,16 @@ COMMON = {
 # ``label_prior`` (False = off) passes ``label_prior=True`` to a conditional model;
 # ``label_prior_scale`` (False = off) also learns the prior's per-class diagonal scale.
 # ``channels`` (None = the model default) sets the conv widths for ``arch="conv"``.
+# ``optimizer`` "adam_bc" is lit_dpvae.optim.DPAdamBC (floor ``adam_bc_floor``, default 0.05);
+# ``lr_schedule`` "cosine" decays the learning rate to 0 over the planned steps; ``adam_eps``
+# (None = 1e-8) is Adam's ε (an ε well above the update's noise std φ keeps coordinates that
+# hold only noise from taking lr-sized steps).
 OPTIONAL: dict[str, Any] = {"optimizer": "sgd", "eval_split": "test", "arch": "mlp",
                             "n_synthetic": None, "classifier_steps": None,
                             "sample_temperature": None, "extra_temperatures": None,
                             "ema": None, "label_prior": False,
                             "label_prior_scale": False, "channels": None,
-                            "adam_bc_floor": None}
+                            "adam_bc_floor": None, "lr_schedule": None, "adam_eps": None}
 
 GRIDS: dict[str, dict[str, Any]] = {
     "quick_digits": dict(COMMON, dataset="digits", steps=150,
@@ -232,12 +236,23 @@ def make_model(spec: dict[str, Any], pairing: str, dm):
     model = getattr(models, p["cls"])(**kwargs)
     lr, momentum, opt = spec["lr"], spec["momentum"], spec.get("optimizer") or "sgd"
 
+    schedule, steps = spec.get("lr_schedule"), spec["steps"]
+    if schedule not in (None, "cosine"):
+        raise ValueError(f"lr_schedule must be None or \"cosine\", got {schedule!r}")
+
     def configure_optimizers(self):  # SGD + momentum (quickstart round 2: beats Adam under noise)
         if opt == "adam":
-            return torch.optim.Adam(self.parameters(), lr=lr)
-        if opt == "adam_bc":  # Adam with the DP noise variance removed from v̂ (lit_dpvae.optim)
-            return DPAdamBC(self.parameters(), lr=lr, floor=spec.get("adam_bc_floor") or 0.05)
-        return torch.optim.SGD(self.parameters(), lr=lr, momentum=momentum)
+            o = torch.optim.Adam(self.parameters(), lr=lr, eps=spec.get("adam_eps") or 1e-8)
+        elif opt == "adam_bc":  # Adam with the DP noise variance removed from v̂ (lit_dpvae.optim)
+            o = DPAdamBC(self.parameters(), lr=lr, floor=spec.get("adam_bc_floor") or 0.05)
+        else:
+            o = torch.optim.SGD(self.parameters(), lr=lr, momentum=momentum)
+        if schedule is None:
+            return o
+        # cosine decay to 0 over the planned steps (a public schedule: post-processing)
+        decay = torch.optim.lr_scheduler.LambdaLR(
+            o, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+        return {"optimizer": o, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
     model.configure_optimizers = types.MethodType(configure_optimizers, model)
     return model
