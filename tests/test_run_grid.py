@@ -136,3 +136,34 @@ def test_label_prior_scale_and_channels_keys_reach_the_model():
     with torch.no_grad():
         z = model.label_means(onehot) + model.label_log_scales(onehot).exp() * 0.5 * eps
         torch.testing.assert_close(got, model.likelihood.mean(model.decode(z, onehot)))
+
+
+def test_optimizer_keys_reach_the_optimizer():
+    import types
+
+    import torch
+
+    from lit_dpvae.optim import DPAdamBC
+
+    grid = _load()
+    dm = types.SimpleNamespace(data_shape=(1, 8, 8), num_classes=3)
+    spec = dict(grid.GRIDS["micro"], latent_dim=2, hidden=[8], steps=10, lr=0.1)
+    opt = grid.make_model(dict(spec, optimizer="adam", adam_eps=0.5), "vanilla_cond_lp",
+                          dm).configure_optimizers()
+    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["eps"] == 0.5
+    bc = grid.make_model(dict(spec, optimizer="adam_bc", adam_bc_floor=0.2), "vanilla_cond_lp",
+                         dm).configure_optimizers()
+    assert isinstance(bc, DPAdamBC) and bc.param_groups[0]["floor"] == 0.2
+    conf = grid.make_model(dict(spec, lr_schedule="cosine"), "vanilla_cond_lp",
+                           dm).configure_optimizers()
+    decay = conf["lr_scheduler"]["scheduler"]
+    assert conf["lr_scheduler"]["interval"] == "step"
+    lrs = []
+    for _ in range(10):
+        lrs.append(conf["optimizer"].param_groups[0]["lr"])
+        conf["optimizer"].step()
+        decay.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[5] == pytest.approx(0.05)
+    assert conf["optimizer"].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        grid.make_model(dict(spec, lr_schedule="step"), "vanilla_cond_lp", dm)
