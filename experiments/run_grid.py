@@ -78,6 +78,8 @@ COMMON = {
 # ``channels`` (None = the model default) sets the conv widths for ``arch="conv"``.
 # ``optimizer`` "adam_bc" is lit_dpvae.optim.DPAdamBC (floor ``adam_bc_floor``, default 0.05);
 # ``lr_schedule`` "cosine" decays the learning rate to 0 over the planned steps; ``adam_eps``
+# ``accelerator`` ("cpu"; "gpu" trains on one GPU, evaluation stays on the CPU) and ``data_dir``
+# (None = the system Fashion-MNIST folder) serve runs on other machines. ``adam_eps``
 # (None = 1e-8) is Adam's ε (an ε well above the update's noise std φ keeps coordinates that
 # hold only noise from taking lr-sized steps).
 OPTIONAL: dict[str, Any] = {"optimizer": "sgd", "eval_split": "test", "arch": "mlp",
@@ -85,7 +87,8 @@ OPTIONAL: dict[str, Any] = {"optimizer": "sgd", "eval_split": "test", "arch": "m
                             "sample_temperature": None, "extra_temperatures": None,
                             "ema": None, "label_prior": False,
                             "label_prior_scale": False, "channels": None,
-                            "adam_bc_floor": None, "lr_schedule": None, "adam_eps": None}
+                            "adam_bc_floor": None, "lr_schedule": None, "adam_eps": None,
+                            "accelerator": "cpu", "data_dir": None}
 
 GRIDS: dict[str, dict[str, Any]] = {
     "quick_digits": dict(COMMON, dataset="digits", steps=150,
@@ -209,8 +212,9 @@ def make_data(spec: dict[str, Any], seed: int):
         dm = DigitsDataModule(batch_size=spec["batch_size"], seed=1000 + seed,
                               limit_train=spec["limit_train"])
     else:
+        where = {"data_dir": spec["data_dir"]} if spec.get("data_dir") else {}
         dm = FashionMNISTDataModule(batch_size=spec["batch_size"], seed=1000 + seed,
-                                    limit_train=spec["limit_train"], eval_batch_size=1000)
+                                    limit_train=spec["limit_train"], eval_batch_size=1000, **where)
     dm.setup("fit")
     return dm
 
@@ -334,7 +338,7 @@ def train_cell(spec: dict[str, Any], cell: dict[str, Any], dm) -> tuple[Any, dic
                   pair_max_grad_norm=spec.get("pair_max_grad_norm", 0.01))
     strategy = TermwiseDPStrategy(**kw)
     ema = ParamEMA(spec["ema"]) if spec.get("ema") else None
-    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1,
+    trainer = pl.Trainer(strategy=strategy, accelerator=spec.get("accelerator") or "cpu", devices=1,
                          callbacks=[ema] if ema is not None else None,
                          max_steps=spec["steps"], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
@@ -348,6 +352,7 @@ def train_cell(spec: dict[str, Any], cell: dict[str, Any], dm) -> tuple[Any, dic
         print(f"[grid]   diverged at step {trainer.global_step}: {diverged}", flush=True)
     if ema is not None and not diverged:
         ema.apply(model)
+    model = model.cpu()  # evaluation (metrics, feature net, classifier) runs on the CPU
     info = {"steps": int(trainer.global_step), "diverged": diverged,
             "epsilon": strategy.epsilon() if strategy.is_private else math.inf,
             "sigma_eff": getattr(strategy.mechanism, "noise_multiplier", 0.0),

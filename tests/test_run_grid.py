@@ -167,3 +167,11 @@ def test_optimizer_keys_reach_the_optimizer():
     assert conf["optimizer"].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="lr_schedule"):
         grid.make_model(dict(spec, lr_schedule="step"), "vanilla_cond_lp", dm)
+
+
+def test_data_dir_and_accelerator_keys(tmp_path):
+    grid = _load()
+    spec = dict(grid.GRIDS["fmnist_downstream_lp2"], data_dir=str(tmp_path / "fm"))
+    with pytest.raises(FileNotFoundError, match="fm does not exist"):
+        grid.make_data(spec, 0)  # the folder reaches the data module
+    assert grid.OPTIONAL["accelerator"] == "cpu" and grid.OPTIONAL["data_dir"] is None
