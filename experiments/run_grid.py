@@ -77,11 +77,11 @@ COMMON = {
 # ``label_prior_scale`` (False = off) also learns the prior's per-class diagonal scale.
 # ``channels`` (None = the model default) sets the conv widths for ``arch="conv"``.
 # ``optimizer`` "adam_bc" is lit_dpvae.optim.DPAdamBC (floor ``adam_bc_floor``, default 0.05);
-# ``lr_schedule`` "cosine" decays the learning rate to 0 over the planned steps; ``adam_eps``
-# ``accelerator`` ("cpu"; "gpu" trains on one GPU, evaluation stays on the CPU) and ``data_dir``
-# (None = the system Fashion-MNIST folder) serve runs on other machines. ``adam_eps``
-# (None = 1e-8) is Adam's ε (an ε well above the update's noise std φ keeps coordinates that
-# hold only noise from taking lr-sized steps).
+# ``lr_schedule`` "cosine" decays the learning rate to 0 over the planned steps. ``adam_eps``
+# (None = 1e-8) is the ε of Adam and DPAdamBC (an ε well above the update's noise std φ keeps
+# coordinates that hold only noise from taking lr-sized steps). ``accelerator`` ("cpu"; "gpu"
+# trains on one GPU, evaluation stays on the CPU) and ``data_dir`` (None = the system
+# Fashion-MNIST folder) serve runs on other machines.
 OPTIONAL: dict[str, Any] = {"optimizer": "sgd", "eval_split": "test", "arch": "mlp",
                             "n_synthetic": None, "classifier_steps": None,
                             "sample_temperature": None, "extra_temperatures": None,
@@ -248,7 +248,8 @@ def make_model(spec: dict[str, Any], pairing: str, dm):
         if opt == "adam":
             o = torch.optim.Adam(self.parameters(), lr=lr, eps=spec.get("adam_eps") or 1e-8)
         elif opt == "adam_bc":  # Adam with the DP noise variance removed from v̂ (lit_dpvae.optim)
-            o = DPAdamBC(self.parameters(), lr=lr, floor=spec.get("adam_bc_floor") or 0.05)
+            o = DPAdamBC(self.parameters(), lr=lr, floor=spec.get("adam_bc_floor") or 0.05,
+                         eps=spec.get("adam_eps") or 1e-8)
         else:
             o = torch.optim.SGD(self.parameters(), lr=lr, momentum=momentum)
         if schedule is None:

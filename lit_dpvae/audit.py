@@ -250,13 +250,6 @@ def _flat_update(update: dict[str, Tensor], std: float) -> Tensor:
     return torch.cat([t.flatten() for t in update.values()]) / std
 
 
-def _update_std(mech: Mechanism, expected_batch_size: float) -> float:
-    """Per-coordinate noise std of ``privatize``'s update: ``sqrt(Σ_k (s_k σ_k Δ_k)²)``."""
-    std = mech.noise_std()
-    return math.sqrt(sum((std[p] / (expected_batch_size if mech.summed_over_records[p] else 1.0))
-                         ** 2 for p in mech.parts))
-
-
 def run_audit(
     cfg: AuditConfig,
     model: nn.Module | None = None,
@@ -279,7 +272,7 @@ def run_audit(
     if cfg.release not in ("parts", "update"):
         raise ValueError(f"release must be 'parts' or 'update', got {cfg.release!r}")
     big_b = float(cfg.batch_size)  # public expected batch size B (q = 1: B = n)
-    u_std = _update_std(mech, big_b)
+    u_std = mech.update_noise_std(big_b)
 
     def whiten(stats: Stats) -> Tensor:
         if cfg.release == "parts":

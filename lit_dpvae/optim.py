@@ -31,7 +31,8 @@ class DPAdamBC(torch.optim.Optimizer):
             Must be > 0; 0.05 corresponds to the paper's γ' = 5e-8 at φ ≈ 1e-3.
         noise_std: φ, the per-coordinate noise std of the gradients this optimizer is given.
             ``TermwiseDPStrategy`` sets it before every step, so leave it ``None`` there; set it
-            yourself only when you privatise gradients by other means. φ = 0 gives Adam exactly.
+            yourself only when you privatise gradients by other means. φ = 0 gives Adam (up to
+            rounding: the same formula, evaluated in a different order).
     """
 
     def __init__(

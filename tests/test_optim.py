@@ -20,13 +20,14 @@ def _run(opt: torch.optim.Optimizer, param: torch.Tensor, grads: list[torch.Tens
         opt.step()
 
 
-def test_without_noise_it_is_adam():
+@pytest.mark.parametrize("eps", [1e-8, 0.1])  # a large ε checks where it is added
+def test_without_noise_it_is_adam(eps):
     gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(50, generator=gen) for _ in range(20)]
+    grads = [0.1 * torch.randn(50, generator=gen) for _ in range(20)]
     a = torch.zeros(50, requires_grad=True)
     b = torch.zeros(50, requires_grad=True)
-    _run(torch.optim.Adam([a], lr=0.01, eps=1e-8), a, grads)
-    _run(DPAdamBC([b], lr=0.01, eps=1e-8, noise_std=0.0), b, grads)
+    _run(torch.optim.Adam([a], lr=0.01, eps=eps), a, grads)
+    _run(DPAdamBC([b], lr=0.01, eps=eps, noise_std=0.0), b, grads)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 

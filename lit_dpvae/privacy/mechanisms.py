@@ -34,7 +34,7 @@ from lit_dpvae.privacy.grad_sample import (
     weighted_sum,
 )
 from lit_dpvae.privacy.pairwise import clipped_owner_sum, latent_jacobian, owner_vectors
-from lit_dpvae.privacy.precision import ieee_fp32_matmul
+from lit_dpvae.privacy.precision import ieee_fp32
 from lit_dpvae.privacy.terms import LossTerms, LossTermsError, batch_size_of, loss_terms_of
 
 Stats = dict[str, dict[str, Tensor]]
@@ -47,13 +47,13 @@ def _identity(stats: dict[str, Tensor]) -> dict[str, Tensor]:
     return stats
 
 
-def _ieee_matmuls(aggregate: Callable[..., Stats]) -> Callable[..., Stats]:
-    """Form a private mechanism's statistics under IEEE float32 matmuls (no TF32/bf16 input
-    rounding, which would let a clipped contribution exceed its bound; precision.py)."""
+def _under_ieee_fp32(aggregate: Callable[..., Stats]) -> Callable[..., Stats]:
+    """Form a mechanism's statistics under IEEE float32 kernels (no TF32/bf16 input rounding,
+    which would let a clipped contribution exceed its bound; precision.py)."""
 
     @functools.wraps(aggregate)
     def wrapped(self: Mechanism, *args: Any, **kwargs: Any) -> Stats:
-        with ieee_fp32_matmul():
+        with ieee_fp32():
             return aggregate(self, *args, **kwargs)
 
     return wrapped
@@ -97,6 +97,13 @@ class Mechanism:
     parts: tuple[str, ...] = ()
     #: part -> True if the part is a sum over records (divided by B in the update).
     summed_over_records: dict[str, bool] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every mechanism's ``aggregate`` — the shipped ones and any user subclass — forms its
+        statistics under IEEE float32 kernels (precision.py, docs/privacy.md §7)."""
+        super().__init_subclass__(**kwargs)
+        if "aggregate" in cls.__dict__:
+            cls.aggregate = _under_ieee_fp32(cls.__dict__["aggregate"])  # type: ignore[method-assign]
 
     def __init__(self, *, noise_multiplier: float = 0.0, backend: str = "ghost") -> None:
         self.clipper = make_clipper(backend)
@@ -383,7 +390,6 @@ class NaiveDPSGD(Mechanism):
     def sensitivity(self) -> dict[str, float]:
         return {"total": 2.0 * self.max_batch_size * self.max_grad_norm}
 
-    @_ieee_matmuls
     def aggregate(
         self, module: nn.Module, batch: Any, reduce: Reduce = _identity, keep: int | None = None
     ) -> Stats:
@@ -458,7 +464,6 @@ class TermwiseDPSGD(Mechanism):
         sigmas = {"sample": sigma_s, "batch": sigma_b}
         return {part: sigmas[part] for part in self.parts}
 
-    @_ieee_matmuls
     def aggregate(self, module: nn.Module, batch: Any, reduce: Reduce = _identity) -> Stats:
         n = self._start(module, batch)
         if self._skip(n):
@@ -561,7 +566,6 @@ class PairwiseDPSGD(Mechanism):
     def noise_multipliers(self) -> dict[str, float]:
         return {p: self.noise_multiplier / math.sqrt(self.shares[p]) for p in self.parts}
 
-    @_ieee_matmuls
     def aggregate(
         self,
         module: nn.Module,

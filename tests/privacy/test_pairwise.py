@@ -470,8 +470,10 @@ def test_radial_pair_norm_bound_survives_cancellation():
 
 def test_reduced_float32_matmul_precision_computes_pair_norms_in_float64():
     """Under TF32/bf16 matmuls (``set_float32_matmul_precision("high")``, which Lightning
-    suggests on tensor-core GPUs) the rounding margin would not bound the error: the Gram and
-    the forms are then float64, and the statistic matches the full-precision one."""
+    suggests on tensor-core GPUs) the rounding margin would not bound the error: ``gram_dtype``
+    then asks for float64. Inside ``aggregate`` the kernels are IEEE float32 anyway
+    (precision.py), so there the Gram stays float32 and the statistic matches the full-precision
+    one."""
     from lit_dpvae.privacy.pairwise import gram_dtype
 
     model = PairToy("mlp", "mmd", lam=5.0)

@@ -1,4 +1,4 @@
-"""Private statistics are formed under IEEE float32 matmuls, whatever the user set."""
+"""Private statistics are formed under IEEE float32 kernels, whatever the user set."""
 
 from __future__ import annotations
 
@@ -7,26 +7,29 @@ import torch
 from torch import nn
 
 from lit_dpvae.privacy import LossTerms, NaiveDPSGD, PairwiseDPSGD, TermwiseDPSGD
-from lit_dpvae.privacy.precision import ieee_fp32_matmul, reduced_fp32_matmul
+from lit_dpvae.privacy.precision import _ops, ieee_fp32, reduced_fp32_matmul
 from lit_dpvae.privacy.terms import PairwiseTerm
 
-BACKENDS = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+OPS = _ops()  # cuda.matmul, cudnn.conv/rnn, mkldnn.matmul/conv/rnn
+PARENTS = (torch.backends, torch.backends.cudnn, torch.backends.mkldnn)
 
 
 @pytest.fixture(autouse=True)
 def _restore_precision():
     # the legacy setting is its own state: restore it first (it also writes the backends')
     legacy = torch.get_float32_matmul_precision()
-    saved = [b.fp32_precision for b in BACKENDS], torch.backends.fp32_precision
+    parents = [p.fp32_precision for p in PARENTS]
+    ops = [op.fp32_precision for op in OPS]
     yield
     torch.set_float32_matmul_precision(legacy)
-    torch.backends.fp32_precision = saved[1]
-    for b, value in zip(BACKENDS, saved[0]):
-        b.fp32_precision = value
+    for p, value in zip(PARENTS, parents):
+        p.fp32_precision = value
+    for op, value in zip(OPS, ops):
+        op.fp32_precision = value
 
 
 def _settings() -> list[str]:
-    return [b.fp32_precision for b in BACKENDS]
+    return [op.fp32_precision for op in OPS]
 
 
 def test_reduced_precision_is_detected_without_raising():
@@ -49,12 +52,16 @@ def test_reduced_precision_is_detected_without_raising():
 def test_the_block_is_ieee_and_the_user_setting_comes_back_even_on_error():
     torch.set_float32_matmul_precision("medium")
     before = _settings()
-    assert "ieee" not in before and reduced_fp32_matmul()  # cuda tf32, oneDNN bf16
-    with ieee_fp32_matmul():
-        assert _settings() == ["ieee", "ieee"]
+    assert before[0] == "tf32" and before[3] == "bf16" and reduced_fp32_matmul()
+    assert before[1] == "tf32"  # cuDNN convolutions are TF32 by default
+    with ieee_fp32():
+        assert _settings() == ["ieee"] * len(OPS)
         assert not reduced_fp32_matmul()
+        with ieee_fp32():  # nested
+            pass
+        assert _settings() == ["ieee"] * len(OPS)
     assert _settings() == before
-    with pytest.raises(ValueError, match="boom"), ieee_fp32_matmul():
+    with pytest.raises(ValueError, match="boom"), ieee_fp32():
         raise ValueError("boom")
     assert _settings() == before
     assert torch.get_float32_matmul_precision() == "medium"
@@ -67,7 +74,8 @@ def test_cpu_matmuls_in_the_block_are_bitwise_full_precision():
     a, b = torch.randn(300, 500, generator=gen), torch.randn(500, 200, generator=gen)
     full = a @ b
     torch.set_float32_matmul_precision("medium")
-    with ieee_fp32_matmul():
+    assert not torch.equal(a @ b, full), "this CPU's oneDNN must honour bf16 for the check"
+    with ieee_fp32():
         inside = a @ b
         linear = nn.functional.linear(a, b.T)
     assert torch.equal(inside, full)
@@ -107,15 +115,31 @@ class _Spy(nn.Module):
     lambda: PairwiseDPSGD(max_grad_norm=1.0, pair_max_grad_norm=0.1, batch_max_grad_norm=0.1,
                           noise_multiplier=1.0),
 ], ids=["termwise", "naive", "pairwise"])
-def test_every_private_mechanism_forms_its_statistics_under_ieee_matmuls(make):
+def test_every_private_mechanism_forms_its_statistics_under_ieee_kernels(make):
+    """Under ``"medium"`` (bf16 matmuls in oneDNN on this CPU, which change a plain matmul by
+    ~1e-4) the statistics are bit-identical to the full-precision ones."""
     mech = make()
     model = _Spy(pairwise=isinstance(mech, PairwiseDPSGD))
-    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
     want = mech.aggregate(model, (x,))
-    torch.set_float32_matmul_precision("high")  # what Lightning suggests on tensor-core GPUs
+    torch.set_float32_matmul_precision("medium")
+    user = _settings()
     got = mech.aggregate(model, (x,))
-    assert model.seen and all(s == ["ieee", "ieee"] for s in model.seen)
-    assert _settings() == ["tf32", "tf32"]  # the user's setting is back
+    assert model.seen and all(s == ["ieee"] * len(OPS) for s in model.seen)
+    assert _settings() == user  # the user's setting is back
     for part in want:
         for name in want[part]:
-            torch.testing.assert_close(got[part][name], want[part][name], rtol=0, atol=0)
+            assert torch.equal(got[part][name], want[part][name]), (part, name)
+
+
+def test_a_user_mechanism_is_covered_too():
+    class Mine(TermwiseDPSGD):
+        def aggregate(self, module, batch, reduce=lambda s: s):
+            module.seen.append(_settings())
+            return super().aggregate(module, batch, reduce)
+
+    model = _Spy()
+    torch.set_float32_matmul_precision("high")
+    Mine(max_grad_norm=1.0, batch_max_grad_norm=0.1, noise_multiplier=1.0).aggregate(
+        model, (torch.randn(3, 4),))
+    assert model.seen[0] == ["ieee"] * len(OPS)
