@@ -98,11 +98,14 @@ class Mechanism:
     #: part -> True if the part is a sum over records (divided by B in the update).
     summed_over_records: dict[str, bool] = {}
 
+    #: form the statistics under IEEE float32 kernels (False only where nothing is private)
+    ieee_statistics = True
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Every mechanism's ``aggregate`` — the shipped ones and any user subclass — forms its
-        statistics under IEEE float32 kernels (precision.py, docs/privacy.md §7)."""
+        """Every private mechanism's ``aggregate`` — the shipped ones and any user subclass —
+        forms its statistics under IEEE float32 kernels (precision.py, docs/privacy.md §7)."""
         super().__init_subclass__(**kwargs)
-        if "aggregate" in cls.__dict__:
+        if "aggregate" in cls.__dict__ and cls.__dict__.get("ieee_statistics", True):
             cls.aggregate = _under_ieee_fp32(cls.__dict__["aggregate"])  # type: ignore[method-assign]
 
     def __init__(self, *, noise_multiplier: float = 0.0, backend: str = "ghost") -> None:
@@ -319,9 +322,11 @@ class NonPrivate(Mechanism):
     """Plain gradient, split the same way as term-wise (DESIGN §2.1). No clipping, no noise.
 
     Parts: ``sample`` = ``Σ_i ∇ℓ_i`` and ``batch`` = ``∇ Σ_k λ_k D_k``; update ``sample/B + batch``.
+    Runs at the user's float32 precision (TF32 allowed): there is no bound to protect.
     """
 
     parts = ("sample", "batch")
+    ieee_statistics = False
     summed_over_records = {"sample": True, "batch": False}
 
     def __init__(self, *, backend: str = "ghost") -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_dpvae.privacy import LossTerms, NaiveDPSGD, PairwiseDPSGD, TermwiseDPSGD
+from lit_dpvae.privacy import LossTerms, NaiveDPSGD, NonPrivate, PairwiseDPSGD, TermwiseDPSGD
 from lit_dpvae.privacy.precision import _ops, ieee_fp32, reduced_fp32_matmul
 from lit_dpvae.privacy.terms import PairwiseTerm
 
@@ -130,6 +130,14 @@ def test_every_private_mechanism_forms_its_statistics_under_ieee_kernels(make):
     for part in want:
         for name in want[part]:
             assert torch.equal(got[part][name], want[part][name]), (part, name)
+
+
+def test_the_non_private_baseline_keeps_the_user_setting():
+    model = _Spy()
+    torch.set_float32_matmul_precision("medium")
+    user = _settings()
+    NonPrivate().aggregate(model, (torch.randn(3, 4),))
+    assert model.seen == [user]
 
 
 def test_a_user_mechanism_is_covered_too():
