@@ -33,7 +33,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
 # (selection only; see experiments/results/fmnist_downstream_tuning.md rounds 4-5), its
 # non-private ceiling first.
 if [ "${1:-}" = "downstream" ] && [ -d .fmnist ]; then
-    common=(--grid fmnist_downstream_lp2 --out /tmp/gpu_grid --set 'eval_split="val"' 'seeds=[0]'
+    common=(--grid fmnist_downstream_lp2 --out /tmp/gpu_grid --threads 8 --set 'eval_split="val"' 'seeds=[0]'
             'arch="conv"' 'channels=[32,64]' 'accelerator="gpu"' 'data_dir=".fmnist"')
     timeout 300 python3 experiments/run_grid.py "${common[@]}" 'mechanisms=["nonprivate"]' \
         --name np_conv32 2>&1 | grep -E "done in|error|Error" | tee "$OUT/downstream.log"
