@@ -74,7 +74,8 @@ def test_cpu_matmuls_in_the_block_are_bitwise_full_precision():
     a, b = torch.randn(300, 500, generator=gen), torch.randn(500, 200, generator=gen)
     full = a @ b
     torch.set_float32_matmul_precision("medium")
-    assert not torch.equal(a @ b, full), "this CPU's oneDNN must honour bf16 for the check"
+    if torch.equal(a @ b, full):
+        pytest.skip("this CPU has no bf16 matmul path (no AVX512-BF16/AMX): nothing to check")
     with ieee_fp32():
         inside = a @ b
         linear = nn.functional.linear(a, b.T)
