@@ -14,11 +14,13 @@ attribute to record ``i`` — every record's attribution then depends on the who
 Backends (same numbers up to float rounding; tests compare them with a one-record-at-a-time loop):
 
 - ``"ghost"`` (default): one forward, one backward to the layer *outputs* (no parameter gradients
-  accumulated), per-record norms from Opacus' ghost-norm samplers (``‖a_i‖²·‖b_i‖²`` for Linear;
-  Opacus' per-sample samplers for layers without one), then the clipped sum as one local
-  vector-Jacobian product per layer with the backprops rescaled by ``c_i``. No per-sample gradient
-  of a Linear layer is ever materialised, and there is no second backward through the network.
-  Other layers (Conv, GroupNorm, Linear with K rows per record, ...) get per-record gradients
+  accumulated), per-record norms from the ghost identity ``‖a_i‖²·‖b_i‖²`` where it is exact
+  (a layer of type exactly ``nn.Linear`` on a 2-D input, one row per record: no cancellation;
+  ``_ghost_norm_is_exact``), then the clipped sum as one local vector-Jacobian product per layer
+  with the backprops rescaled by ``c_i``. No per-sample gradient of such a layer is ever
+  materialised, and there is no second backward through the network. Every other layer call
+  (Conv, GroupNorm, a Linear subclass, a Linear on ``[n, T, d]`` or ``[n, H, W, C]`` inputs or
+  with K rows per record, ...) gets per-record gradients
   from Opacus' samplers in blocks of records (a conv's unfolded input is k² times its
   activation); when ``rows × parameters`` exceeds ``_MATERIALISE_LIMIT`` and the layer is called
   once, they are not kept for the whole batch: one pass over the blocks takes the norms, a
@@ -40,9 +42,6 @@ from typing import Any
 import torch
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
-from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
-    GradSampleHooksFastGradientClipping,
-)
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
@@ -186,10 +185,52 @@ def _record_blocks(call: _Call, n: int) -> list[tuple[int, int]]:
     return [(lo, min(n, lo + records)) for lo in range(0, n, records)]
 
 
+def _ghost_norm_is_exact(call: _Call, backprops: Tensor, n: int) -> bool:
+    """Whether the ghost identity gives this call's per-record norms *exactly*: a layer of type
+    exactly ``nn.Linear`` (not a subclass, whose ``forward`` or extra parameters the identity
+    knows nothing about), called on one 2-D input with one row per record. Then
+    ``‖g_i‖² = ‖a_i‖²‖b_i‖² (+ ‖b_i‖²)``, a product of sums of squares: no cancellation, relative
+    rounding only (docs/privacy.md §2). For ``[n, T, d]`` inputs the identity becomes
+    ``Σ_tt' (b_t·b_t')(a_t·a_t')``, which cancels in floating point, and Opacus returns no norm at
+    all for 4-D inputs; such calls take the per-sample route."""
+    acts = call.activations
+    return (
+        type(call.module) is nn.Linear
+        and len(acts) == 1
+        and acts[0].dim() == 2
+        and backprops.dim() == 2
+        and acts[0].shape[0] == n
+        and backprops.shape[0] == n
+    )
+
+
+def _ghost_norms(call: _Call, backprops: Tensor, n: int) -> dict[nn.Parameter, Tensor]:
+    """Per-record squared norms ``[n]`` (float32 or wider) of a call that passed
+    :func:`_ghost_norm_is_exact`, one entry per trainable parameter of the layer."""
+    module = call.module
+    assert isinstance(module, nn.Linear)
+    dtype = torch.promote_types(backprops.dtype, torch.float32)
+    b_sq = backprops.to(dtype).pow(2).sum(1)
+    out: dict[nn.Parameter, Tensor] = {}
+    if module.weight.requires_grad:
+        out[module.weight] = call.activations[0].to(dtype).pow(2).sum(1) * b_sq
+    if module.bias is not None and module.bias.requires_grad:
+        out[module.bias] = b_sq
+    return out
+
+
+def _own_trainable(module: nn.Module) -> set[nn.Parameter]:
+    return {p for p in module.parameters(recurse=False) if p.requires_grad}
+
+
 def _block_grads(call: _Call, backprops: Tensor, n: int, lo: int, hi: int,
                  functorch: bool) -> dict:
-    """Per-record gradients ``{param: [hi − lo, *param.shape]}`` of records ``lo..hi−1``. Each
-    row's gradient reads its own row only, so blocks change the peak memory, not the result."""
+    """Per-record gradients ``{param: [hi − lo, *param.shape]}`` of records ``lo..hi−1``, for
+    the layer's *own* trainable parameters only (``torch.func`` differentiates every parameter
+    of the module, children included; a child layer is attributed at its own call, so keeping
+    its gradient here too would count it twice, once outside the clipping norm's ghost part).
+    Each row's gradient reads its own row only, so blocks change the peak memory, not the
+    result."""
     m = _rows_per_record(call, n)
     if (lo, hi) == (0, n):
         acts, b = call.activations, backprops
@@ -201,6 +242,14 @@ def _block_grads(call: _Call, backprops: Tensor, n: int, lo: int, hi: int,
         grads = ft_compute_per_sample_gradient(call.module, acts, b)
     else:
         grads = sampler(call.module, acts, b)
+    own = _own_trainable(call.module)
+    grads = {p: g for p, g in grads.items() if p in own}
+    if len(grads) != len(own):
+        raise AttributionError(
+            f"the per-sample sampler of {type(call.module).__name__} returned gradients for "
+            f"{len(grads)} of its {len(own)} trainable parameters: a parameter without a "
+            "per-record gradient cannot be clipped. Freeze it, or use backend='functorch'."
+        )
     if m == 1:
         return grads
     return {p: g.reshape(hi - lo, m, *g.shape[1:]).sum(1) for p, g in grads.items()}
@@ -259,18 +308,10 @@ class _LayerwiseClipper:
         blocked_calls = []
         for call, b in zip(cap.calls, backprops):
             own = list(call.module.parameters(recurse=False))
-            norm_sampler = GradSampleHooksFastGradientClipping.NORM_SAMPLERS.get(type(call.module))
             single = all(seen[p] == 1 for p in own)
-            if (
-                not self.functorch
-                and norm_sampler is not None
-                and single
-                and _rows_per_record(call, n) == 1
-            ):
-                norms = norm_sampler(call.module, call.activations, b)
-                for p, ns in norms.items():
-                    if p.requires_grad:
-                        sq_norm = sq_norm + ns.reshape(n).float() ** 2
+            if not self.functorch and single and _ghost_norm_is_exact(call, b, n):
+                for p, ns in _ghost_norms(call, b, n).items():
+                    sq_norm = sq_norm + ns
                 ghost_calls.append((call, b))
                 continue
             blocks = _record_blocks(call, n)

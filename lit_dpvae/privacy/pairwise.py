@@ -68,8 +68,11 @@ def _graph_nodes(t: Tensor, stop: frozenset = frozenset()) -> set:
 
 
 def _is_linear_on_rows(call: _Call) -> bool:
-    """A Linear layer applied to one 2-D input (its input backprops are ``b W``)."""
-    return (isinstance(call.module, nn.Linear) and len(call.activations) == 1
+    """A layer of type exactly ``nn.Linear`` applied to one 2-D input (its input backprops are
+    ``b W`` and its part of ``G_i`` is the ghost identity). A subclass is never taken for one:
+    its ``forward`` may use other parameters (a LoRA adapter's low-rank factors) or another
+    map, and every special case here must hold for the layer as called."""
+    return (type(call.module) is nn.Linear and len(call.activations) == 1
             and call.activations[0].dim() == 2)
 
 
@@ -302,7 +305,7 @@ def owner_vectors(
         finite = torch.isfinite(zz).all(1, keepdim=True)
         zz_safe = torch.where(finite, zz, torch.zeros_like(zz))  # coef is 0 where not finite
         z_safe = torch.where(torch.isfinite(z).all(1, keepdim=True), z, torch.zeros_like(z))
-        partner = coef.sum(1, keepdim=True) * z_safe - coef @ zz_safe
+        partner = weighted_differences(coef, z_safe, zz_safe).to(dtype)
         phi_w = weight * kernel.pair_scale(torch.cdist(z, w).pow(2), d)  # [n, M]
         v = phi_w.mean(1, keepdim=True) * z - phi_w @ w / w.shape[0]  # λ (1/M) Σ_m ∇₁k(z_i, w_m)
     else:  # owners in row blocks: [rows, N, d] pair and [rows, M, d] prior vectors ≤ _PAIR_BLOCK
@@ -316,8 +319,8 @@ def owner_vectors(
             norms = rounding_safe_quad(quad, u.pow(2).sum(-1), trace[lo:hi, None],
                                        2 * d + 2 + gram_terms).sqrt()
             a = clip_factors(norms, max_norm).masked_fill(self_pairs[lo:hi], 0.0)
-            partner[lo:hi] = torch.where((a > 0)[..., None], a[..., None] * u,
-                                         torch.zeros_like(u)).sum(1)
+            partner[lo:hi] = torch.where((a > 0)[..., None], a[..., None].double() * u.double(),
+                                         0.0).sum(1).to(dtype)  # float64 sum: see below
             pair_norms[lo:hi] = norms
         v = torch.empty_like(z)
         rows = max(1, _PAIR_BLOCK // max(1, w.shape[0] * d))
@@ -334,6 +337,29 @@ def owner_vectors(
 
 # Elements of one block of non-radial pair vectors ``[rows, N, d]`` (2^22: 32 MB in float64).
 _PAIR_BLOCK = 1 << 22
+
+
+def weighted_differences(coef: Tensor, z: Tensor, zz: Tensor) -> Tensor:
+    """``Σ_j c_ij (z_i − z_j)`` ``[n, d]`` (float64) for ``coef [n, N]``, ``z [n, d]``,
+    ``zz [N, d]``, formed from the differences themselves, a block of owners at a time.
+
+    The released pair vector is ``c_ij·(z_i − z_j)``: its norm bound (the quadratic form of
+    ``D_ij = z_i − z_j``) is the bound of *this* vector. The algebraically equal
+    ``(Σ_j c_ij) z_i − Σ_j c_ij z_j`` cancels: its error scales with ``‖z‖·Σ_j|c_ij|``, not
+    with ``‖D_ij‖``, and for float32-identical codes (duplicates, collapsed variances, large
+    means) the residue is aligned across owners and grows with n. Here a pair of identical
+    codes contributes exactly 0, each difference of two float32 values is exact or within one
+    float64 rounding, and the sum over partners is accumulated in float64 (docs/privacy.md §8,
+    *Floating point*)."""
+    n, d = z.shape
+    z64, zz64, c64 = z.double(), zz.double(), coef.double()
+    out = z64.new_empty(n, d)
+    rows = max(1, _PAIR_BLOCK // max(1, zz.shape[0] * d))
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        diff = z64[lo:hi, None, :] - zz64[None, :, :]  # [rows, N, d]
+        out[lo:hi] = torch.bmm(c64[lo:hi, None, :], diff)[:, 0]
+    return out
 
 
 def _radial_pair_quads(z: Tensor, zz: Tensor, w: Tensor, kernel, weight: float, gram: Tensor,
