@@ -310,7 +310,7 @@ class _LayerwiseClipper:
             own = list(call.module.parameters(recurse=False))
             single = all(seen[p] == 1 for p in own)
             if not self.functorch and single and _ghost_norm_is_exact(call, b, n):
-                for p, ns in _ghost_norms(call, b, n).items():
+                for ns in _ghost_norms(call, b, n).values():
                     sq_norm = sq_norm + ns
                 ghost_calls.append((call, b))
                 continue

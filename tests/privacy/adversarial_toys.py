@@ -46,7 +46,8 @@ class SeqLinear(nn.Module):
 
 
 def cancelling_records(n: int, big: float = 1e4) -> Tensor:
-    """Records ``[M u + v, −M u]`` (flattened): per-record gradient ``∝ v``, ghost terms ``∝ M²``."""
+    """Records ``[M u + v, −M u]`` (flattened): per-record gradient ``∝ v``, ghost terms
+    ``∝ M²``."""
     u = torch.tensor([1.0, -1.0, 0.5])
     v = torch.tensor([0.0, 0.01, 0.02])
     rec = torch.stack([big * u + v, -big * u]).flatten()

@@ -40,13 +40,15 @@ def test_odd_input_shapes_and_parent_layers_are_clipped_per_record(kind, backend
     model = make()
     x = torch.randn(5, *shape, generator=torch.Generator().manual_seed(0))
     for c in (1e-3, 0.5):
-        got = TermwiseDPSGD(max_grad_norm=c, noise_multiplier=1.0, sample_share=1.0, backend=backend).aggregate(
-            model, (x,))["sample"]
+        mech = TermwiseDPSGD(max_grad_norm=c, noise_multiplier=1.0, sample_share=1.0,
+                             backend=backend)
+        got = mech.aggregate(model, (x,))["sample"]
         want = per_record_oracle(model, x, c)
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
     c = 1.0
-    mech = TermwiseDPSGD(max_grad_norm=c, noise_multiplier=1.0, sample_share=1.0, backend=backend)
+    mech = TermwiseDPSGD(max_grad_norm=c, noise_multiplier=1.0, sample_share=1.0,
+                         backend=backend)
     rng = torch.Generator().manual_seed(1)
     worst = _worst_change(mech, model, _neighbours(shape, rng))
     assert 0 < worst["sample"] <= c * (1 + REL_TOL), worst
@@ -60,7 +62,8 @@ def test_cancelling_sequence_rows_are_still_clipped(backend):
     s = cancelling_records(4)
     x = cancelling_records(1, big=3e4) * 1.5
     c = 1.0
-    mech = TermwiseDPSGD(max_grad_norm=c, noise_multiplier=1.0, sample_share=1.0, backend=backend)
+    mech = TermwiseDPSGD(max_grad_norm=c, noise_multiplier=1.0, sample_share=1.0,
+                         backend=backend)
     d = _diff_norms(mech, model, s, torch.cat([s, x]))["sample"]
     assert 0.5 * c < d <= c * (1 + REL_TOL), d
 
