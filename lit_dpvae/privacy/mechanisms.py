@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lit_dpvae.privacy.accounting import joint_noise_multiplier, split_noise_multiplier
 from lit_dpvae.privacy.grad_sample import (
+    AttributionError,
     _check_finite,
     capture_layers,
     check_module,
@@ -174,45 +175,59 @@ class Mechanism:
             self._checked = module
 
     def probe_sample_terms(self, module: nn.Module, batch: Any, n: int) -> None:
-        """Once per module, on its first batch of ≥ 2 records: check that every declared
-        sample-wise term of the first and the last record has zero gradient with respect to
-        every *other* record's input. A term that reads other records (a batch mean, a
-        divergence) would make per-record clipping meaningless, so it is refused.
+        """Once per module, on its first batch of ≥ 2 records, probe the record-wise contract
+        that every per-record bound rests on (docs/privacy.md §1). For the first and the last
+        record ``i``, each declared sample-wise term ``ℓ_i`` and each pairwise term's code
+        ``z_i`` (a random combination of its coordinates) must have
 
+        1. zero gradient with respect to every *other* record's input (a term or code that reads
+           other records — a batch mean, codes centred on the batch — breaks Theorems 2 and 5);
+        2. zero gradient with respect to every row of every trainable layer's output outside
+           record ``i``'s rows (``i·K … i·K+K−1``). Rows that no record owns but every record
+           reads — data-independent inputs through a trainable layer, e.g. VampPrior
+           pseudo-inputs through the encoder — are attributed to records *by position*, so
+           one record's gradient would be spread over others' clip budgets.
+
+        Either is refused (``LossTermsError`` / ``AttributionError``) before the first step.
         This is a probe, not a proof: it sees dependence through differentiable inputs of this
-        batch only (the tests check the shipped models more thoroughly)."""
-        if self._probed is module or n < 2 or not self.is_private or self.always_forward:
-            return  # (multi-process: a probe forward would enter the ranks' collectives unevenly)
+        batch only (the tests check the shipped models more thoroughly). Multi-process: every
+        rank probes on its first call (the probe's forward enters the ranks' collectives
+        together); a rank whose first local batch has < 2 records runs the forward only."""
+        if self._probed is module or not self.is_private:
+            return
+        if n < 2 and not self.always_forward:
+            return
         x = _first_float_tensor(batch)
         if x is None:
+            self._probed = module
             return
         x = x.detach().clone().requires_grad_(True)
         probe_batch = _replace_first_float_tensor(batch, x)
         devices = [x.device] if x.device.type == "cuda" else []
         # fork_rng: the probe must not shift the model's random stream (exact resume relies on it)
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                capture_layers(module) as cap:
             terms = loss_terms_of(module, probe_batch)
-            for name, values in terms.sample.items():
-                if values.dim() != 1 or values.shape[0] != n or not values.requires_grad:
-                    continue  # validate() reports shape problems with a better message
-                for i in (0, n - 1):
-                    (grad,) = torch.autograd.grad(values[i], x, retain_graph=True,
-                                                  allow_unused=True)
-                    if grad is None:
-                        continue
-                    others = torch.cat([grad[:i], grad[i + 1:]]).flatten(1)
-                    # Non-finite values are left to validate(), which names them properly.
-                    moved = (others.abs() > 0) & torch.isfinite(others)
-                    if bool(moved.any()):
-                        j = int(moved.any(1).nonzero()[0])
-                        j = j if j < i else j + 1
-                        raise LossTermsError(
-                            f"sample-wise term {name!r} of record {i} depends on record {j}: it "
-                            "reads other records, so per-record clipping does not bound it. "
-                            "Declare it in LossTerms.batch (a batch-wise term) instead."
-                        )
+            if n >= 2:
+                checked: list[tuple[str, Tensor]] = []
+                for name, values in terms.sample.items():
+                    if values.dim() != 1 or values.shape[0] != n or not values.requires_grad:
+                        continue  # validate() reports shape problems with a better message
+                    checked.append((f"sample-wise term {name!r}", values))
+                pairwise = terms.pairwise if isinstance(terms.pairwise, dict) else {}
+                for name, term in pairwise.items():
+                    codes = getattr(term, "codes", None)
+                    if (isinstance(codes, Tensor) and codes.dim() == 2 and codes.shape[0] == n
+                            and codes.requires_grad):
+                        mix = torch.randn(codes.shape[1], device=codes.device, dtype=codes.dtype)
+                        checked.append((f"the codes of pairwise term {name!r}", codes @ mix))
+                outputs = [c.output for c in cap.calls if c.output.requires_grad]
+                for label, values in checked:
+                    for i in (0, n - 1):
+                        grads = torch.autograd.grad(values[i], [x, *outputs], retain_graph=True,
+                                                    allow_unused=True)
+                        _refuse_cross_record(label, i, n, grads[0], cap.calls, grads[1:])
         self._probed = module
-
     def _forward(self, module: nn.Module, batch: Any, n: int) -> LossTerms:
         terms = loss_terms_of(module, batch)
         terms.validate(n)
@@ -648,6 +663,48 @@ class PairwiseDPSGD(Mechanism):
                 h = _grads(torch.stack(opaque).sum(), params, retain=False)
             stats["batch"] = clip_vector(reduce(h), self.batch_max_grad_norm)
         return stats
+
+
+def _moved_rows(grad: Tensor, lo: int, hi: int) -> Tensor:
+    """Indices of the rows outside ``[lo, hi)`` where ``grad`` is finite and non-zero
+    (non-finite values are left to ``validate()``, which names them properly)."""
+    flat = grad.reshape(grad.shape[0], -1)
+    moved = ((flat.abs() > 0) & torch.isfinite(flat)).any(1)
+    moved[lo:hi] = False
+    return moved.nonzero()[:, 0]
+
+
+def _refuse_cross_record(label: str, i: int, n: int, input_grad: Tensor | None,
+                         calls: list, output_grads: tuple) -> None:
+    """Raise if record ``i``'s term reads another record's input or reaches a layer row that
+    is attributed to another record (``probe_sample_terms``)."""
+    if input_grad is not None and input_grad.dim() > 0 and input_grad.shape[0] == n:
+        rows = _moved_rows(input_grad, i, i + 1)
+        if rows.numel():
+            raise LossTermsError(
+                f"{label} of record {i} depends on record {int(rows[0])}: it reads other "
+                "records, so per-record clipping does not bound it. Declare it in "
+                "LossTerms.batch (a batch-wise term) instead, or make it read record i only."
+            )
+    outputs = [c for c in calls if c.output.requires_grad]
+    for call, grad in zip(outputs, output_grads):
+        if grad is None or grad.dim() == 0:
+            continue
+        rows_total = grad.shape[0]
+        if rows_total % n:
+            continue  # not record-major at all: the clipper raises AttributionError itself
+        k = rows_total // n
+        rows = _moved_rows(grad, i * k, (i + 1) * k)
+        if rows.numel():
+            raise AttributionError(
+                f"{label} of record {i} reaches row {int(rows[0])} of a "
+                f"{type(call.module).__name__} layer call with {rows_total} rows ({k} per "
+                f"record for n={n}), a row attributed to record {int(rows[0]) // k}. Rows that "
+                "every record reads (data-independent inputs through a trainable layer, e.g. "
+                "VampPrior pseudo-inputs through the encoder) or that mix records cannot be "
+                "clipped per record: compute them outside the trainable layers' per-record "
+                "calls (e.g. as a batch-wise term), or freeze the parameters they use."
+            )
 
 
 def _first_float_tensor(batch: Any) -> Tensor | None:

@@ -118,3 +118,51 @@ class ParentVAE(nn.Module):
         x = batch[0]
         h = self.enc(x)
         return LossTerms(sample={"recon": (self.dec(h) - x).pow(2).sum(-1)})
+
+
+class VampToy(nn.Module):
+    """VampPrior-style: ``M`` fixed pseudo-inputs go through the trainable encoder next to the
+    batch, and each record's KL reads all of them (rows that every record shares)."""
+
+    def __init__(self, m: int = 4, concat: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Linear(6, 4)
+        self.dec = nn.Linear(2, 6)
+        self.concat = concat
+        self.register_buffer("pseudo", torch.randn(m, 6))
+
+    def loss_terms(self, batch) -> LossTerms:
+        x = batch[0]
+        n = x.shape[0]
+        if self.concat:
+            h = self.enc(torch.cat([x, self.pseudo]))
+            (mu, _), (pm, _) = h[:n].chunk(2, -1), h[n:].chunk(2, -1)
+        else:
+            mu, _ = self.enc(x).chunk(2, -1)
+            pm, _ = self.enc(self.pseudo).chunk(2, -1)
+        recon = (self.dec(mu) - x).pow(2).sum(-1)
+        # -log mean_m N(mu_i; pm_m, I), up to constants: reads every pseudo-input's code
+        kl = -torch.logsumexp(-0.5 * (mu[:, None, :] - pm[None]).pow(2).sum(-1), dim=1)
+        return LossTerms(sample={"recon": recon, "kl": kl})
+
+
+class CentredCodesVAE(nn.Module):
+    """Declares codes centred on the batch mean as a pairwise term's codes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Linear(6, 4)
+        self.dec = nn.Linear(2, 6)
+        self.kernel = MMD(kernel="imq", bandwidths=(1.0,))
+        self.register_buffer("prior", torch.randn(8, 2))
+
+    def loss_terms(self, batch) -> LossTerms:
+        x = batch[0]
+        mu, _ = self.enc(x).chunk(2, -1)
+        codes = mu - mu.mean(0)
+        recon = (self.dec(mu) - x).pow(2).sum(-1)
+        value = self.kernel.value(codes, self.prior) if len(x) >= 2 else codes.sum() * 0
+        return LossTerms(sample={"recon": recon}, batch={"mmd": value},
+                         pairwise={"mmd": PairwiseTerm(codes, self.prior, self.kernel, 1.0)})

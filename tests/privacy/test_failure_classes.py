@@ -8,12 +8,21 @@ import math
 import pytest
 import torch
 
-from lit_dpvae.privacy import BACKENDS, PairwiseDPSGD, TermwiseDPSGD, global_norm
+from lit_dpvae.privacy import (
+    BACKENDS,
+    AttributionError,
+    LossTermsError,
+    PairwiseDPSGD,
+    TermwiseDPSGD,
+    global_norm,
+)
 from tests.privacy.adversarial_toys import (
+    CentredCodesVAE,
     GridLinear,
     LoRAEncoderVAE,
     ParentVAE,
     SeqLinear,
+    VampToy,
     cancelling_records,
 )
 from tests.privacy.test_mechanisms import REL_TOL, _diff_norms, _neighbours
@@ -111,3 +120,42 @@ def test_duplicate_codes_with_large_means_stay_within_the_pairwise_bound(d_z, di
             worst = max(worst, d)
             assert d <= mech.sensitivity["pairwise"] * (1 + REL_TOL), (n, d)
     assert worst > 0
+
+
+# ---- class 5: the contract probe sees coupled codes and shared rows ---------------------------
+def _pairwise(backend: str = "ghost") -> PairwiseDPSGD:
+    return PairwiseDPSGD(max_grad_norm=1.0, pair_max_grad_norm=1.0, noise_multiplier=1.0,
+                         sample_share=0.5, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_codes_that_read_other_records_are_refused(backend):
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(LossTermsError, match="codes of pairwise term 'mmd' of record 0 depends"):
+        _pairwise(backend).aggregate(CentredCodesVAE(), (x,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("concat", [False, True])
+@pytest.mark.parametrize("n", [2, 4, 3])
+def test_shared_rows_through_a_trainable_layer_are_refused(backend, concat, n):
+    """M = 4 pseudo-inputs: for n | M (or n | n + M) the shared rows would be attributed to
+    records by position; otherwise the row count does not fit the batch. Refused either way."""
+    x = torch.randn(n, 6, generator=torch.Generator().manual_seed(0))
+    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0,
+                         backend=backend)
+    with pytest.raises(AttributionError, match="row|rows"):
+        mech.aggregate(VampToy(m=4, concat=concat), (x,))
+
+
+def test_the_contract_probe_passes_the_shipped_models_and_leaves_the_rng_alone():
+    from lit_dpvae.models import InfoVAE
+
+    model = InfoVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(16,), lam=10.0)
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    batch = (x, torch.zeros(5, dtype=torch.long))
+    mech = _pairwise()
+    before = torch.get_rng_state()
+    mech.probe_sample_terms(model, batch, 5)
+    assert torch.equal(before, torch.get_rng_state())
+    assert mech._probed is model
