@@ -18,12 +18,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_dpvae.data.checks import DataError, check_split
+from lit_dpvae.hparams import ScrubbedHyperparametersMixin
 from lit_dpvae.privacy.sampling import PoissonBatchSampler, poisson_dataloader
 
 Split = tuple[Tensor, Tensor]
 
 
-class VAEDataModule(LightningDataModule):
+class VAEDataModule(ScrubbedHyperparametersMixin, LightningDataModule):
     """Base class: a subclass implements :meth:`_load` and the ``data_shape``/``num_classes``
     properties; this class checks, splits, subsamples and serves the data.
 
@@ -41,6 +42,10 @@ class VAEDataModule(LightningDataModule):
         limit_train: if set, keep only this many training records (a random subset) for quick runs.
         eval_batch_size: batch size of the val/test loaders (default ``batch_size``).
         num_workers: DataLoader workers.
+
+    ``save_hyperparameters`` captures a subclass's ``__init__`` arguments too; tensors, arrays,
+    data sets and data-like lists among them are left out of ``hparams`` (so of the logger config
+    and checkpoints) with a warning: :mod:`lit_dpvae.hparams`.
     """
 
     #: whether records must lie in [0, 1] (images for Bernoulli-type likelihoods).

@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_dpvae.hparams import ScrubbedHyperparametersMixin
 from lit_dpvae.likelihoods import Likelihood, make_likelihood
 from lit_dpvae.nn.blocks import build_encoder_decoder
 from lit_dpvae.priors import Prior, StandardNormal, normal_log_density
 from lit_dpvae.privacy.terms import LossTerms, PairwiseTerm
 
 
-class BaseVAE(L.LightningModule):
+class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
     """VAE with loss ``L(S) = (1/B) Σ_i [recon_i + β·kl_i] + λ·D(S)`` (DESIGN §2).
 
     Sample-wise terms, shape ``[n]``, record i reads x_i only:
@@ -61,6 +62,9 @@ class BaseVAE(L.LightningModule):
         n_samples: K reparameterisation samples per record (averaged inside the record's terms).
         lr: Adam learning rate.
         encoder, decoder: injected modules with the ``lit_dpvae.nn`` interfaces (optional).
+
+    ``save_hyperparameters`` leaves tensors, arrays, data sets and data-like lists (also among a
+    subclass's ``__init__`` arguments) out of ``hparams``, with a warning: :mod:`lit_dpvae.hparams`.
     """
 
     analytic_kl: bool = False
@@ -300,6 +304,17 @@ class BaseVAE(L.LightningModule):
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Weights loaded from a DP checkpoint (``load_from_checkpoint``) remember the privacy
+        they already spent, so a later ``fit`` continues that accountant instead of starting
+        ε at 0 (``TermwiseDPStrategy(warm_start=...)``)."""
+        super().on_load_checkpoint(checkpoint)
+        from lit_dpvae.privacy.accounting import provenance_from_checkpoint
+
+        provenance = provenance_from_checkpoint(checkpoint)
+        if provenance is not None:
+            self._lit_dpvae_provenance = provenance
+
     def sample(self, n: int, labels: Tensor | Sequence[int] | None = None) -> Tensor:
         """n draws of the likelihood mean at z ~ p(z): ``[n, *data_shape]``. Labels ``[n]`` are
         required in conditional mode and refused otherwise."""
