@@ -1,4 +1,4 @@
-"""Image grids of held-out reconstructions and prior samples (W&B or PNG files)."""
+"""Image grids of prior samples and, opt-in, of held-out reconstructions (W&B or PNG files)."""
 
 from __future__ import annotations
 
@@ -28,26 +28,39 @@ def image_grid(images: torch.Tensor, ncol: int = 8, pad: int = 1) -> Image.Image
 
 
 class ImageLogger(Callback):
-    """After each validation epoch, logs ``images/reconstructions`` (held-out validation
-    records, never training records, next to their reconstructions) and ``images/samples``
-    (decoded prior samples; one row per label in conditional mode).
+    """After each validation epoch, logs ``images/samples`` (decoded prior samples; one row per
+    label in conditional mode) and, only with ``reconstructions=True``,
+    ``images/reconstructions`` (validation records next to their reconstructions).
 
     The grids are PNG files under ``<dirpath>/images/`` (default: the Trainer's
-    ``default_root_dir``) and, with a ``WandbLogger``, W&B images too. No gradient and no
-    training record is ever logged.
+    ``default_root_dir``) and, with a ``WandbLogger``, W&B images too. Samples are
+    post-processing of the privately trained weights, so they carry the training guarantee. A
+    reconstruction grid publishes the validation records themselves (and near-copies of them):
+    those records are outside the DP guarantee, which covers only the training records, so it is
+    off by default and warns when turned on. No training record and no gradient is ever logged.
 
     Args:
         num_images: records / samples per grid.
         every_n_epochs: period in validation epochs.
         dirpath: where the ``images/`` folder goes.
+        reconstructions: also log validation records and their reconstructions (publishes those
+            records; default False).
     """
 
     def __init__(self, num_images: int = 16, every_n_epochs: int = 1,
-                 dirpath: str | None = None) -> None:
+                 dirpath: str | None = None, reconstructions: bool = False) -> None:
         self.num_images = int(num_images)
         self.dirpath = dirpath
         self.every_n_epochs = int(every_n_epochs)
+        self.reconstructions = bool(reconstructions)
         self.saved: list[Path] = []
+        if self.reconstructions:
+            rank_zero_warn(
+                "ImageLogger(reconstructions=True) publishes validation records next to their "
+                "reconstructions (PNG files and W&B images). Those records are not training "
+                "records and are NOT covered by the differential-privacy guarantee: log them only "
+                "if the validation data may be published."
+            )
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
@@ -61,7 +74,7 @@ class ImageLogger(Callback):
             rank_zero_warn(f"ImageLogger: records of shape {shape} are not images; skipping")
             return {}
         grids = {"images/samples": image_grid(self._samples(pl_module))}
-        held_out = self._held_out(trainer)
+        held_out = self._held_out(trainer) if self.reconstructions else None
         if held_out is not None:
             x, y = held_out
             y = y if getattr(pl_module, "conditional", False) else None
