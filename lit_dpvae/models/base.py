@@ -304,17 +304,6 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Weights loaded from a DP checkpoint (``load_from_checkpoint``) remember the privacy
-        they already spent, so a later ``fit`` continues that accountant instead of starting
-        ε at 0 (``TermwiseDPStrategy(warm_start=...)``)."""
-        super().on_load_checkpoint(checkpoint)
-        from lit_dpvae.privacy.accounting import provenance_from_checkpoint
-
-        provenance = provenance_from_checkpoint(checkpoint)
-        if provenance is not None:
-            self._lit_dpvae_provenance = provenance
-
     def sample(self, n: int, labels: Tensor | Sequence[int] | None = None) -> Tensor:
         """n draws of the likelihood mean at z ~ p(z): ``[n, *data_shape]``. Labels ``[n]`` are
         required in conditional mode and refused otherwise."""
