@@ -36,6 +36,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lit_dpvae.hparams import scrub_hparams, scrub_mapping
 from lit_dpvae.optim import DPAdamBC
 from lit_dpvae.privacy import (
     NaiveDPSGD,
@@ -43,16 +44,15 @@ from lit_dpvae.privacy import (
     PairwiseDPSGD,
     PrivacyAccountant,
     TermwiseDPSGD,
-    calibrate_noise,
     check_budget,
     is_poisson_loader,
 )
+from lit_dpvae.privacy.accounting import CHECKPOINT_KEY
 from lit_dpvae.privacy.grad_sample import BACKENDS, check_module
 from lit_dpvae.privacy.mechanisms import Mechanism
 from lit_dpvae.privacy.terms import batch_size_of
 
 MECHANISMS = ("termwise", "naive", "nonprivate", "pairwise")
-CHECKPOINT_KEY = "lit_dpvae_privacy"
 MODEL_CLASS_KEY = "lit_dpvae_model_class"
 
 
@@ -115,6 +115,20 @@ class TermwiseDPStrategy(DDPStrategy):
             the noise. ``None`` (default) draws a secret seed on rank 0.
         log_train_terms: log ``train/<term>`` means of each private batch. They are exact
             statistics of private records (not noised): treat the dashboard as private data.
+        exact_resume: resuming from a checkpoint restores the noise generator and the sampler
+            seed, so the continuation replays the uninterrupted run bit for bit. **Testing
+            only**: two continuations of one checkpoint then draw identical noise, and their
+            difference is a noise-free function of the data. By default (``False``) every
+            resume draws fresh secret seeds for the noise and the sampler.
+        allow_budget_increase: accept a resume whose ``target_epsilon`` is larger than the
+            checkpoint's (or unset where it had one). Refused by default: raising the budget
+            mid-run changes the guarantee of the whole run.
+        warm_start: what to do when the model's weights already carry a privacy spend (trained
+            by this library in this process, or loaded with ``load_from_checkpoint`` from a
+            checkpoint that has a privacy state). ``"carry"`` (default): the new run's
+            accountant starts from that history, so ε covers both runs (weights trained without
+            privacy are refused). ``"public"``: you assert that the earlier training used only
+            public data or is accounted elsewhere; the history is ignored, with a warning.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, process_group_backend,
         timeout, start_method: as in Lightning's ``DDPStrategy``.
     """
@@ -137,6 +151,9 @@ class TermwiseDPStrategy(DDPStrategy):
         backend: Literal["ghost", "hooks", "functorch"] = "ghost",
         noise_seed: int | None = None,
         log_train_terms: bool = True,
+        exact_resume: bool = False,
+        allow_budget_increase: bool = False,
+        warm_start: Literal["carry", "public"] = "carry",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: Any = None,
@@ -182,6 +199,11 @@ class TermwiseDPStrategy(DDPStrategy):
         self.backend = backend
         self.noise_seed = noise_seed
         self.log_train_terms = log_train_terms
+        if warm_start not in ("carry", "public"):
+            raise ValueError(f"warm_start must be 'carry' or 'public', got {warm_start!r}")
+        self.exact_resume = bool(exact_resume)
+        self.allow_budget_increase = bool(allow_budget_increase)
+        self.warm_start = warm_start
         self.mechanism: Mechanism | None = self._build_mechanism(noise_multiplier=0.0)
         self.noise_generator: torch.Generator | None = None
         self.sample_rate: float | None = None
@@ -191,9 +213,12 @@ class TermwiseDPStrategy(DDPStrategy):
         self.budget_exhausted = False
         self._restored: dict[str, Any] | None = None
         self._pending_update: dict[str, Tensor] | None = None
-        self._step_budget: int | None = None
         self._restore_rng: dict[str, Any] | None = None
         self._sampler_seed: int | None = None
+        self._sampler: Any = None
+        #: ((σ, q, target), steps when planned, step count at which to stop): the stop rule,
+        #: recomputed whenever σ, q or the target differ from those it was computed for.
+        self._plan: tuple[tuple[float, float, float | None], int, int | None] | None = None
 
     # ---------------------------------------------------------------------------------------
     # Construction and checks
@@ -289,6 +314,10 @@ class TermwiseDPStrategy(DDPStrategy):
 
     def setup(self, trainer: pl.Trainer) -> None:
         self._refuse_unsafe_trainer(trainer)
+        # Before Lightning logs hyper-parameters (after strategy.setup): no tensor, array or
+        # data set among any module's or data module's __init__ arguments reaches a logger.
+        scrub_hparams(trainer.lightning_module)
+        scrub_hparams(getattr(trainer, "datamodule", None))
         # The strategy owns sampling: the train loader's rank-synchronised Poisson sampler shards
         # the global batch itself, and a DistributedSampler injected by Lightning would replace
         # it (or fail on the custom batch sampler). Val/test loaders run whole on every rank.
@@ -337,7 +366,12 @@ class TermwiseDPStrategy(DDPStrategy):
             )
         restored = self._restored or {}
         if self._sampler_seed is None:
-            seed = restored.get("sampler_seed", sampler.seed)
+            if self._restored is None:
+                seed = sampler.seed
+            elif self.exact_resume and restored.get("sampler_seed") is not None:
+                seed = restored["sampler_seed"]
+            else:  # a continuation samples with fresh secret randomness (docs/privacy.md §7)
+                seed = secrets.randbits(62)
             self._sampler_seed = int(self.broadcast(seed) if self.world_size > 1 else seed)
         sampler.seed = self._sampler_seed
         # A resumed run continues with the batches of its epoch (not epoch 0's again) and, when
@@ -354,45 +388,61 @@ class TermwiseDPStrategy(DDPStrategy):
         return dataloader
 
     def _prepare_privacy(self, trainer: pl.Trainer, sampler: Any) -> None:
-        """Sampling parameters, σ (calibrated or restored), noise generator, accountant."""
+        """Sampling parameters, σ (calibrated, restored or carried), noise generator,
+        accountant. Called for every train loader (a second fit, reloaded loaders): the
+        sampling is re-read each time and the stop rule re-planned (``_plan``)."""
         assert self.mechanism is not None
-        self.sample_rate = float(sampler.sample_rate)
-        self.num_records = int(sampler.num_samples)
-        self.expected_batch_size = float(sampler.expected_batch_size)
-        if isinstance(self.mechanism, NaiveDPSGD):
-            self.mechanism.expected_batch_size = self.expected_batch_size
-            if self.max_batch_size is None:
-                self.mechanism.max_batch_size = max(1, math.ceil(2 * self.expected_batch_size))
+        self._sampler = sampler
         self.planned_steps = self._planned_steps(trainer, len(sampler))
+        self._read_sampling(announce=self.noise_generator is not None)
         if self.noise_generator is not None:
-            return  # already prepared (a second fit call keeps its state)
+            return  # already prepared (a second fit call keeps its state; the plan is redone)
         restored = self._restored
+        module = trainer.lightning_module
+        if restored is None:
+            self._carry_warm_start(module)
         if self.is_private:
-            check_budget(self.target_epsilon or 1.0, self.target_delta, self.num_records)
             if restored is not None:
-                sigma = float(restored["noise_multiplier"])
+                sigma = self._restored_sigma(restored)
             elif self.requested_noise_multiplier is not None:
                 sigma = float(self.requested_noise_multiplier)
             else:
-                assert self.target_epsilon is not None
-                sigma = calibrate_noise(
-                    self.target_epsilon,
-                    self.target_delta,
-                    self.sample_rate,
-                    self.planned_steps,
-                    accountant=self.accountant.name,
-                )
+                assert self.target_epsilon is not None and self.sample_rate is not None
+                assert self.planned_steps is not None
+                sigma = self.accountant.calibrate(self.target_epsilon, self.target_delta,
+                                                  self.sample_rate, self.planned_steps)
             self.mechanism.noise_multiplier = sigma
-        seed = self.noise_seed if self.noise_seed is not None else secrets.randbits(62)
+        exact = restored is not None and self.exact_resume
+        if restored is None and self.noise_seed is not None:
+            seed = self.noise_seed
+        elif exact:
+            seed = 0  # replaced by the checkpoint's generator state below
+        else:  # a fresh run without a seed, or any resume: fresh secret noise entropy
+            seed = secrets.randbits(62)
         if self.world_size > 1:
             seed = self.broadcast(seed)
         self.noise_generator = torch.Generator(device=self.root_device).manual_seed(int(seed))
         if restored is not None:
             self.accountant.load_state_dict(restored["accountant"])
-            self.noise_generator.set_state(restored["noise_generator"].cpu())
+            history = self.accountant.history
+            if history and self.is_private and not math.isclose(history[-1][1],
+                                                                 self.sample_rate or 0.0):
+                rank_zero_warn(
+                    f"the sample rate changed from q={history[-1][1]:.4g} (checkpoint) to "
+                    f"q={self.sample_rate:.4g} at resume (N={self.num_records}); σ stays "
+                    f"{self.mechanism.noise_multiplier:.4g} and the stop rule is re-planned "
+                    f"for the new q: training stops before a step would exceed "
+                    f"target_epsilon={self.target_epsilon}.")
+            if exact:
+                self.noise_generator.set_state(restored["noise_generator"].cpu())
             self._restore_rng = restored.get("rng")
+        self._plan = None
+        if module is not None:
+            # The weights now carry this run's spend: a later fit on them (another strategy,
+            # or load_from_checkpoint) continues this accountant (warm_start).
+            module._lit_dpvae_provenance = {  # type: ignore[union-attr]
+                "mechanism": self.mechanism_name, "accountant": self.accountant}
         left = self._steps_left_in_budget()
-        self._step_budget = None if left is None else self.accountant.steps + left
         if left == 0 and self.accountant.steps == 0:
             raise PrivacyConfigError(
                 f"noise_multiplier={self.mechanism.noise_multiplier:.4g} is too small for "
@@ -404,7 +454,8 @@ class TermwiseDPStrategy(DDPStrategy):
                 f"the privacy budget ε={self.target_epsilon} is already spent "
                 f"(ε={self.epsilon():.4g} after {self.accountant.steps} steps): this run would "
                 "take no private step. Raise target_epsilon only if that is a new, justified "
-                "budget; the spent privacy cannot be reset."
+                "budget (allow_budget_increase=True at resume); the spent privacy cannot be "
+                "reset."
             )
         self._warn_if_unbalanced()
         rank_zero_info(
@@ -412,6 +463,102 @@ class TermwiseDPStrategy(DDPStrategy):
             f"N={self.num_records}, planned steps={self.planned_steps}, "
             f"sensitivity={self.mechanism.sensitivity}"
         )
+
+    def _read_sampling(self, announce: bool) -> None:
+        """Read q, N and B from the current Poisson sampler. When they differ from what the
+        run used so far, check the budget again and re-plan the stop rule; ``announce``: say
+        so (a resumed or continued run whose sampling changed)."""
+        sampler = self._sampler
+        if sampler is None:
+            return
+        q, n = float(sampler.sample_rate), int(sampler.num_samples)
+        if (q, n) == (self.sample_rate, self.num_records):
+            return
+        if self.is_private:
+            check_budget(self.target_epsilon or 1.0, self.target_delta, n)
+        old_q = self.sample_rate
+        self.sample_rate, self.num_records = q, n
+        self.expected_batch_size = float(sampler.expected_batch_size)
+        if isinstance(self.mechanism, NaiveDPSGD):
+            self.mechanism.expected_batch_size = self.expected_batch_size
+            if self.max_batch_size is None:
+                self.mechanism.max_batch_size = max(1, math.ceil(2 * self.expected_batch_size))
+        self._plan = None
+        if announce and old_q is not None and self.is_private:
+            left = self._steps_left_in_budget()
+            rank_zero_warn(
+                f"the sample rate changed from q={old_q:.4g} to q={q:.4g} (N={n}, expected "
+                f"batch {self.expected_batch_size:.4g}); σ stays "
+                f"{self.mechanism.noise_multiplier if self.mechanism else 0:.4g}, so the "
+                f"budget ε={self.target_epsilon} now allows "
+                f"{'no limit' if left is None else left} more steps (planned: "
+                f"{self.planned_steps}). Training stops before a step would exceed it."
+            )
+
+    def _restored_sigma(self, restored: dict[str, Any]) -> float:
+        """σ of the checkpoint; refuse a raised budget unless ``allow_budget_increase``."""
+        sigma = float(restored["noise_multiplier"])
+        old = restored.get("target_epsilon", "unknown")
+        new = self.target_epsilon
+        raised = (new is None and old is not None) or (
+            new is not None and isinstance(old, (int, float)) and new > old * (1 + 1e-9))
+        if raised or old == "unknown":
+            message = (
+                f"resuming with target_epsilon={new} from a checkpoint trained with "
+                f"target_epsilon={old} (ε={self._restored_epsilon(restored):.4g} spent so far)")
+            if not self.allow_budget_increase:
+                raise PrivacyConfigError(
+                    message + ": that raises (or drops) the budget of the whole run. Resume "
+                    "with the same target_epsilon, or, if the larger budget is a new, justified "
+                    "decision, pass allow_budget_increase=True.")
+            rank_zero_warn(message + f": the budget of the whole run is now {new} "
+                           "(allow_budget_increase=True); σ stays the checkpoint's "
+                           f"{sigma:.4g} and the stop rule uses the new target.")
+        if (self.requested_noise_multiplier is not None
+                and not math.isclose(self.requested_noise_multiplier, sigma)):
+            rank_zero_warn(
+                f"noise_multiplier={self.requested_noise_multiplier} is ignored at resume: the "
+                f"run continues with the checkpoint's σ_eff={sigma:.4g}.")
+        return sigma
+
+    def _restored_epsilon(self, restored: dict[str, Any]) -> float:
+        trial = PrivacyAccountant(self.accountant.name)
+        trial.load_state_dict(restored["accountant"])
+        return trial.get_epsilon(self.target_delta)
+
+    def _carry_warm_start(self, module: Any) -> None:
+        """Weights that already carry a privacy spend start this run's accountant from it
+        (``warm_start="carry"``) or are declared public (``"public"``)."""
+        provenance = getattr(module, "_lit_dpvae_provenance", None)
+        if not provenance or provenance.get("accountant") is self.accountant:
+            return
+        spent: PrivacyAccountant = provenance["accountant"]
+        if self.warm_start == "public":
+            rank_zero_warn(
+                f"the model's weights carry {spent.steps} earlier training steps "
+                f"(mechanism={provenance.get('mechanism')!r}); warm_start='public' ignores them: "
+                "the reported ε covers this run only, which is right only if those steps used "
+                "public data (or are accounted elsewhere).")
+            return
+        if not self.is_private:
+            return
+        if spent.non_private_steps or provenance.get("mechanism") == "nonprivate":
+            raise PrivacyConfigError(
+                f"the model's weights were trained without privacy ({spent.steps} steps, "
+                "mechanism='nonprivate'): no ε holds for a model fine-tuned from them. Start "
+                "from fresh weights, or pass warm_start='public' if that earlier training used "
+                "public data only.")
+        if spent.name != self.accountant.name:
+            raise PrivacyConfigError(
+                f"the model's weights carry a privacy spend accounted with {spent.name!r}; this "
+                f"run uses {self.accountant.name!r}: use accountant={spent.name!r} so ε "
+                "continues.")
+        self.accountant.load_state_dict(spent.state_dict())
+        rank_zero_warn(
+            f"warm start: the model's weights already spent ε={self.epsilon():.4g} "
+            f"(δ={self.target_delta}) over {spent.steps} steps; this run continues that "
+            "accountant (warm_start='carry'), so σ is calibrated for what is left of "
+            f"target_epsilon={self.target_epsilon}.")
 
     def _warn_if_unbalanced(self) -> None:
         """Warn when the batch part's noise swamps the update (σ_b·2C_b ≫ σ_s·C/B)."""
@@ -449,34 +596,30 @@ class TermwiseDPStrategy(DDPStrategy):
     def epsilon(self) -> float:
         return self.accountant.get_epsilon(self.target_delta)
 
-    def _epsilon_after(self, more_steps: int) -> float:
-        trial = PrivacyAccountant(self.accountant.name)
-        trial.load_state_dict(self.accountant.state_dict())
-        assert self.mechanism is not None
-        sigma = self.mechanism.noise_multiplier
-        if more_steps:
-            trial._impl.history.append((sigma, self.sample_rate, int(more_steps)))
-        return trial.get_epsilon(self.target_delta)
-
     def _steps_left_in_budget(self) -> int | None:
-        """How many more steps fit in ``target_epsilon`` (None: no budget to enforce)."""
+        """How many more steps at the current (σ, q) fit in ``target_epsilon`` (None: no
+        budget to enforce)."""
         if self.target_epsilon is None or not self.is_private:
             return None
-        limit = self.target_epsilon * (1 + 1e-6)
-        if self._epsilon_after(0) > limit:
-            return 0
-        low, high = 0, max(1, self.planned_steps or 1)
-        while self._epsilon_after(high) <= limit:  # exponential search, then bisection
-            low, high = high, 2 * high
-            if high > 10**9:
-                return high
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if self._epsilon_after(mid) <= limit else (low, mid)
-        return low
+        assert self.mechanism is not None and self.sample_rate is not None
+        return self.accountant.steps_within(
+            self.target_epsilon, self.target_delta, self.mechanism.noise_multiplier,
+            self.sample_rate, hint=max(1, self.planned_steps or 1))
 
     def _next_step_exceeds_budget(self) -> bool:
-        return self._step_budget is not None and self.accountant.steps >= self._step_budget
+        """The stop rule, asked before every step: would *this* step, at the current σ and
+        q, take ε past ``target_epsilon``? The answer is a step count computed from the
+        accountant's history, redone whenever σ, q or the target change."""
+        if self.target_epsilon is None or not self.is_private:
+            return False
+        assert self.mechanism is not None and self.sample_rate is not None
+        key = (self.mechanism.noise_multiplier, self.sample_rate, self.target_epsilon)
+        steps = self.accountant.steps
+        if self._plan is None or self._plan[0] != key or steps < self._plan[1]:
+            left = self._steps_left_in_budget()
+            self._plan = (key, steps, None if left is None else steps + left)
+        stop = self._plan[2]
+        return stop is not None and steps >= stop
 
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor | None:
         batch = args[0] if args else kwargs["batch"]
@@ -493,6 +636,7 @@ class TermwiseDPStrategy(DDPStrategy):
             # where the checkpoint left it.
             rng, self._restore_rng = self._restore_rng, None
             _set_rng_state(rng)
+        self._read_sampling(announce=True)  # the loader's sampler may have changed in place
         if self._next_step_exceeds_budget():
             self.budget_exhausted = True
             module.trainer.should_stop = True
@@ -620,12 +764,16 @@ class TermwiseDPStrategy(DDPStrategy):
             else self.noise_generator.get_state(),
             "sampler_seed": self._sampler_seed,
             "target_delta": self.target_delta,
+            "target_epsilon": self.target_epsilon,
             "epsilon": self.epsilon(),
         }
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
                         storage_options: Any = None) -> None:
         checkpoint[CHECKPOINT_KEY] = self.privacy_state_dict()
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if isinstance(checkpoint.get(key), dict):  # set after setup, e.g. in on_fit_start
+                scrub_mapping(checkpoint[key], owner=key)
         module = self.lightning_module
         if module is not None:
             checkpoint[MODEL_CLASS_KEY] = f"{type(module).__module__}.{type(module).__qualname__}"

@@ -40,7 +40,8 @@ def main() -> None:
                     bandwidths=(1.0,), n_prior_samples=32)
     data = DigitsDataModule(batch_size=64, seed=3)
     strategy = TermwiseDPStrategy(noise_multiplier=1.0, max_grad_norm=1.0,
-                                  batch_max_grad_norm=0.01, sample_share=0.9, noise_seed=7)
+                                  batch_max_grad_norm=0.01, sample_share=0.9, noise_seed=7,
+                                  exact_resume=True)
     saver = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=2, save_last=True,
                             save_top_k=0)
     trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=args.steps,

@@ -84,7 +84,8 @@ def test_training_stops_before_the_budget_would_be_exceeded(tmp_path):
     assert strategy.budget_exhausted
     steps = strategy.accountant.steps
     assert 0 < steps < 10_000
-    assert strategy.epsilon() <= 1.0 < strategy._epsilon_after(1)
+    assert strategy.epsilon() <= 1.0 < strategy.accountant.epsilon_after(
+        1e-3, strategy.mechanism.noise_multiplier, 0.1, 1)
     # Resuming a spent budget is refused before any step.
     ckpt = tmp_path / "spent.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -95,24 +96,35 @@ def test_training_stops_before_the_budget_would_be_exceeded(tmp_path):
 
 
 def test_resume_from_a_mid_run_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    """With exact_resume=True (testing only) a continuation replays the uninterrupted run bit for
+    bit; by default every resume draws fresh noise, so two continuations of one checkpoint
+    differ (their difference would otherwise be a noise-free function of the data)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    def run(epochs, ckpt=None):
-        strategy = _strategy(noise_seed=5)
-        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    def run(epochs, folder, ckpt=None, **kwargs):
+        strategy = _strategy(noise_seed=5, **kwargs)
+        saver = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=0)
         trainer = _trainer(strategy, tmp_path, max_steps=-1, max_epochs=epochs,
                            enable_checkpointing=True, callbacks=[saver])
         model = ToyLitVAE()
         trainer.fit(model, ToyData(n=40, sample_rate=0.25), ckpt_path=ckpt)
         return model, strategy
 
-    full_model, full = run(3)
-    run(1)  # writes ckpt/last.ckpt after epoch 1 of 3
-    resumed_model, resumed = run(3, ckpt=str(tmp_path / "ckpt" / "last.ckpt"))
+    full_model, full = run(3, "full")
+    run(1, "part")  # writes part/last.ckpt after epoch 1 of 3
+    last = str(tmp_path / "part" / "last.ckpt")
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+    resumed_model, resumed = run(3, "a", ckpt=last, exact_resume=True)
     assert resumed.accountant.steps == full.accountant.steps == 12
     assert resumed.epsilon() == full.epsilon()
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    fork_1, s1 = run(3, "b", ckpt=last)
+    fork_2, s2 = run(3, "c", ckpt=last)
+    assert s1.accountant.steps == s2.accountant.steps == 12 and s1.epsilon() == full.epsilon()
+    for a, b, c in zip(fork_1.state_dict().values(), fork_2.state_dict().values(),
+                       full_model.state_dict().values()):
+        assert not torch.equal(a, b) and not torch.equal(a, c)
 
 
 @pytest.mark.parametrize(

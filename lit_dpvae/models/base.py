@@ -23,6 +23,7 @@ from lit_dpvae.hparams import ScrubbedHyperparametersMixin
 from lit_dpvae.likelihoods import Likelihood, make_likelihood
 from lit_dpvae.nn.blocks import build_encoder_decoder
 from lit_dpvae.priors import Prior, StandardNormal, normal_log_density
+from lit_dpvae.privacy.accounting import provenance_from_checkpoint
 from lit_dpvae.privacy.terms import LossTerms, PairwiseTerm
 
 
@@ -303,6 +304,15 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
     # ---- generation ----------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Weights loaded from a DP checkpoint (``load_from_checkpoint``) remember the privacy
+        they already spent, so a later ``fit`` continues that accountant instead of starting
+        ε at 0 (``TermwiseDPStrategy(warm_start=...)``)."""
+        super().on_load_checkpoint(checkpoint)
+        provenance = provenance_from_checkpoint(checkpoint)
+        if provenance is not None:
+            self._lit_dpvae_provenance = provenance
+
     @torch.no_grad()
     def sample(self, n: int, labels: Tensor | Sequence[int] | None = None) -> Tensor:
         """n draws of the likelihood mean at z ~ p(z): ``[n, *data_shape]``. Labels ``[n]`` are

@@ -128,6 +128,66 @@ class PrivacyAccountant:
             return 0.0
         return float(self._impl.get_epsilon(delta=delta))
 
+    def epsilon_after(self, delta: float, noise_multiplier: float, sample_rate: float,
+                      steps: int) -> float:
+        """ε after ``steps`` more steps at ``(σ_eff, q)`` on top of this history (this
+        accountant is not changed)."""
+        trial = PrivacyAccountant(self.name)
+        trial.load_state_dict(self.state_dict())
+        if steps:
+            if noise_multiplier == 0:
+                return math.inf
+            trial._impl.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
+        return trial.get_epsilon(delta)
+
+    def steps_within(self, target_epsilon: float, delta: float, noise_multiplier: float,
+                     sample_rate: float, hint: int = 1) -> int:
+        """How many more steps at ``(σ_eff, q)`` keep ε ≤ ``target_epsilon`` (up to a relative
+        1e-6 for the accountant's own rounding); 0 if none. ``hint``: a first guess."""
+        limit = target_epsilon * (1 + 1e-6)
+
+        def fits(k: int) -> bool:
+            return self.epsilon_after(delta, noise_multiplier, sample_rate, k) <= limit
+
+        if not fits(0) or not fits(1):
+            return 0
+        low, high = 1, max(2, int(hint))
+        while fits(high):  # exponential search, then bisection
+            low, high = high, 2 * high
+            if high > 10**9:
+                return high
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        return low
+
+    def calibrate(self, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                  epsilon_tolerance: float = 0.01) -> float:
+        """The smallest σ_eff (to ``epsilon_tolerance`` in ε) such that ``steps`` more steps at
+        rate ``sample_rate`` *after this history* end with ε ≤ ``target_epsilon``. With an
+        empty history this is :func:`calibrate_noise`."""
+        if not self._impl.history and not self.non_private_steps:
+            return calibrate_noise(target_epsilon, delta, sample_rate, steps, self.name,
+                                   epsilon_tolerance)
+        check_budget(target_epsilon, delta)
+        if self.get_epsilon(delta) >= target_epsilon:
+            raise ValueError(
+                f"the history already spends ε={self.get_epsilon(delta):.4g} >= "
+                f"target_epsilon={target_epsilon}: no further step fits")
+        low, high = 0.0, 10.0
+        while self.epsilon_after(delta, high, sample_rate, steps) > target_epsilon:
+            low, high = high, 2 * high
+            if high > 1e7:
+                raise ValueError("no noise multiplier below 1e7 fits the remaining budget")
+        while target_epsilon - self.epsilon_after(delta, high, sample_rate, steps) \
+                > epsilon_tolerance and high - low > 1e-6:
+            mid = (low + high) / 2
+            if self.epsilon_after(delta, mid, sample_rate, steps) > target_epsilon:
+                low = mid
+            else:
+                high = mid
+        return high
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "accountant": self.name,
@@ -146,3 +206,18 @@ class PrivacyAccountant:
 
     def __repr__(self) -> str:
         return f"PrivacyAccountant({self.name!r}, steps={self.steps})"
+
+
+#: Where ``TermwiseDPStrategy`` keeps its privacy state in a checkpoint.
+CHECKPOINT_KEY = "lit_dpvae_privacy"
+
+
+def provenance_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"mechanism", "accountant"}`` of the run that wrote ``checkpoint`` (None without a
+    privacy state): the spend that weights loaded from it carry into a later fit."""
+    state = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(state, dict) or "accountant" not in state:
+        return None
+    accountant = PrivacyAccountant(state["accountant"]["accountant"])
+    accountant.load_state_dict(state["accountant"])
+    return {"mechanism": state.get("mechanism"), "accountant": accountant}

@@ -1,0 +1,150 @@
+"""The stop rule and the privacy state across fits, reloaded loaders and resumes (issue 13,
+classes 2 and 6): whatever changes between or during fits, the final ε stays ≤ target_epsilon,
+and no continuation silently resets, raises or replays the privacy state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_dpvae.privacy import poisson_dataloader
+from lit_dpvae.strategy import PrivacyConfigError, TermwiseDPStrategy
+from tests.lightning_toys import ToyData, ToyLitVAE
+from tests.test_strategy import _strategy, _trainer
+
+TARGET, DELTA = 2.0, 1e-3
+
+
+class GrowingData(ToyData):
+    """A data module whose sample rate grows at every reload of its train loader."""
+
+    def __init__(self, rates: list[float]) -> None:
+        super().__init__(n=200, sample_rate=rates[0])
+        self.rates, self.loads = rates, 0
+
+    def train_dataloader(self):
+        self.sample_rate = self.rates[min(self.loads, len(self.rates) - 1)]
+        self.loads += 1
+        return super().train_dataloader()
+
+
+def _budgeted(**kwargs) -> TermwiseDPStrategy:
+    return _strategy(**{"noise_multiplier": None, "target_epsilon": TARGET,
+                        "target_delta": DELTA, **kwargs})
+
+
+def test_a_second_fit_with_a_larger_sample_rate_stays_within_the_target(tmp_path):
+    strategy = _budgeted(noise_multiplier=3.0)  # σ fixed: target_epsilon is the stop rule
+    trainer = _trainer(strategy, tmp_path, max_steps=10, max_epochs=None)
+    model = ToyLitVAE()
+    trainer.fit(model, ToyData(n=200, sample_rate=0.05))
+    assert strategy.epsilon() <= TARGET and strategy.accountant.steps == 10
+    trainer.fit_loop.epoch_loop.max_steps = 400  # continue, now with q = 0.5
+    with pytest.warns(UserWarning, match="sample rate changed"):
+        trainer.fit(model, ToyData(n=200, sample_rate=0.5))
+    assert strategy.budget_exhausted
+    assert 10 < strategy.accountant.steps < 400
+    assert strategy.epsilon() <= TARGET * (1 + 1e-6)
+
+
+def test_reloaded_loaders_with_a_growing_batch_stay_within_the_target(tmp_path):
+    strategy = _budgeted()
+    trainer = _trainer(strategy, tmp_path, max_steps=-1, max_epochs=30,
+                       reload_dataloaders_every_n_epochs=1)
+    trainer.fit(ToyLitVAE(), GrowingData([0.02, 0.1, 0.3, 0.6, 0.9]))
+    assert strategy.budget_exhausted
+    assert strategy.epsilon() <= TARGET * (1 + 1e-6)
+
+
+def test_resume_with_another_batch_size_or_budget(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    first = _budgeted(noise_multiplier=3.0)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    _trainer(first, tmp_path, max_steps=20, max_epochs=None, enable_checkpointing=True,
+             callbacks=[saver]).fit(ToyLitVAE(), ToyData(n=200, sample_rate=0.05))
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    # another batch size (q 0.05 -> 0.5), planned for far more steps: stops at the target
+    resumed = _budgeted(noise_multiplier=3.0)
+    with pytest.warns(UserWarning, match="sample rate changed"):
+        _trainer(resumed, tmp_path, max_steps=2000, max_epochs=None).fit(
+            ToyLitVAE(), ToyData(n=200, sample_rate=0.5), ckpt_path=last)
+    assert resumed.budget_exhausted and 20 < resumed.accountant.steps < 2000
+    assert resumed.epsilon() <= TARGET * (1 + 1e-6)
+    # a raised target (or none at all) is refused ...
+    for kwargs in ({"target_epsilon": 2 * TARGET}, {"target_epsilon": None}):
+        bigger = _strategy(noise_multiplier=1.0, target_delta=DELTA, **kwargs)
+        with pytest.raises(PrivacyConfigError, match="allow_budget_increase"):
+            _trainer(bigger, tmp_path, max_steps=200, max_epochs=None).fit(
+                ToyLitVAE(), ToyData(n=200, sample_rate=0.05), ckpt_path=last)
+    # ... unless acknowledged, and then said out loud, with the stop rule at the new target
+    allowed = _budgeted(noise_multiplier=3.0, target_epsilon=2 * TARGET,
+                        allow_budget_increase=True)
+    with pytest.warns(UserWarning, match="budget of the whole run is now"):
+        _trainer(allowed, tmp_path, max_steps=5000, max_epochs=None).fit(
+            ToyLitVAE(), ToyData(n=200, sample_rate=0.05), ckpt_path=last)
+    assert TARGET < allowed.epsilon() <= 2 * TARGET * (1 + 1e-6)
+
+
+def test_a_stop_rule_step_count_is_never_reused_for_another_sample_rate():
+    """Unit level: the plan is redone when q changes in place (a sampler mutated mid-run)."""
+    strategy = _budgeted()
+    strategy.mechanism.noise_multiplier = 3.0
+    loader = poisson_dataloader(ToyData(n=200).data, 0.05, seed=1)
+    strategy._sampler = loader.batch_sampler
+    strategy._read_sampling(announce=False)
+    assert not strategy._next_step_exceeds_budget()
+    stop_small_q = strategy._plan[2]
+    loader.batch_sampler.sample_rate = 0.9
+    with pytest.warns(UserWarning, match="sample rate changed"):
+        strategy._read_sampling(announce=True)
+    assert not strategy._next_step_exceeds_budget()
+    assert strategy._plan[2] < stop_small_q
+
+
+# ---- warm starts: weights that already spent privacy -------------------------------------------
+def test_a_new_strategy_on_dp_trained_weights_continues_their_accountant(tmp_path):
+    model = ToyLitVAE()
+    first = _budgeted()
+    _trainer(first, tmp_path, max_steps=10, max_epochs=None).fit(model, ToyData(n=200))
+    spent = first.epsilon()
+    second = _budgeted()
+    with pytest.warns(UserWarning, match="warm start"):
+        _trainer(second, tmp_path, max_steps=10, max_epochs=None).fit(model, ToyData(n=200))
+    assert second.accountant.steps == 20 and spent < second.epsilon() <= TARGET * (1 + 1e-6)
+    # σ was calibrated for what was left: larger than the first run's
+    assert second.mechanism.noise_multiplier > first.mechanism.noise_multiplier
+    public = _budgeted(warm_start="public")
+    with pytest.warns(UserWarning, match="warm_start='public'"):
+        _trainer(public, tmp_path, max_steps=2, max_epochs=None).fit(model, ToyData(n=200))
+    assert public.accountant.steps == 2
+
+
+def test_dp_fine_tuning_of_non_private_weights_is_refused(tmp_path):
+    model = ToyLitVAE()
+    _trainer(TermwiseDPStrategy(mechanism="nonprivate"), tmp_path, max_steps=2).fit(
+        model, ToyData(n=200))
+    with pytest.raises(PrivacyConfigError, match="trained without privacy"):
+        _trainer(_budgeted(), tmp_path, max_steps=2, max_epochs=None).fit(model, ToyData(n=200))
+
+
+def test_load_from_checkpoint_carries_the_privacy_spend(tmp_path):
+    from lit_dpvae.data import DigitsDataModule
+    from lit_dpvae.models import VanillaVAE
+
+    model = VanillaVAE(data_shape=(1, 8, 8), latent_dim=2, hidden=(8,))
+    data = DigitsDataModule(batch_size=64, seed=1)
+    kwargs = dict(max_grad_norm=1.0, target_epsilon=TARGET, target_delta=1e-4,
+                  sample_share=1.0)
+    first = TermwiseDPStrategy(**kwargs)
+    trainer = _trainer(first, tmp_path, max_steps=5, max_epochs=None, limit_val_batches=0)
+    trainer.fit(model, data)
+    trainer.save_checkpoint(tmp_path / "dp.ckpt")
+    loaded = VanillaVAE.load_from_checkpoint(tmp_path / "dp.ckpt")
+    second = TermwiseDPStrategy(**kwargs)
+    with pytest.warns(UserWarning, match="warm start"):
+        _trainer(second, tmp_path, max_steps=5, max_epochs=None, limit_val_batches=0).fit(
+            loaded, DigitsDataModule(batch_size=64, seed=2))
+    assert second.accountant.steps == 10
+    assert first.epsilon() < second.epsilon() <= TARGET * (1 + 1e-6)
+    torch.testing.assert_close(second.accountant.history[0][0], first.accountant.history[0][0])
