@@ -14,8 +14,11 @@ Each training step, on every rank:
    it would average each rank's own noise and the replicas would drift);
 4. the accountant records one subsampled Gaussian step ``(σ_eff, q)``.
 
-The accountant, the noise generator, σ and the sampler seed are saved in every checkpoint and
-restored on resume: ε continues, it never restarts. See docs/privacy.md.
+The accountant, σ, the target, the noise generator and the sampler seed are saved in every
+checkpoint. A resume continues the accountant (ε never restarts) with fresh secret noise and
+sampler seeds (``exact_resume=True`` replays them, for tests). Before every step the stop rule
+asks whether that step, at the current σ and q, stays within ``target_epsilon``. See
+docs/privacy.md §4 and §7.
 """
 
 from __future__ import annotations
