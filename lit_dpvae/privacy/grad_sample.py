@@ -134,6 +134,7 @@ def capture_layers(module: nn.Module) -> Iterator[_Capture]:
         raw = [t for t in inputs if isinstance(t, Tensor)]
         capture.calls.append(_Call(m, [t.detach() for t in raw], output, raw))
 
+    hook._lit_dpvae_capture = True  # type: ignore[attr-defined]  # see is_plain_linear
     handles = [m.register_forward_hook(hook) for m in _trainable_layers(module)]
     try:
         yield capture
@@ -185,17 +186,38 @@ def _record_blocks(call: _Call, n: int) -> list[tuple[int, int]]:
     return [(lo, min(n, lo + records)) for lo in range(0, n, records)]
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """A layer that computes exactly ``x W^T + b`` from its own parameters ``weight`` (and
+    ``bias``): type exactly ``nn.Linear`` (a subclass's ``forward`` may use other parameters or
+    another map), its own parameters are the Parameters ``weight``/``bias`` and nothing else
+    (``torch.nn.utils.weight_norm`` keeps the type but makes ``weight`` a derived tensor of
+    ``weight_g``/``weight_v``), and no forward or forward-pre hook other than the engine's
+    capture hook can change its input or output (a hook that rescales the output would make
+    the captured output differ from ``x W^T + b``). Only such a layer may use the closed forms
+    of the ghost norm, the latent Gram and ``grad_input = b W``."""
+    if type(module) is not nn.Linear:
+        return False
+    own = dict(module.named_parameters(recurse=False))
+    if set(own) - {"weight", "bias"} or not isinstance(module.weight, nn.Parameter):
+        return False
+    if module.bias is not None and not isinstance(module.bias, nn.Parameter):
+        return False
+    hooks = list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
+    global_hooks = (list(nn.modules.module._global_forward_hooks.values())
+                    + list(nn.modules.module._global_forward_pre_hooks.values()))
+    return all(getattr(h, "_lit_dpvae_capture", False) for h in hooks + global_hooks)
+
+
 def _ghost_norm_is_exact(call: _Call, backprops: Tensor, n: int) -> bool:
-    """Whether the ghost identity gives this call's per-record norms *exactly*: a layer of type
-    exactly ``nn.Linear`` (not a subclass, whose ``forward`` or extra parameters the identity
-    knows nothing about), called on one 2-D input with one row per record. Then
+    """Whether the ghost identity gives this call's per-record norms *exactly*: a plain Linear
+    layer (:func:`is_plain_linear`), called on one 2-D input with one row per record. Then
     ``‖g_i‖² = ‖a_i‖²‖b_i‖² (+ ‖b_i‖²)``, a product of sums of squares: no cancellation, relative
     rounding only (docs/privacy.md §2). For ``[n, T, d]`` inputs the identity becomes
     ``Σ_tt' (b_t·b_t')(a_t·a_t')``, which cancels in floating point, and Opacus returns no norm at
     all for 4-D inputs; such calls take the per-sample route."""
     acts = call.activations
     return (
-        type(call.module) is nn.Linear
+        is_plain_linear(call.module)
         and len(acts) == 1
         and acts[0].dim() == 2
         and backprops.dim() == 2
@@ -205,11 +227,13 @@ def _ghost_norm_is_exact(call: _Call, backprops: Tensor, n: int) -> bool:
 
 
 def _ghost_norms(call: _Call, backprops: Tensor, n: int) -> dict[nn.Parameter, Tensor]:
-    """Per-record squared norms ``[n]`` (float32 or wider) of a call that passed
-    :func:`_ghost_norm_is_exact`, one entry per trainable parameter of the layer."""
+    """Per-record squared norms ``[n]`` in float64 of a call that passed
+    :func:`_ghost_norm_is_exact`, one entry per trainable parameter of the layer. Float64: the
+    squares of float32 values never underflow or overflow there, whereas in float32 an input of
+    2.5e-23 squares to 0 and its record would be released unclipped."""
     module = call.module
     assert isinstance(module, nn.Linear)
-    dtype = torch.promote_types(backprops.dtype, torch.float32)
+    dtype = torch.float64
     b_sq = backprops.to(dtype).pow(2).sum(1)
     out: dict[nn.Parameter, Tensor] = {}
     if module.weight.requires_grad:
@@ -217,6 +241,11 @@ def _ghost_norms(call: _Call, backprops: Tensor, n: int) -> dict[nn.Parameter, T
     if module.bias is not None and module.bias.requires_grad:
         out[module.bias] = b_sq
     return out
+
+
+def _sq_norms(grads: Tensor, n: int) -> Tensor:
+    """``‖g_i‖²`` ``[n]`` in float64 (no underflow or overflow of float32 squares)."""
+    return grads.reshape(n, -1).double().pow(2).sum(1)
 
 
 def _own_trainable(module: nn.Module) -> set[nn.Parameter]:
@@ -302,7 +331,7 @@ class _LayerwiseClipper:
             )
 
         # Per-record squared norms, and per-sample gradients where they had to be materialised.
-        sq_norm = torch.zeros(n, device=loss.device, dtype=torch.float32)
+        sq_norm = torch.zeros(n, device=loss.device, dtype=torch.float64)
         materialised: dict[nn.Parameter, Tensor] = {}
         ghost_calls = []
         blocked_calls = []
@@ -323,16 +352,14 @@ class _LayerwiseClipper:
                 for lo, hi in blocks:
                     for p, g in _block_grads(call, b, n, lo, hi, self.functorch).items():
                         if p.requires_grad:
-                            sq_norm[lo:hi] += (
-                                torch.linalg.vector_norm(g.reshape(hi - lo, -1), dim=1).float()
-                                ** 2)
+                            sq_norm[lo:hi] += _sq_norms(g, hi - lo)
                 blocked_calls.append((call, b, blocks))
                 continue
             for p, g in _per_sample_grads(call, b, n, self.functorch).items():
                 if p.requires_grad:
                     materialised[p] = materialised[p] + g if p in materialised else g
         for g in materialised.values():
-            sq_norm = sq_norm + torch.linalg.vector_norm(g.reshape(n, -1), dim=1).float() ** 2
+            sq_norm = sq_norm + _sq_norms(g, n)
         norms = sq_norm.sqrt()
         factors = clip_factors(norms, max_norm)
 
@@ -396,12 +423,13 @@ class _OpacusHooksClipper:
             for p in params.values():
                 p.grad_sample = None  # type: ignore[attr-defined]  # Opacus per-sample attribute
             gsm._close()
+            for m in module.modules():  # a refused step must not leave activations behind
+                for attr in ("activations", "max_batch_len"):
+                    if attr in m.__dict__:
+                        delattr(m, attr)
             for name, p in params.items():
                 p.grad = saved_grads[name]
-        norms = torch.stack(
-            [torch.linalg.vector_norm(g.reshape(n, -1), dim=1).float()
-             for g in grad_samples.values()]
-        ).norm(dim=0)
+        norms = torch.stack([_sq_norms(g, n) for g in grad_samples.values()]).sum(0).sqrt()
         factors = clip_factors(norms, max_norm)
         out = {name: weighted_sum(factors, g) for name, g in grad_samples.items()}
         _check_finite(out)

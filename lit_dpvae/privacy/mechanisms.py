@@ -176,58 +176,72 @@ class Mechanism:
 
     def probe_sample_terms(self, module: nn.Module, batch: Any, n: int) -> None:
         """Once per module, on its first batch of ≥ 2 records, probe the record-wise contract
-        that every per-record bound rests on (docs/privacy.md §1). For the first and the last
-        record ``i``, each declared sample-wise term ``ℓ_i`` and each pairwise term's code
-        ``z_i`` (a random combination of its coordinates) must have
+        that every per-record bound rests on (docs/privacy.md §1). For each probed record ``i``
+        (all of them up to 16 records, else the first, the last and 14 others at random), each
+        declared sample-wise term ``ℓ_i`` and each pairwise term's code ``z_i`` (a random
+        combination of its coordinates) must have
 
-        1. zero gradient with respect to every *other* record's input (a term or code that reads
-           other records — a batch mean, codes centred on the batch — breaks Theorems 2 and 5);
+        1. zero gradient with respect to every *other* record's rows of every floating-point
+           tensor of the batch (a term or code that reads other records — a batch mean, codes
+           centred on the batch — breaks Theorems 2 and 5);
         2. zero gradient with respect to every row of every trainable layer's output outside
            record ``i``'s rows (``i·K … i·K+K−1``). Rows that no record owns but every record
            reads — data-independent inputs through a trainable layer, e.g. VampPrior
            pseudo-inputs through the encoder — are attributed to records *by position*, so
-           one record's gradient would be spread over others' clip budgets.
+           one record's gradient would be spread over others' clip budgets;
+        3. the same value, bit for bit up to a relative 1e-5, when another record's data (every
+           tensor of the batch: inputs, labels, extra columns) is replaced by a third record's,
+           under the same random draws. This catches dependence that no gradient shows:
+           through integer labels, detached batch statistics, comparisons;
+        4. and ``loss_terms`` must not change any parameter or buffer in place (a running
+           statistic of the data, ``Embedding(max_norm=...)``'s renormalisation): those would
+           be released without noise.
 
-        Either is refused (``LossTermsError`` / ``AttributionError``) before the first step.
-        This is a probe, not a proof: it sees dependence through differentiable inputs of this
-        batch only (the tests check the shipped models more thoroughly). Multi-process: every
-        rank probes on its first call (the probe's forward enters the ranks' collectives
-        together); a rank whose first local batch has < 2 records runs the forward only."""
+        Any of these is refused (``LossTermsError`` / ``AttributionError``) before the first
+        step. This is a probe, not a proof: it sees this batch only. Multi-process: every rank
+        probes on its first call (the probe's forwards enter the ranks' collectives together);
+        a rank whose first local batch has < 2 records runs the forwards only."""
         if self._probed is module or not self.is_private:
             return
         if n < 2 and not self.always_forward:
             return
-        x = _first_float_tensor(batch)
-        if x is None:
-            self._probed = module
-            return
-        x = x.detach().clone().requires_grad_(True)
-        probe_batch = _replace_first_float_tensor(batch, x)
-        devices = [x.device] if x.device.type == "cuda" else []
+        probe_batch, inputs = _with_grad_inputs(batch, n)
+        devices = [t.device for t in inputs if t.device.type == "cuda"][:1]
+        states = _module_state_versions(module)
         # fork_rng: the probe must not shift the model's random stream (exact resume relies on it)
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
-                capture_layers(module) as cap:
-            terms = loss_terms_of(module, probe_batch)
-            if n >= 2:
-                checked: list[tuple[str, Tensor]] = []
-                for name, values in terms.sample.items():
-                    if values.dim() != 1 or values.shape[0] != n or not values.requires_grad:
-                        continue  # validate() reports shape problems with a better message
-                    checked.append((f"sample-wise term {name!r}", values))
-                pairwise = terms.pairwise if isinstance(terms.pairwise, dict) else {}
-                for name, term in pairwise.items():
-                    codes = getattr(term, "codes", None)
-                    if (isinstance(codes, Tensor) and codes.dim() == 2 and codes.shape[0] == n
-                            and codes.requires_grad):
-                        mix = torch.randn(codes.shape[1], device=codes.device, dtype=codes.dtype)
-                        checked.append((f"the codes of pairwise term {name!r}", codes @ mix))
-                outputs = [c.output for c in cap.calls if c.output.requires_grad]
-                for label, values in checked:
-                    for i in (0, n - 1):
-                        grads = torch.autograd.grad(values[i], [x, *outputs], retain_graph=True,
-                                                    allow_unused=True)
-                        _refuse_cross_record(label, i, n, grads[0], cap.calls, grads[1:])
+        with torch.random.fork_rng(devices=devices):
+            rng = torch.get_rng_state()
+            cuda_rng = torch.cuda.get_rng_state(devices[0]) if devices else None
+            with torch.enable_grad(), capture_layers(module) as cap:
+                terms = loss_terms_of(module, probe_batch)
+                checked = _probed_values(terms, n)
+                if n >= 2:
+                    outputs = [c.output for c in cap.calls if c.output.requires_grad]
+                    for label, values in checked:
+                        for i in _probe_records(n):
+                            grads = torch.autograd.grad(values[i], [*inputs, *outputs],
+                                                        retain_graph=True, allow_unused=True)
+                            _refuse_cross_record(label, i, n, grads[:len(inputs)], cap.calls,
+                                                 grads[len(inputs):])
+            reference = {label: values.detach() for label, values in checked}
+            del terms, checked, cap
+            # Two replacement forwards (on every rank alike in multi-process runs, whose forwards
+            # may enter collectives; compared only where the local batch has ≥ 3 records).
+            for j, first in (((n // 2, False), (0, False), (n - 1, True))
+                             if n >= 3 or self.always_forward else ()):
+                torch.set_rng_state(rng)
+                if cuda_rng is not None:
+                    torch.cuda.set_rng_state(cuda_rng, devices[0])
+                changed = (_replace_record(batch, j, _donor(batch, j, n, first), n)
+                           if n >= 3 else batch)
+                with torch.no_grad():
+                    again = dict(_probed_values(loss_terms_of(module, changed), n))
+                if n >= 3:
+                    for label, values in reference.items():
+                        _refuse_changed_values(label, j, values, again.get(label))
+        _refuse_state_changes(module, states)
         self._probed = module
+
     def _forward(self, module: nn.Module, batch: Any, n: int) -> LossTerms:
         terms = loss_terms_of(module, batch)
         terms.validate(n)
@@ -674,11 +688,13 @@ def _moved_rows(grad: Tensor, lo: int, hi: int) -> Tensor:
     return moved.nonzero()[:, 0]
 
 
-def _refuse_cross_record(label: str, i: int, n: int, input_grad: Tensor | None,
+def _refuse_cross_record(label: str, i: int, n: int, input_grads: tuple,
                          calls: list, output_grads: tuple) -> None:
     """Raise if record ``i``'s term reads another record's input or reaches a layer row that
     is attributed to another record (``probe_sample_terms``)."""
-    if input_grad is not None and input_grad.dim() > 0 and input_grad.shape[0] == n:
+    for input_grad in input_grads:
+        if input_grad is None or input_grad.dim() == 0 or input_grad.shape[0] != n:
+            continue
         rows = _moved_rows(input_grad, i, i + 1)
         if rows.numel():
             raise LossTermsError(
@@ -707,25 +723,126 @@ def _refuse_cross_record(label: str, i: int, n: int, input_grad: Tensor | None,
             )
 
 
-def _first_float_tensor(batch: Any) -> Tensor | None:
-    items = batch if isinstance(batch, (list, tuple)) else [batch]
-    for item in items:
-        if isinstance(item, Tensor) and item.is_floating_point():
-            return item
-    return None
-
-
-def _replace_first_float_tensor(batch: Any, x: Tensor) -> Any:
+def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor (in tuples, lists and dicts, nested)."""
     if isinstance(batch, Tensor):
-        return x
-    items, done = [], False
-    for item in batch:
-        if not done and isinstance(item, Tensor) and item.is_floating_point():
-            items.append(x)
-            done = True
-        else:
-            items.append(item)
-    return type(batch)(items)
+        return fn(batch)
+    if isinstance(batch, dict):
+        return type(batch)((k, _map_tensors(v, fn)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        items = [_map_tensors(v, fn) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
+
+
+def _with_grad_inputs(batch: Any, n: int) -> tuple[Any, list[Tensor]]:
+    """A copy of ``batch`` whose floating-point tensors with ``n`` rows require gradients, and
+    those tensors (every such input is probed, not only the first)."""
+    inputs: list[Tensor] = []
+
+    def leaf(t: Tensor) -> Tensor:
+        if t.is_floating_point() and t.dim() > 0 and t.shape[0] == n:
+            t = t.detach().clone().requires_grad_(True)
+            inputs.append(t)
+        return t
+
+    return _map_tensors(batch, leaf), inputs
+
+
+def _replace_record(batch: Any, j: int, k: int, n: int) -> Any:
+    """``batch`` with record ``j``'s row of every tensor with ``n`` rows replaced by record
+    ``k``'s (inputs, labels and any other per-record column)."""
+
+    def leaf(t: Tensor) -> Tensor:
+        if t.dim() > 0 and t.shape[0] == n:
+            t = t.clone()
+            t[j] = t[k]
+        return t
+
+    return _map_tensors(batch, leaf)
+
+
+def _donor(batch: Any, j: int, n: int, first: bool) -> int:
+    """A record whose data replaces record ``j``'s in the replacement probe: the last (or the
+    first) record whose integer columns (labels, ids) differ from ``j``'s, so that label counts
+    change too; ``(j + 1) % n`` when all agree."""
+    ints: list[Tensor] = []
+    _map_tensors(batch, lambda t: ints.append(t) or t if (
+        not t.is_floating_point() and t.dim() > 0 and t.shape[0] == n) else t)
+    differs = torch.zeros(n, dtype=torch.bool)
+    for t in ints:
+        flat = t.reshape(n, -1)
+        differs |= (flat != flat[j]).any(1).cpu()
+    differs[j] = False
+    idx = differs.nonzero()[:, 0]
+    if idx.numel() == 0:
+        return (j + 1) % n
+    return int(idx[0] if first else idx[-1])
+
+
+def _probe_records(n: int) -> list[int]:
+    """Every record up to 16; else the first, the last and 14 others drawn at random (the
+    probe runs under a forked RNG)."""
+    if n <= 16:
+        return list(range(n))
+    middle = (torch.randperm(n - 2)[:14] + 1).tolist()
+    return [0, n - 1, *sorted(middle)]
+
+
+def _probed_values(terms: Any, n: int) -> list[tuple[str, Tensor]]:
+    """``(label, [n] values)`` of the sample-wise terms and of a fixed random combination of
+    each pairwise term's code coordinates."""
+    checked: list[tuple[str, Tensor]] = []
+    sample = terms.sample if isinstance(getattr(terms, "sample", None), dict) else {}
+    for name, values in sample.items():
+        if isinstance(values, Tensor) and values.dim() == 1 and values.shape[0] == n:
+            checked.append((f"sample-wise term {name!r}", values))
+    pairwise = terms.pairwise if isinstance(getattr(terms, "pairwise", None), dict) else {}
+    for name, term in pairwise.items():
+        codes = getattr(term, "codes", None)
+        if isinstance(codes, Tensor) and codes.dim() == 2 and codes.shape[0] == n:
+            gen = torch.Generator().manual_seed(codes.shape[1])
+            mix = torch.randn(codes.shape[1], generator=gen).to(codes)
+            checked.append((f"the codes of pairwise term {name!r}", codes @ mix))
+    return checked
+
+
+def _refuse_changed_values(label: str, j: int, before: Tensor, after: Tensor | None) -> None:
+    """Raise if replacing record ``j``'s data moved another record's value."""
+    if after is None or after.shape != before.shape:
+        return
+    keep = torch.ones(before.shape[0], dtype=torch.bool, device=before.device)
+    keep[j] = False
+    a, b = before[keep].double(), after[keep].double()
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    tol = 1e-5 * (a.abs() + b.abs()) + 1e-30
+    moved = finite & ((a - b).abs() > tol)
+    if bool(moved.any()):
+        i = int(keep.nonzero()[:, 0][moved.nonzero()[0, 0]])
+        raise LossTermsError(
+            f"{label} of record {i} changed when only record {j}'s data changed: it reads "
+            "other records (through a label, a detached batch statistic or a comparison), so "
+            "per-record clipping does not bound it. Declare it in LossTerms.batch (a "
+            "batch-wise term) instead, or make it read record i only."
+        )
+
+
+def _module_state_versions(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{name: (id, version counter)}`` of every parameter and buffer."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return {name: (id(t), t._version) for name, t in named}
+
+
+def _refuse_state_changes(module: nn.Module, before: dict[str, tuple[int, int]]) -> None:
+    after = _module_state_versions(module)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    if changed:
+        raise AttributionError(
+            f"loss_terms() changed {changed} in place (or replaced them): a parameter or buffer "
+            "written from the batch during the forward (a running statistic of the data, "
+            "Embedding(max_norm=...)'s renormalisation) is released without noise. Keep "
+            "loss_terms free of side effects on the module's state."
+        )
 
 
 def truncate_batch(batch: Any, n_max: int) -> Any:

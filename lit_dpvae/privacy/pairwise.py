@@ -33,6 +33,7 @@ from lit_dpvae.privacy.grad_sample import (
     _per_sample_grads,
     _rows_per_record,
     clip_factors,
+    is_plain_linear,
 )
 from lit_dpvae.privacy.precision import reduced_fp32_matmul
 
@@ -72,7 +73,7 @@ def _is_linear_on_rows(call: _Call) -> bool:
     ``b W`` and its part of ``G_i`` is the ghost identity). A subclass is never taken for one:
     its ``forward`` may use other parameters (a LoRA adapter's low-rank factors) or another
     map, and every special case here must hold for the layer as called."""
-    return (type(call.module) is nn.Linear and len(call.activations) == 1
+    return (is_plain_linear(call.module) and len(call.activations) == 1
             and call.activations[0].dim() == 2)
 
 
@@ -235,7 +236,12 @@ def latent_jacobian(calls: list[_Call], codes: Tensor, n: int,
             seen[p] = seen.get(p, 0) + 1
     backprops = _code_backprops(calls, used, codes, n, workspace)
     dtype = gram_dtype(codes.dtype)
-    gram = codes.new_zeros(n, d, d, dtype=dtype)
+    # The Gram is accumulated in float64 (cast to ``dtype`` at the end): its ghost part is a
+    # product of separately formed factors (‖a_i‖² + 1)·B_iB_iᵀ, and in float32 a factor can
+    # underflow to 0 (inputs of 1e-23, backprops of 1e-30) while the released product
+    # J_iᵀu through that layer does not — the pair norm would then be 0 and the pair unclipped.
+    acc = torch.float64
+    gram = codes.new_zeros(n, d, d, dtype=acc)
     terms = 0
     materialised: dict[nn.Parameter, Tensor] = {}
     for call, b in zip(calls, backprops):
@@ -246,24 +252,25 @@ def latent_jacobian(calls: list[_Call], codes: Tensor, n: int,
             continue
         if _is_ghost_linear(call, n, seen):
             acts = call.activations
-            coef = torch.zeros(n, dtype=dtype, device=gram.device)
+            coef = torch.zeros(n, dtype=acc, device=gram.device)
             if call.module.weight.requires_grad:
-                coef = coef + acts[0].to(dtype).pow(2).sum(1)
+                coef = coef + acts[0].to(acc).pow(2).sum(1)
             if call.module.bias is not None and call.module.bias.requires_grad:
                 coef = coef + 1.0
-            bb = b.reshape(d, n, -1).transpose(0, 1).to(dtype)  # [n, d, out]
+            bb = b.reshape(d, n, -1).transpose(0, 1).to(acc)  # [n, d, out]
             gram = gram + coef[:, None, None] * torch.bmm(bb, bb.transpose(1, 2))
             terms += bb.shape[-1] + acts[0].shape[1] + 4
             continue
         per_k = [_per_sample_grads(call, b[k], n, functorch=False) for k in range(d)]
         for p in own:
-            rows = torch.stack([g[p].reshape(n, -1).to(dtype) for g in per_k], 1)  # [n, d, P_p]
+            rows = torch.stack([g[p].reshape(n, -1).to(acc) for g in per_k], 1)  # [n, d, P_p]
             materialised[p] = materialised[p] + rows if p in materialised else rows
     for rows in materialised.values():
         gram = gram + torch.bmm(rows, rows.transpose(1, 2))
         terms += rows.shape[-1] + 2
     used = [i for i, b in enumerate(backprops) if b is not None]
-    return LatentJacobian(calls, used, codes, gram, terms + len(materialised))
+    # The float64 accumulation's rounding is far below the margin counted for ``dtype``.
+    return LatentJacobian(calls, used, codes, gram.to(dtype), terms + len(materialised))
 
 
 def owner_vectors(

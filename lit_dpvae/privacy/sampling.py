@@ -158,11 +158,16 @@ def poisson_dataloader(
         rank=rank,
         steps_per_epoch=steps_per_epoch,
     )
+    # Its own generator: creating the loader's iterator (every epoch) then draws its worker base
+    # seed from it, not from the global torch RNG that the model's reparameterisation noise
+    # uses, so an exact resume at an epoch boundary continues that stream where it stopped.
+    generator = torch.Generator().manual_seed(sampler.seed ^ 0x5EED)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=EmptySafeCollate(dataset, collate_fn),
         num_workers=num_workers,
+        generator=generator,
     )
 
 

@@ -4,13 +4,16 @@ statistic moves by at most its stated sensitivity on crafted neighbouring batche
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from lit_dpvae.privacy import (
     BACKENDS,
     AttributionError,
+    LossTerms,
     LossTermsError,
     PairwiseDPSGD,
     TermwiseDPSGD,
@@ -26,7 +29,7 @@ from tests.privacy.adversarial_toys import (
     cancelling_records,
 )
 from tests.privacy.test_mechanisms import REL_TOL, _diff_norms, _neighbours
-from tests.privacy.toys import per_record_oracle
+from tests.privacy.toys import ToyVAE, per_record_oracle
 
 
 def _worst_change(mech, model, cases) -> dict[str, float]:
@@ -159,3 +162,146 @@ def test_the_contract_probe_passes_the_shipped_models_and_leaves_the_rng_alone()
     mech.probe_sample_terms(model, batch, 5)
     assert torch.equal(before, torch.get_rng_state())
     assert mech._probed is model
+
+
+# ---- found by the adversarial review of the fixes above ---------------------------------------
+class _WeightNormVAE(nn.Module):
+    """A Linear layer reparameterised by ``torch.nn.utils.weight_norm`` (type stays nn.Linear,
+    ``weight`` becomes a derived tensor of weight_g/weight_v)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.enc = nn.utils.weight_norm(nn.Linear(6, 4))
+        self.dec = nn.Linear(4, 6)
+
+    def loss_terms(self, batch) -> LossTerms:
+        x = batch[0]
+        return LossTerms(sample={"recon": (self.dec(self.enc(x)) - x).pow(2).sum(-1)})
+
+
+class _HookedVAE(ParentVAE):
+    """A Linear layer whose forward hook rescales its output by 1000."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dec.register_forward_hook(lambda m, i, o: 1000 * o)
+
+
+class _TinyInputs(nn.Module):
+    """Inputs of 2.5e-23 (their float32 squares underflow to 0), a large output weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 8, bias=False)
+
+    def loss_terms(self, batch) -> LossTerms:
+        return LossTerms(sample={"l": 2e18 * self.lin(batch[0]).sum(-1)})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["weight_norm", "hooked", "tiny"])
+def test_layers_that_only_look_like_nn_linear_are_clipped_or_refused(kind, backend):
+    c = 1e-3
+    mech = TermwiseDPSGD(max_grad_norm=c, noise_multiplier=1.0, sample_share=1.0,
+                         backend=backend)
+    if kind == "tiny":
+        model, s = _TinyInputs(), 1e-3 * torch.randn(3, 64, generator=torch.Generator())
+        cases = [(s, torch.cat([s, torch.full((1, 64), 2.5e-23)]))]
+    else:
+        model = _WeightNormVAE() if kind == "weight_norm" else _HookedVAE()
+        cases = _neighbours((6,), torch.Generator().manual_seed(2))
+    try:
+        worst = _worst_change(mech, model, cases)["sample"]
+    except (AttributionError, RuntimeError, AttributeError):
+        assert kind == "weight_norm"  # refused (no per-record gradient of weight_g/weight_v)
+        return
+    assert 0 < worst <= c * (1 + REL_TOL), worst
+
+
+class _Coupled(nn.Module):
+    """Sample terms that read other records in ways a first-input gradient probe misses."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.dec, self.how = nn.Linear(6, 2), nn.Linear(2, 6), how
+
+    def loss_terms(self, batch) -> LossTerms:
+        if self.how == "dict":
+            x = batch["x"]
+            xin = x - x.mean(0)
+        elif self.how == "second_float":
+            _, x = batch
+            xin = x - x.mean(0)
+        elif self.how == "labels":
+            x, y = batch
+            xin = x * (2.0 * (y == y.max()).float().mean() - 1.0)
+        elif self.how == "detached":
+            x = batch[0]
+            xin = x - x.mean(0).detach()
+        else:  # "middle": records 0 and n-1 are clean, the others read their neighbours
+            x = batch[0]
+            xin = torch.cat([x[:1], x[1:-1] - x[1:-1].mean(0), x[-1:]]) if len(x) > 2 else x
+        return LossTerms(sample={"r": (self.dec(self.enc(xin)) - x).pow(2).sum(-1)})
+
+
+@pytest.mark.parametrize("how", ["dict", "second_float", "labels", "detached", "middle"])
+def test_the_probe_sees_coupling_through_any_input(how):
+    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    batch = {"dict": {"x": x}, "second_float": (torch.rand(6, 6), x), "labels": (x, y)}.get(
+        how, (x, y))
+    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0)
+    with pytest.raises(LossTermsError, match="record"):
+        mech.aggregate(_Coupled(how), batch)
+
+
+def test_shared_rows_are_refused_with_a_dict_batch():
+    class DictVamp(VampToy):
+        def loss_terms(self, batch):
+            return super().loss_terms((batch["x"],))
+
+    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0)
+    with pytest.raises(AttributionError, match="row"):
+        mech.aggregate(DictVamp(m=4), {"x": torch.randn(2, 6)})
+
+
+class _Stateful(ParentVAE):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.register_buffer("running", torch.zeros(6))
+        self.emb = nn.Embedding(10, 6, max_norm=1.0)
+
+    def loss_terms(self, batch) -> LossTerms:
+        x = batch[0]
+        if self.how == "buffer":
+            self.running.mul_(0.9).add_(0.1 * x.detach().mean(0))
+            return super().loss_terms((x,))
+        ids = (x[:, 0].abs() * 3).long().clamp(0, 9)
+        terms = super().loss_terms((x,))
+        terms.sample["recon"] = terms.sample["recon"] + self.emb(ids).pow(2).sum(-1)
+        return terms
+
+
+@pytest.mark.parametrize("how", ["buffer", "embedding_max_norm"])
+def test_a_forward_that_writes_the_module_state_is_refused(how):
+    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0)
+    x = 3 * torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises((AttributionError, LossTermsError)):
+        mech.aggregate(_Stateful(how), (x,))
+
+
+def test_the_hooks_backend_leaves_no_activations_behind_a_refused_step():
+    model = ToyVAE(samples=3, batch_term=False)
+    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0,
+                         backend="hooks")
+    bad = torch.full((4, 6), float("nan"))
+    with pytest.raises(LossTermsError):
+        mech.aggregate(model, (bad,))
+    assert not any("activations" in m.__dict__ or "max_batch_len" in m.__dict__
+                   for m in model.modules())
