@@ -14,27 +14,50 @@ that names the key and the reason, never the value); :class:`ScrubbedHyperparame
 ``save_hyperparameters`` do it right after capturing (``VAEDataModule`` and ``BaseVAE`` use it);
 ``TermwiseDPStrategy`` calls :func:`scrub_hparams` on any module and data module it trains.
 
-What counts as data-like (:func:`data_like`):
+What counts as data-like (:func:`data_like`; checked on each top-level hyper-parameter):
 
 - ``torch.Tensor`` (any shape), ``numpy.ndarray``, anything exposing ``__array__``,
-  ``__array_interface__``, ``__cuda_array_interface__`` or ``__dlpack__`` (pandas / polars
-  frames and series, JAX / CuPy arrays), and raw buffers (``bytes``, ``bytearray``,
-  ``memoryview``, ``array.array``). NumPy *scalars* (``np.float64(1e-3)``) are numbers, not
-  arrays.
+  ``__array_interface__``, ``__cuda_array_interface__``, ``__dlpack__``, ``__dataframe__``,
+  ``__arrow_c_array__`` or ``__arrow_c_stream__`` (pandas / polars / pyarrow frames and series,
+  JAX / CuPy arrays), and raw buffers (``bytes``, ``bytearray``, ``memoryview``,
+  ``array.array``).
+- NumPy scalars other than plain numbers: only ``np.bool_`` and ``np.number``
+  (``np.float64(1e-3)``, ``np.int64(3)``) are numbers and ``np.str_`` is a string; every other
+  ``np.generic`` is data-like, in particular ``np.void`` / ``np.record`` (a row of a structured
+  array: a whole record), ``np.bytes_``, ``np.datetime64`` and ``np.timedelta64`` (which NumPy
+  files under ``np.number``, but is a date difference, not a setting).
 - ``torch.utils.data.Dataset`` / ``DataLoader`` / ``Sampler`` (a sampler can hold record
   indices), any other sized indexable object that is not a plain container (``__len__`` and
   ``__getitem__``: a map-style data set), and ``torch.nn.Module`` (its parameters and buffers are
   tensors; a module belongs in the state_dict, pass it again to ``load_from_checkpoint``).
-- Containers (``list``, ``tuple``, ``set``, ``dict`` and other mappings/sequences, dataclasses,
-  ``Namespace``) holding any of the above, recursively.
-- Numeric containers that look like data rather than configuration: a list/tuple/set whose
-  elements include a list/tuple/set of numbers (a nested numeric list, e.g. ``[[0.1, 0.2], ...]``,
-  records or class means), or any container holding more than :data:`MAX_NUMBERS` numbers in
-  total (``bool`` counts: a mask of records is data). Flat short lists such as
-  ``hidden=[400, 200]`` or ``data_shape=(1, 28, 28)`` stay.
+- A string of more than :data:`MAX_CHARS` (4096) characters (a pasted CSV or text; paths and
+  names are shorter).
+- Containers: ``list``, ``tuple``, ``set``, ``frozenset``, ``dict`` and other
+  mappings/sequences/sets, and dataclass instances and ``Namespace`` objects (taken as the
+  mapping of their fields). A container is data-like when
+
+  * it holds any of the above at any depth (mapping keys included), or is nested deeper than
+    16 levels;
+  * it is a list/tuple/set with an element that is a mapping, a dataclass or a ``Namespace``
+    (records, e.g. ``[{"name": ..., "dx": ...}, ...]``), or a non-empty list/tuple/set
+    (rows, e.g. ``[[0.1, 0.2], ...]`` or ``[["alice", "HIV"], ...]``);
+  * it has more than :data:`MAX_LEAVES` (32) leaves in total, counted recursively: every
+    element of a sequence/set and every value of a mapping/dataclass/namespace that is not
+    itself a container counts one, whatever its type (number, ``bool``, string, ``None``, any
+    object), and an empty container counts one; mapping keys are not counted. So 100 sentences,
+    a mask of 33 records or a dict of 33 settings are data; or
+  * its strings (values and mapping keys, at any depth) have more than :data:`MAX_CHARS`
+    characters in total.
+
+  Kept: ``None``, numbers, short strings (paths, names), types, functions, ``range``, and flat
+  containers of at most 32 leaves such as ``hidden=[400, 200]``, ``data_shape=(1, 28, 28)``,
+  ``bandwidths=(0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)``, ``columns=["age", "income"]`` or
+  ``optimizer={"name": "adam", "betas": (0.9, 0.999)}`` (a dict of settings may nest dicts).
 
 The rule is on types and shapes, so it cannot catch a record spelled out as a few scalar
-arguments (``x0=0.3, x1=0.7``) or hidden in an arbitrary object; do not do that.
+arguments (``x0=0.3, x1=0.7``) or as a short flat list (up to 32 values), nor one hidden in the
+attributes of an arbitrary object (neither a container nor a dataclass/namespace); do not do
+that.
 """
 
 from __future__ import annotations
@@ -52,12 +75,17 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-#: a container with more numbers than this (counted recursively) is treated as data.
-MAX_NUMBERS = 32
+#: a container with more leaves than this (of any type, counted recursively) is treated as data.
+MAX_LEAVES = 32
+#: the former name of :data:`MAX_LEAVES` (it counted numbers only).
+MAX_NUMBERS = MAX_LEAVES
+#: a string, or the strings of a container together, with more characters than this is data.
+MAX_CHARS = 4096
 
 _MAX_DEPTH = 16
-_ARRAY_PROTOCOLS = ("__array__", "__array_interface__", "__cuda_array_interface__", "__dlpack__")
-_NUMBER = (bool, int, float, complex, np.generic)
+_ARRAY_PROTOCOLS = ("__array__", "__array_interface__", "__cuda_array_interface__", "__dlpack__",
+                    "__dataframe__", "__arrow_c_array__", "__arrow_c_stream__")
+_NUMBER = (bool, int, float, complex, np.bool_, np.number)
 
 
 def _type_name(value: Any) -> str:
@@ -67,23 +95,8 @@ def _type_name(value: Any) -> str:
 
 def _is_container(value: Any) -> bool:
     return isinstance(value, (Mapping, Sequence, Set)) and not isinstance(
-        value, (str, bytes, bytearray, range)
+        value, (str, bytes, bytearray, memoryview, range)
     )
-
-
-def _count_numbers(value: Any, limit: int, depth: int = 0) -> int:
-    """Numbers in ``value`` (recursively through containers), stopping once above ``limit``."""
-    if isinstance(value, _NUMBER):
-        return 1
-    if depth > _MAX_DEPTH or not _is_container(value):
-        return 0
-    items = value.values() if isinstance(value, Mapping) else value
-    total = 0
-    for item in items:
-        total += _count_numbers(item, limit - total, depth + 1)
-        if total > limit:
-            break
-    return total
 
 
 def _fields(value: Any) -> Mapping[str, Any] | None:
@@ -95,10 +108,66 @@ def _fields(value: Any) -> Mapping[str, Any] | None:
     return None
 
 
+def _as_mapping(value: Any) -> Mapping[Any, Any] | None:
+    """``value`` itself when a mapping, its fields when a dataclass or namespace, else None."""
+    return value if isinstance(value, Mapping) else _fields(value)
+
+
+class _Over(Exception):
+    """Raised by :func:`_measure` once a limit is exceeded."""
+
+
+def _measure(value: Any, totals: list[int], depth: int = 0) -> None:
+    """Add the leaves (``totals[0]``) and string characters (``totals[1]``) of ``value`` to
+    ``totals``, raising :class:`_Over` as soon as one exceeds its limit (so it stops early on
+    large or cyclic values; shared sub-containers count every time they occur)."""
+    if isinstance(value, str):
+        totals[1] += len(value)
+    mapping = _as_mapping(value)
+    items: Any = None
+    if mapping is not None:
+        totals[1] += sum(len(key) for key in mapping if isinstance(key, str))
+        items = mapping.values()
+    elif _is_container(value):
+        items = value
+    if totals[1] > MAX_CHARS or depth > _MAX_DEPTH:
+        raise _Over
+    before = totals[0]
+    for item in items or ():
+        _measure(item, totals, depth + 1)
+    if totals[0] == before:  # a leaf, or an empty container
+        totals[0] += 1
+        if totals[0] > MAX_LEAVES:
+            raise _Over
+
+
+def _too_big(value: Any) -> str | None:
+    totals = [0, 0]
+    try:
+        _measure(value, totals)
+    except _Over:
+        if totals[1] > MAX_CHARS:
+            return f"a {_type_name(value)} of more than {MAX_CHARS} characters of text (data-like)"
+        if totals[0] > MAX_LEAVES:
+            return f"a {_type_name(value)} of more than {MAX_LEAVES} values (data-like)"
+        return f"a {_type_name(value)} nested deeper than {_MAX_DEPTH} levels (data-like)"
+    return None
+
+
 def data_like(value: Any, _depth: int = 0, _seen: set[int] | None = None) -> str | None:
     """Why ``value`` can hold record values (a short phrase naming its type, never its content),
     or None when it is an ordinary hyper-parameter. See the module docstring for the rule."""
-    if value is None or isinstance(value, (str, range, _NUMBER)):
+    if isinstance(value, np.void):
+        return f"a numpy structured record ({_type_name(value)})"
+    if isinstance(value, np.generic) and (
+        isinstance(value, np.timedelta64) or not isinstance(value, (np.bool_, np.number, np.str_))
+    ):
+        return f"a numpy scalar that is not a plain number ({_type_name(value)})"
+    if value is None or isinstance(value, (range, _NUMBER)):
+        return None
+    if isinstance(value, str):  # np.str_ included
+        if len(value) > MAX_CHARS:
+            return f"a string of more than {MAX_CHARS} characters (data-like)"
         return None
     if isinstance(value, torch.Tensor):
         return "a torch.Tensor"
@@ -120,40 +189,35 @@ def data_like(value: Any, _depth: int = 0, _seen: set[int] | None = None) -> str
         return f"a raw buffer ({_type_name(value)})"
     if isinstance(value, (FunctionType, MethodType, ModuleType)):
         return None
-    seen = set() if _seen is None else _seen
-    if id(value) in seen or _depth > _MAX_DEPTH:
+    mapping = _as_mapping(value)
+    if mapping is None and not _is_container(value):
+        if hasattr(value, "__len__") and hasattr(value, "__getitem__"):
+            return f"a sized indexable object ({_type_name(value)}, a map-style data set)"
         return None
-    fields = _fields(value)
-    if fields is not None:
-        seen.add(id(value))
-        for key, item in fields.items():
+    if _depth > _MAX_DEPTH:
+        return f"a {_type_name(value)} nested deeper than {_MAX_DEPTH} levels (data-like)"
+    if _depth == 0 and (reason := _too_big(value)) is not None:  # first: it stops early
+        return reason
+    seen = set() if _seen is None else _seen
+    if id(value) in seen:  # already checked (a cycle or a shared sub-container)
+        return None
+    seen.add(id(value))
+    if mapping is not None:
+        for key, item in mapping.items():
+            reason = data_like(key, _depth + 1, seen) or data_like(item, _depth + 1, seen)
+            if reason is not None:
+                if mapping is value:
+                    return f"a {_type_name(value)} holding {reason}"
+                return f"{_type_name(value)} whose field {key!r} is {reason}"
+    else:
+        for item in value:
             reason = data_like(item, _depth + 1, seen)
             if reason is not None:
-                return f"{_type_name(value)} whose field {key!r} is {reason}"
-        return None
-    if _is_container(value):
-        seen.add(id(value))
-        if isinstance(value, Mapping):
-            for key, item in value.items():
-                reason = data_like(key, _depth + 1, seen) or data_like(item, _depth + 1, seen)
-                if reason is not None:
-                    return f"a {_type_name(value)} holding {reason}"
-        else:
-            for item in value:
-                reason = data_like(item, _depth + 1, seen)
-                if reason is not None:
-                    return f"a {_type_name(value)} holding {reason}"
-                if (
-                    _is_container(item)
-                    and not isinstance(item, Mapping)
-                    and any(isinstance(e, _NUMBER) for e in item)
-                ):
-                    return f"a nested numeric {_type_name(value)} (data-like)"
-        if _count_numbers(value, MAX_NUMBERS) > MAX_NUMBERS:
-            return f"a {_type_name(value)} of more than {MAX_NUMBERS} numbers (data-like)"
-        return None
-    if hasattr(value, "__len__") and hasattr(value, "__getitem__"):
-        return f"a sized indexable object ({_type_name(value)}, a map-style data set)"
+                return f"a {_type_name(value)} holding {reason}"
+            if _as_mapping(item) is not None:
+                return f"a {_type_name(value)} of records ({_type_name(item)} elements, data-like)"
+            if _is_container(item) and len(item) > 0:
+                return f"a nested {_type_name(value)} (rows of values, data-like)"
     return None
 
 

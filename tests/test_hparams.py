@@ -8,9 +8,11 @@ the raw bytes of the whole file).
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import struct
 import warnings
+from argparse import Namespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,7 +25,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_dpvae.data import VAEDataModule
-from lit_dpvae.hparams import MAX_NUMBERS, data_like, scrub_hparams
+from lit_dpvae.hparams import (
+    _MAX_DEPTH,
+    MAX_CHARS,
+    MAX_LEAVES,
+    MAX_NUMBERS,
+    data_like,
+    scrub_hparams,
+)
 from lit_dpvae.models import VanillaVAE
 from lit_dpvae.strategy import TermwiseDPStrategy
 
@@ -257,3 +266,123 @@ def test_our_bases_scrub_when_a_subclass_saves_its_own_hyper_parameters():
     assert "records" not in data.hparams and "extra" not in data.hparams
     assert data.hparams["batch_size"] == 4 and "labels" in data.hparams
     assert set(data.hparams) == set(data.hparams_initial)
+
+
+# --- text, tabular records, structured numpy scalars, buffers, long strings (class 7, review) ---
+
+_SENTENCES = [f"patient {i}: alice smith, 41, HIV positive" for i in range(100)]
+
+
+@dataclasses.dataclass
+class _Row:
+    name: str = "alice"
+    dx: str = "HIV"
+
+
+class _FrameLike:
+    """Stands in for an object speaking only the dataframe interchange protocol."""
+
+    def __dataframe__(self, nan_as_null=False, allow_copy=True):
+        raise NotImplementedError
+
+
+def _structured_record() -> np.void:
+    rec = np.zeros(1, dtype=[("name", "U10"), ("age", "i4")])
+    rec[0] = ("carol", 41)
+    return rec[0]
+
+
+def _nested_dict(depth: int) -> dict:
+    value: dict = {"leaf": 1}
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("value", [
+    _SENTENCES, tuple(_SENTENCES), set(_SENTENCES), frozenset(_SENTENCES),
+    ["age"] * (MAX_LEAVES + 1), [None] * (MAX_LEAVES + 1), [1, "a", None] * 11,
+    [{"name": "alice", "dx": "HIV"}, {"name": "bob", "dx": "diabetes"}], ({"name": "alice"},),
+    [_Row()], [Namespace(name="alice")], [["alice", "HIV"], ["bob", "diabetes"]],
+    (("alice", "HIV"),), [frozenset({"alice"})], {"rows": [{"name": "alice"}]},
+    {f"k{i}": "v" for i in range(MAX_LEAVES + 1)}, {f"k{i}": None for i in range(MAX_LEAVES + 1)},
+    {f"k{i}": {"a": 1, "b": "x"} for i in range(17)}, _Config(means=["s"] * (MAX_LEAVES + 1)),
+    Namespace(**{f"a{i}": i for i in range(MAX_LEAVES + 1)}),
+    "x" * (MAX_CHARS + 1), ["x" * 3000, "y" * 3000], {"x" * 3000: "y" * 3000},
+    _structured_record(), np.rec.array([(1, "a")], dtype=[("x", "i4"), ("y", "U3")])[0],
+    np.bytes_(b"alice"), np.datetime64("1983-04-01"), np.timedelta64(3, "D"),
+    memoryview(b"alice"), array.array("d", [0.5]), _FrameLike(), _nested_dict(_MAX_DEPTH + 2),
+], ids=lambda v: type(v).__name__)
+def test_records_of_any_type_are_recognised(value):
+    reason = data_like(value)
+    assert reason is not None
+    for secret in ("alice", "HIV", "carol", "41", "1983"):
+        assert secret not in reason  # names the type, never the value
+
+
+@pytest.mark.parametrize("value", [
+    [400, 200], (1, 28, 28), (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0), ["age", "income"],
+    ["c"] * MAX_LEAVES, [None] * MAX_LEAVES, {f"k{i}": "v" for i in range(MAX_LEAVES)},
+    {"name": "adam", "betas": (0.9, 0.999), "eps": None, "amsgrad": False},
+    {"optimizer": {"name": "adam", "lr": 1e-3}, "scheduler": None}, {"sample": 0.5, "batch": 0.2},
+    "/data/" + "d" * 4000, "x" * MAX_CHARS, ["x" * 2000, "y" * 2000], np.float32(0.5),
+    np.int64(3), np.bool_(True), np.str_("bernoulli"), [], {}, (), _nested_dict(_MAX_DEPTH - 2),
+    Namespace(lr=1e-3, hidden=[400, 200]), [torch.float32, "relu", None],
+], ids=lambda v: type(v).__name__)
+def test_configuration_values_are_kept(value):
+    assert data_like(value) is None
+
+
+def test_text_and_tabular_records_reach_neither_the_logger_nor_the_checkpoint(tmp_path):
+    """The review's reproducer: text records as ``list[str]``, tabular records as dicts with string
+    fields and a structured-array row, taken by a data module's ``__init__``, trained privately
+    with a logger and checkpointed; legitimate string lists stay."""
+    from lightning.pytorch.loggers.logger import Logger
+
+    class Spy(Logger):
+        got: dict = {}
+
+        @property
+        def name(self):
+            return "spy"
+
+        @property
+        def version(self):
+            return 0
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            Spy.got.update(dict(params))
+
+        def log_metrics(self, *args, **kwargs):
+            pass
+
+    class TextData(RecordsData):
+        def __init__(self, texts: Any, rows: Any, row: Any, columns: Any, **kwargs: Any) -> None:
+            x, y = _records()
+            super().__init__(x, y, **kwargs)
+
+    with pytest.warns(UserWarning, match="can hold record values") as caught:
+        data = TextData(_SENTENCES, [{"name": "alice smith", "dx": "HIV positive"}] * 3,
+                        _structured_record(), ["age", "income"], batch_size=8, val_size=8, seed=1)
+    messages = " ".join(str(w.message) for w in caught)
+    for key in ("'texts'", "'rows'", "'row'", "'records'"):
+        assert key in messages
+    assert "alice" not in messages and "HIV" not in messages and "carol" not in messages
+    strategy = TermwiseDPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, sample_share=1.0,
+                                  target_delta=1e-3, noise_seed=0)
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=1,
+                         limit_val_batches=0, logger=Spy(), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_model(False), data)
+    saved = tmp_path / "text.ckpt"
+    trainer.save_checkpoint(saved)
+    checkpoint = torch.load(saved, map_location="cpu", weights_only=False)
+    for params in (Spy.got, checkpoint["datamodule_hyper_parameters"]):
+        assert not {"texts", "rows", "row", "records"} & set(params)
+        assert params["columns"] == ["age", "income"] and params["batch_size"] == 8
+    raw = saved.read_bytes()
+    for secret in ("alice smith", "HIV positive", "carol"):
+        assert secret.encode() not in raw and secret.encode("utf-32-le") not in raw
