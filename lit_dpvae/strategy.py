@@ -23,6 +23,7 @@ docs/privacy.md §4 and §7.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import secrets
@@ -89,6 +90,51 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 class PrivacyConfigError(ValueError):
     """A Trainer or model setting that would silently break the privacy guarantee."""
+
+
+#: Weights this process trained or checkpointed, by fingerprint: the privacy they spent. A later
+#: fit on a copy of them (``load_state_dict``) continues that history (``warm_start``).
+_SPENT_WEIGHTS: dict[str, dict[str, Any]] = {}
+
+
+def _fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of the trainable parameters' values (names, shapes, dtypes and bytes)."""
+    digest = hashlib.sha256()
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            t = p.detach().cpu().contiguous()
+            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _run_length(history: list[tuple[float, float, int]]) -> list[list[Any]]:
+    merged: list[list[Any]] = []
+    for sigma, q, steps in history:
+        if merged and merged[-1][0] == sigma and merged[-1][1] == q:
+            merged[-1][2] += int(steps)
+        else:
+            merged.append([sigma, q, int(steps)])
+    return merged
+
+
+def _merge_histories(ours: list, theirs: list) -> list[tuple[float, float, int]]:
+    """Our history followed by what ``theirs`` has beyond the longest common prefix of both
+    (the steps the weights took elsewhere since they left this run), run-length encoded."""
+    a, b = _run_length(ours), _run_length(theirs)
+    i = j = 0
+    left_a, left_b = (a[0][2] if a else 0), (b[0][2] if b else 0)
+    while i < len(a) and j < len(b) and a[i][:2] == b[j][:2]:
+        take = min(left_a, left_b)
+        left_a, left_b = left_a - take, left_b - take
+        if left_a == 0:
+            i += 1
+            left_a = a[i][2] if i < len(a) else 0
+        if left_b == 0:
+            j += 1
+            left_b = b[j][2] if j < len(b) else 0
+    rest = ([[b[j][0], b[j][1], left_b]] if j < len(b) else []) + b[j + 1:]
+    return [(float(s_), float(q_), int(k)) for s_, q_, k in a + [e for e in rest if e[2] > 0]]
 
 
 class TermwiseDPStrategy(DDPStrategy):
@@ -398,10 +444,13 @@ class TermwiseDPStrategy(DDPStrategy):
         self._sampler = sampler
         self.planned_steps = self._planned_steps(trainer, len(sampler))
         self._read_sampling(announce=self.noise_generator is not None)
+        module = trainer.lightning_module
         if self.noise_generator is not None:
+            # A second fit: the weights may have trained elsewhere since (another strategy).
+            self._carry_warm_start(module)
+            self._mark_weights(module)
             return  # already prepared (a second fit call keeps its state; the plan is redone)
         restored = self._restored
-        module = trainer.lightning_module
         if restored is None:
             self._carry_warm_start(module)
         if self.is_private:
@@ -436,15 +485,11 @@ class TermwiseDPStrategy(DDPStrategy):
                     f"{self.mechanism.noise_multiplier:.4g} and the stop rule is re-planned "
                     f"for the new q: training stops before a step would exceed "
                     f"target_epsilon={self.target_epsilon}.")
-            if exact:
+            if exact and restored.get("noise_generator") is not None:
                 self.noise_generator.set_state(restored["noise_generator"].cpu())
             self._restore_rng = restored.get("rng")
         self._plan = None
-        if module is not None:
-            # The weights now carry this run's spend: a later fit on them (another strategy,
-            # or load_from_checkpoint) continues this accountant (warm_start).
-            module._lit_dpvae_provenance = {  # type: ignore[union-attr]
-                "mechanism": self.mechanism_name, "accountant": self.accountant}
+        self._mark_weights(module)
         left = self._steps_left_in_budget()
         if left == 0 and self.accountant.steps == 0:
             raise PrivacyConfigError(
@@ -505,10 +550,13 @@ class TermwiseDPStrategy(DDPStrategy):
         new = self.target_epsilon
         raised = (new is None and old is not None) or (
             new is not None and isinstance(old, (int, float)) and new > old * (1 + 1e-9))
+        old_delta = float(restored.get("target_delta", self.target_delta))
+        raised = raised or self.target_delta > old_delta * (1 + 1e-9)
         if raised or old == "unknown":
             message = (
-                f"resuming with target_epsilon={new} from a checkpoint trained with "
-                f"target_epsilon={old} (ε={self._restored_epsilon(restored):.4g} spent so far)")
+                f"resuming with target_epsilon={new}, target_delta={self.target_delta} from a "
+                f"checkpoint trained with target_epsilon={old}, target_delta={old_delta} "
+                f"(ε={self._restored_epsilon(restored):.4g} spent so far)")
             if not self.allow_budget_increase:
                 raise PrivacyConfigError(
                     message + ": that raises (or drops) the budget of the whole run. Resume "
@@ -529,23 +577,58 @@ class TermwiseDPStrategy(DDPStrategy):
         trial.load_state_dict(restored["accountant"])
         return trial.get_epsilon(self.target_delta)
 
-    def _carry_warm_start(self, module: Any) -> None:
-        """Weights that already carry a privacy spend start this run's accountant from it
-        (``warm_start="carry"``) or are declared public (``"public"``)."""
-        provenance = getattr(module, "_lit_dpvae_provenance", None)
-        if not provenance or provenance.get("accountant") is self.accountant:
+    def _mark_weights(self, module: Any) -> None:
+        """The weights now carry this run's spend: a later fit on them (another strategy,
+        ``load_from_checkpoint``) continues this accountant (``warm_start``)."""
+        if module is not None:
+            module._lit_dpvae_provenance = {  # type: ignore[union-attr]
+                "mechanism": self.mechanism_name, "accountant": self.accountant}
+
+    def _register_weights(self) -> None:
+        """Remember the privacy these weights spent, by fingerprint (copies of them, e.g. by
+        ``load_state_dict``, are recognised by a later fit in this process)."""
+        module = self.lightning_module
+        if module is None or self.noise_generator is None or not self.accountant.steps:
             return
-        spent: PrivacyAccountant = provenance["accountant"]
+        _SPENT_WEIGHTS[_fingerprint(module)] = {
+            "mechanism": self.mechanism_name,
+            "accountant": self.accountant.state_dict(),
+        }
+
+    def _weights_provenance(self, module: Any) -> tuple[str, PrivacyAccountant] | None:
+        provenance = getattr(module, "_lit_dpvae_provenance", None)
+        if provenance and provenance.get("accountant") is not None:
+            return provenance.get("mechanism"), provenance["accountant"]
+        if module is None or not _SPENT_WEIGHTS:
+            return None
+        known = _SPENT_WEIGHTS.get(_fingerprint(module))
+        if known is None:
+            return None
+        accountant = PrivacyAccountant(known["accountant"]["accountant"])
+        accountant.load_state_dict(known["accountant"])
+        return known["mechanism"], accountant
+
+    def _carry_warm_start(self, module: Any) -> None:
+        """Weights that already carry a privacy spend continue it in this run's accountant
+        (``warm_start="carry"``) or are declared public (``"public"``). The spend is known from
+        the module (trained by this library in this process, or ``load_from_checkpoint`` of a
+        ``BaseVAE``) or from the weights' fingerprint (a copy of weights this process trained)."""
+        found = self._weights_provenance(module)
+        if found is None:
+            return
+        mechanism, spent = found
+        if spent is self.accountant:
+            return
         if self.warm_start == "public":
             rank_zero_warn(
                 f"the model's weights carry {spent.steps} earlier training steps "
-                f"(mechanism={provenance.get('mechanism')!r}); warm_start='public' ignores them: "
-                "the reported ε covers this run only, which is right only if those steps used "
-                "public data (or are accounted elsewhere).")
+                f"(mechanism={mechanism!r}); warm_start='public' ignores them: the reported ε "
+                "covers this run only, which is right only if those steps used public data (or "
+                "are accounted elsewhere).")
             return
         if not self.is_private:
             return
-        if spent.non_private_steps or provenance.get("mechanism") == "nonprivate":
+        if spent.non_private_steps or mechanism == "nonprivate":
             raise PrivacyConfigError(
                 f"the model's weights were trained without privacy ({spent.steps} steps, "
                 "mechanism='nonprivate'): no ε holds for a model fine-tuned from them. Start "
@@ -556,11 +639,17 @@ class TermwiseDPStrategy(DDPStrategy):
                 f"the model's weights carry a privacy spend accounted with {spent.name!r}; this "
                 f"run uses {self.accountant.name!r}: use accountant={spent.name!r} so ε "
                 "continues.")
-        self.accountant.load_state_dict(spent.state_dict())
+        merged = _merge_histories(self.accountant.history, spent.history)
+        if merged == self.accountant.history:
+            return
+        state = self.accountant.state_dict()
+        state["history"] = merged
+        self.accountant.load_state_dict(state)
+        self._plan = None
         rank_zero_warn(
             f"warm start: the model's weights already spent ε={self.epsilon():.4g} "
-            f"(δ={self.target_delta}) over {spent.steps} steps; this run continues that "
-            "accountant (warm_start='carry'), so σ is calibrated for what is left of "
+            f"(δ={self.target_delta}) over {self.accountant.steps} steps; this run continues "
+            "that accountant (warm_start='carry'), so σ is calibrated for what is left of "
             f"target_epsilon={self.target_epsilon}.")
 
     def _warn_if_unbalanced(self) -> None:
@@ -757,6 +846,18 @@ class TermwiseDPStrategy(DDPStrategy):
     # ---------------------------------------------------------------------------------------
     # Checkpoints: the privacy state travels with every checkpoint
     def privacy_state_dict(self) -> dict[str, Any]:
+        if self.noise_generator is None:
+            # Never trained (e.g. validate/test, then save_checkpoint): keep the spend these
+            # weights carry instead of writing an empty accountant over it.
+            if self._restored is not None:
+                return dict(self._restored)
+            found = self._weights_provenance(self.lightning_module)
+            if found is not None and found[1].steps:
+                return {"rng": _rng_state(), "mechanism": found[0], "noise_multiplier": 0.0,
+                        "accountant": found[1].state_dict(), "noise_generator": None,
+                        "sampler_seed": None, "target_delta": self.target_delta,
+                        "target_epsilon": self.target_epsilon,
+                        "epsilon": found[1].get_epsilon(self.target_delta)}
         rng = _rng_state()
         return {
             "rng": rng,
@@ -774,6 +875,7 @@ class TermwiseDPStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
                         storage_options: Any = None) -> None:
         checkpoint[CHECKPOINT_KEY] = self.privacy_state_dict()
+        self._register_weights()
         for key in ("hyper_parameters", "datamodule_hyper_parameters"):
             if isinstance(checkpoint.get(key), dict):  # set after setup, e.g. in on_fit_start
                 scrub_mapping(checkpoint[key], owner=key)
@@ -798,10 +900,15 @@ class TermwiseDPStrategy(DDPStrategy):
                 f"checkpoint was trained with mechanism={state['mechanism']!r}, this run uses "
                 f"{self.mechanism_name!r}: resume with the same mechanism"
             )
-        if state["noise_generator"] is None:
-            return checkpoint
+        if state["noise_generator"] is None and not state["accountant"].get("history") \
+                and not state["accountant"].get("non_private_steps"):
+            return checkpoint  # nothing was spent: a fresh run
         self._restored = state
         return checkpoint
+
+    def teardown(self) -> None:
+        self._register_weights()
+        super().teardown()
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

@@ -82,7 +82,7 @@ def test_resume_with_another_batch_size_or_budget(tmp_path):
                         allow_budget_increase=True)
     with pytest.warns(UserWarning, match="budget of the whole run is now"):
         _trainer(allowed, tmp_path, max_steps=5000, max_epochs=None).fit(
-            ToyLitVAE(), ToyData(n=200, sample_rate=0.05), ckpt_path=last)
+            ToyLitVAE(), ToyData(n=200, sample_rate=0.5), ckpt_path=last)
     assert TARGET < allowed.epsilon() <= 2 * TARGET * (1 + 1e-6)
 
 
@@ -148,3 +148,55 @@ def test_load_from_checkpoint_carries_the_privacy_spend(tmp_path):
     assert second.accountant.steps == 10
     assert first.epsilon() < second.epsilon() <= TARGET * (1 + 1e-6)
     torch.testing.assert_close(second.accountant.history[0][0], first.accountant.history[0][0])
+
+
+def test_a_larger_delta_at_resume_is_refused(tmp_path):
+    first = _budgeted(noise_multiplier=3.0, target_delta=1e-5)
+    trainer = _trainer(first, tmp_path, max_steps=5, max_epochs=None)
+    trainer.fit(ToyLitVAE(), ToyData(n=200))
+    path = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(PrivacyConfigError, match="target_delta"):
+        _trainer(_budgeted(noise_multiplier=3.0, target_delta=4e-3), tmp_path, max_steps=50,
+                 max_epochs=None).fit(ToyLitVAE(), ToyData(n=200), ckpt_path=str(path))
+
+
+def test_copies_and_interleaved_strategies_keep_the_weights_spend(tmp_path):
+    a = _budgeted(noise_multiplier=1.5)
+    ta = _trainer(a, tmp_path, max_steps=10, max_epochs=None)
+    model = ToyLitVAE()
+    ta.fit(model, ToyData(n=200))
+    # a copy by load_state_dict carries the spend (fingerprint of the weights)
+    copy = ToyLitVAE()
+    copy.load_state_dict(model.state_dict())
+    c = _budgeted(noise_multiplier=1.5)
+    with pytest.warns(UserWarning, match="warm start"):
+        _trainer(c, tmp_path, max_steps=5, max_epochs=None).fit(copy, ToyData(n=200))
+    assert c.accountant.steps == 15
+    # B continues the same object to the end of the budget; A's second fit adopts B's steps
+    b = _budgeted(noise_multiplier=1.5)
+    with pytest.warns(UserWarning, match="warm start"):
+        _trainer(b, tmp_path, max_steps=10**6, max_epochs=None).fit(model, ToyData(n=200))
+    assert b.budget_exhausted
+    ta.fit_loop.epoch_loop.max_steps = 10**6
+    with pytest.warns(UserWarning, match="warm start"):
+        ta.fit(model, ToyData(n=200))
+    assert a.accountant.steps == b.accountant.steps
+    assert a.epsilon() == pytest.approx(b.epsilon())
+    assert a.epsilon() <= TARGET * (1 + 1e-6)
+
+
+def test_validate_then_save_keeps_the_privacy_state(tmp_path):
+    trainer = _trainer(_budgeted(noise_multiplier=2.0), tmp_path, max_steps=8, max_epochs=None)
+    trainer.fit(ToyLitVAE(), ToyData(n=200))
+    trainer.save_checkpoint(tmp_path / "dp.ckpt")
+    fresh = _budgeted(noise_multiplier=2.0)
+    checker = _trainer(fresh, tmp_path, max_steps=8, max_epochs=None, limit_val_batches=1)
+    model = ToyLitVAE()
+    checker.strategy._lightning_module = model
+    checker.strategy._restored = None
+    state = torch.load(tmp_path / "dp.ckpt", weights_only=False)
+    fresh.load_checkpoint(tmp_path / "dp.ckpt")
+    assert fresh._restored is not None
+    again = fresh.privacy_state_dict()
+    assert again["accountant"] == state["lit_dpvae_privacy"]["accountant"]
