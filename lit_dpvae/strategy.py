@@ -426,10 +426,16 @@ class TermwiseDPStrategy(DDPStrategy):
         # A resumed run continues with the batches of its epoch (not epoch 0's again) and, when
         # it stopped mid-epoch, with the step after the last completed one: Lightning counts the
         # epoch's batches from where it stopped but iterates a fresh loader.
-        sampler.set_epoch(int(trainer.current_epoch))
         # A checkpoint written in on_train_batch_end has ``completed`` one behind; ``ready``
         # counts the batches whose step was taken, which is where Lightning's batch_idx resumes.
         done = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        epoch = int(trainer.current_epoch)
+        if done >= len(sampler):
+            # The epoch's batches are all taken. After an end-of-epoch checkpoint Lightning still
+            # reports that epoch as current (its processed counter is one ahead): the next batch
+            # belongs to the next epoch, never to a replay of this one's Poisson draws.
+            epoch = max(epoch, int(trainer.fit_loop.epoch_progress.current.processed))
+        sampler.set_epoch(epoch)
         sampler.start_step = done if 0 < done < len(sampler) else 0
         warnings.filterwarnings(  # handled above: the Poisson sampler resumes mid-epoch exactly
             "ignore", message="You're resuming from a checkpoint that ended before the epoch")

@@ -4,6 +4,7 @@ and no continuation silently resets, raises or replays the privacy state."""
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -200,3 +201,44 @@ def test_validate_then_save_keeps_the_privacy_state(tmp_path):
     assert fresh._restored is not None
     again = fresh.privacy_state_dict()
     assert again["accountant"] == state["lit_dpvae_privacy"]["accountant"]
+
+
+def test_exact_resume_from_an_end_of_epoch_checkpoint_never_replays_its_batches(tmp_path):
+    """After an end-of-epoch checkpoint Lightning still reports the finished epoch as current;
+    the sampler must continue with the next epoch's Poisson draws (replaying them would put two
+    steps on one subsample), and exact_resume must then match the uninterrupted run bit for bit
+    (a model that samples: InfoVAE)."""
+    import glob
+
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from lit_dpvae.data import DigitsDataModule
+    from lit_dpvae.models import InfoVAE
+
+    class Batches(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.seen.append(float(batch[0].sum()))
+
+    def run(folder, ckpt=None):
+        pl.seed_everything(0, verbose=False)
+        model = InfoVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(16,), lam=1.0,
+                        bandwidths=(1.0,), n_prior_samples=16)
+        strategy = TermwiseDPStrategy(noise_multiplier=1.0, batch_max_grad_norm=1e-3,
+                                      sample_share=0.9, noise_seed=7, exact_resume=True)
+        batches = Batches()
+        saver = ModelCheckpoint(dirpath=tmp_path / folder, save_top_k=-1, every_n_epochs=1)
+        trainer = _trainer(strategy, tmp_path, max_steps=-1, max_epochs=3,
+                           enable_checkpointing=True, callbacks=[saver, batches],
+                           limit_val_batches=1)
+        trainer.fit(model, DigitsDataModule(batch_size=400, seed=3), ckpt_path=ckpt)
+        return model, batches.seen
+
+    full, seen_full = run("full")
+    ckpt = sorted(glob.glob(str(tmp_path / "full" / "epoch=0-*.ckpt")))[0]
+    resumed, seen_resumed = run("resumed", ckpt)
+    assert seen_resumed == seen_full[len(seen_full) - len(seen_resumed):]
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
