@@ -15,6 +15,7 @@ from lit_dpvae.privacy import (
     AttributionError,
     LossTerms,
     LossTermsError,
+    NaiveDPSGD,
     PairwiseDPSGD,
     TermwiseDPSGD,
     global_norm,
@@ -59,11 +60,14 @@ def test_odd_input_shapes_and_parent_layers_are_clipped_per_record(kind, backend
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
     c = 1.0
-    mech = TermwiseDPSGD(max_grad_norm=c, noise_multiplier=1.0, sample_share=1.0,
-                         backend=backend)
-    rng = torch.Generator().manual_seed(1)
-    worst = _worst_change(mech, model, _neighbours(shape, rng))
-    assert 0 < worst["sample"] <= c * (1 + REL_TOL), worst
+    for mech in (TermwiseDPSGD(max_grad_norm=c, noise_multiplier=1.0, sample_share=1.0,
+                               backend=backend),
+                 NaiveDPSGD(max_grad_norm=c, max_batch_size=3, expected_batch_size=3,
+                            noise_multiplier=1.0, backend=backend)):
+        rng = torch.Generator().manual_seed(1)
+        worst = _worst_change(mech, model, _neighbours(shape, rng))
+        part = mech.parts[0]
+        assert 0 < worst[part] <= mech.sensitivity[part] * (1 + REL_TOL), worst
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -77,6 +81,11 @@ def test_cancelling_sequence_rows_are_still_clipped(backend):
     mech = TermwiseDPSGD(max_grad_norm=c, noise_multiplier=1.0, sample_share=1.0,
                          backend=backend)
     d = _diff_norms(mech, model, s, torch.cat([s, x]))["sample"]
+    assert 0.5 * c < d <= c * (1 + REL_TOL), d
+    # naive DP-SGD clips the same attributions: with n_max = 1 its bound is 2C
+    naive = NaiveDPSGD(max_grad_norm=c, max_batch_size=1, expected_batch_size=1,
+                       noise_multiplier=1.0, backend=backend)
+    d = _diff_norms(naive, model, x[:0], x)["total"]
     assert 0.5 * c < d <= c * (1 + REL_TOL), d
 
 
