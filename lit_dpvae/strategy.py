@@ -98,14 +98,30 @@ _SPENT_WEIGHTS: dict[str, dict[str, Any]] = {}
 
 
 def _fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 of the trainable parameters' values (names, shapes, dtypes and bytes)."""
+    """SHA-256 of every parameter's values (names, shapes, dtypes and bytes; frozen ones
+    too, so freezing part of a copy does not hide it)."""
     digest = hashlib.sha256()
     for name, p in module.named_parameters():
-        if p.requires_grad:
-            t = p.detach().cpu().contiguous()
-            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        t = p.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def _tensor_fingerprints(module: torch.nn.Module, trainable_only: bool) -> list[str]:
+    """One SHA-256 per parameter (shape, dtype and bytes, not the name: a partial copy into
+    another architecture keeps them); constant tensors (fresh zeros or ones) are skipped."""
+    out = []
+    for p in module.parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        t = p.detach().cpu().contiguous()
+        if t.numel() < 2 or bool((t == t.reshape(-1)[0]).all()):
+            continue
+        digest = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+        out.append(digest.hexdigest())
+    return out
 
 
 def _run_length(history: list[tuple[float, float, int]]) -> list[list[Any]]:
@@ -265,6 +281,8 @@ class TermwiseDPStrategy(DDPStrategy):
         self._restore_rng: dict[str, Any] | None = None
         self._sampler_seed: int | None = None
         self._sampler: Any = None
+        #: Fingerprints of the weights this strategy started from (never registered as spent).
+        self._start_fingerprints: tuple[str, set[str]] | None = None
         #: ((σ, q, target), steps when planned, step count at which to stop): the stop rule,
         #: recomputed whenever σ, q or the target differ from those it was computed for.
         self._plan: tuple[tuple[float, float, float | None], int, int | None] | None = None
@@ -586,6 +604,9 @@ class TermwiseDPStrategy(DDPStrategy):
     def _mark_weights(self, module: Any) -> None:
         """The weights now carry this run's spend: a later fit on them (another strategy,
         ``load_from_checkpoint``) continues this accountant (``warm_start``)."""
+        if module is not None and self._start_fingerprints is None:
+            self._start_fingerprints = (_fingerprint(module),
+                                        set(_tensor_fingerprints(module, trainable_only=True)))
         if module is not None:
             module._lit_dpvae_provenance = {  # type: ignore[union-attr]
                 "mechanism": self.mechanism_name, "accountant": self.accountant}
@@ -596,10 +617,14 @@ class TermwiseDPStrategy(DDPStrategy):
         module = self.lightning_module
         if module is None or self.noise_generator is None or not self.accountant.steps:
             return
-        _SPENT_WEIGHTS[_fingerprint(module)] = {
-            "mechanism": self.mechanism_name,
-            "accountant": self.accountant.state_dict(),
-        }
+        record = {"mechanism": self.mechanism_name, "accountant": self.accountant.state_dict()}
+        start_whole, start_tensors = self._start_fingerprints or ("", set())
+        whole = _fingerprint(module)
+        if whole != start_whole:  # only weights this run changed carry its spend
+            _SPENT_WEIGHTS[whole] = record
+        for key in _tensor_fingerprints(module, trainable_only=True):
+            if key not in start_tensors:
+                _SPENT_WEIGHTS["tensor:" + key] = record
 
     def _weights_provenance(self, module: Any) -> tuple[str, PrivacyAccountant] | None:
         provenance = getattr(module, "_lit_dpvae_provenance", None)
@@ -608,8 +633,20 @@ class TermwiseDPStrategy(DDPStrategy):
         if module is None or not _SPENT_WEIGHTS:
             return None
         known = _SPENT_WEIGHTS.get(_fingerprint(module))
-        if known is None:
-            return None
+        if known is None:  # a partial copy: any parameter equal to a DP-trained one
+            matches = [_SPENT_WEIGHTS[k] for k in ("tensor:" + f for f in
+                       _tensor_fingerprints(module, trainable_only=False)) if k in _SPENT_WEIGHTS]
+            if not matches:
+                return None
+            unique = list({id(r): r for r in matches}.values())
+            history: list = []
+            for r in unique:  # parameters from several runs: every run's spend counts
+                history = _merge_histories(history, r["accountant"]["history"])
+            state = dict(unique[0]["accountant"], history=history, non_private_steps=max(
+                int(r["accountant"].get("non_private_steps", 0)) for r in unique))
+            names = {r["mechanism"] for r in unique}
+            known = {"mechanism": "nonprivate" if "nonprivate" in names else unique[0][
+                "mechanism"], "accountant": state}
         accountant = PrivacyAccountant(known["accountant"]["accountant"])
         accountant.load_state_dict(known["accountant"])
         return known["mechanism"], accountant

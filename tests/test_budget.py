@@ -242,3 +242,20 @@ def test_exact_resume_from_an_end_of_epoch_checkpoint_never_replays_its_batches(
     assert seen_resumed == seen_full[len(seen_full) - len(seen_resumed):]
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_partial_and_frozen_copies_keep_the_spend_but_fresh_models_do_not(tmp_path):
+    model = ToyLitVAE()
+    first = _budgeted(noise_multiplier=1.5)
+    _trainer(first, tmp_path, max_steps=6, max_epochs=None).fit(model, ToyData(n=200))
+    partial = ToyLitVAE()
+    partial.enc.load_state_dict(model.enc.state_dict())  # the encoder only
+    for p in partial.enc.parameters():
+        p.requires_grad_(False)
+    second = _budgeted(noise_multiplier=1.5)
+    with pytest.warns(UserWarning, match="warm start"):
+        _trainer(second, tmp_path, max_steps=6, max_epochs=None).fit(partial, ToyData(n=200))
+    assert second.accountant.steps == 12
+    fresh = _budgeted(noise_multiplier=1.5)  # a new model with the same initial values
+    _trainer(fresh, tmp_path, max_steps=6, max_epochs=None).fit(ToyLitVAE(), ToyData(n=200))
+    assert fresh.accountant.steps == 6

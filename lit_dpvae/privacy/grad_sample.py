@@ -186,6 +186,23 @@ def _record_blocks(call: _Call, n: int) -> list[tuple[int, int]]:
     return [(lo, min(n, lo + records)) for lo in range(0, n, records)]
 
 
+_LINEAR_FORWARD = nn.Linear.forward
+
+
+def refuse_parameter_hooks(module: nn.Module) -> None:
+    """A gradient hook on a trainable parameter (``p.register_hook``) rewrites that parameter's
+    gradient wherever autograd forms it, after the engine measured the norm it clips: the
+    released sum would not be the clipped one. Refused, naming the parameter."""
+    hooked = [name for name, p in module.named_parameters()
+              if p.requires_grad and getattr(p, "_backward_hooks", None)]
+    if hooked:
+        raise UnsupportedModuleError(
+            f"trainable parameters {hooked} have gradient hooks (Tensor.register_hook): they "
+            "would change the gradients after per-record clipping. Remove the hooks (use a "
+            "module forward hook on the layer's output, or transform the loss instead)."
+        )
+
+
 def is_plain_linear(module: nn.Module) -> bool:
     """A layer that computes exactly ``x W^T + b`` from its own parameters ``weight`` (and
     ``bias``): type exactly ``nn.Linear`` (a subclass's ``forward`` may use other parameters or
@@ -195,8 +212,11 @@ def is_plain_linear(module: nn.Module) -> bool:
     capture hook can change its input or output (a hook that rescales the output would make
     the captured output differ from ``x W^T + b``). Only such a layer may use the closed forms
     of the ghost norm, the latent Gram and ``grad_input = b W``."""
-    if type(module) is not nn.Linear:
+    if type(module) is not nn.Linear or nn.Linear.forward is not _LINEAR_FORWARD:
         return False
+    overrides = {"forward", "_call_impl", "_wrapped_call_impl", "__call__"}
+    if overrides & set(vars(module)):
+        return False  # an instance-level forward (e.g. accelerate's functools.partial wrap)
     own = dict(module.named_parameters(recurse=False))
     if set(own) - {"weight", "bias"} or not isinstance(module.weight, nn.Parameter):
         return False

@@ -14,12 +14,15 @@ The accountant sees one subsampled Gaussian mechanism per step with
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -32,6 +35,7 @@ from lit_dpvae.privacy.grad_sample import (
     clip_factors,
     make_clipper,
     named_trainable,
+    refuse_parameter_hooks,
     weighted_sum,
 )
 from lit_dpvae.privacy.pairwise import clipped_owner_sum, latent_jacobian, owner_vectors
@@ -205,42 +209,87 @@ class Mechanism:
             return
         if n < 2 and not self.always_forward:
             return
-        probe_batch, inputs = _with_grad_inputs(batch, n)
-        devices = [t.device for t in inputs if t.device.type == "cuda"][:1]
-        states = _module_state_versions(module)
+        devices = [t.device for t in _tensors(batch) if t.device.type == "cuda"][:1]
+        states = _module_state(module)
         # fork_rng: the probe must not shift the model's random stream (exact resume relies on it)
-        with torch.random.fork_rng(devices=devices):
+        py_rng, np_rng = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=devices), _restoring(py_rng, np_rng):
             rng = torch.get_rng_state()
             cuda_rng = torch.cuda.get_rng_state(devices[0]) if devices else None
-            with torch.enable_grad(), capture_layers(module) as cap:
-                terms = loss_terms_of(module, probe_batch)
-                checked = _probed_values(terms, n)
-                if n >= 2:
-                    outputs = [c.output for c in cap.calls if c.output.requires_grad]
-                    for label, values in checked:
-                        for i in _probe_records(n):
-                            grads = torch.autograd.grad(values[i], [*inputs, *outputs],
-                                                        retain_graph=True, allow_unused=True)
-                            _refuse_cross_record(label, i, n, grads[:len(inputs)], cap.calls,
-                                                 grads[len(inputs):])
-            reference = {label: values.detach() for label, values in checked}
-            del terms, checked, cap
-            # Two replacement forwards (on every rank alike in multi-process runs, whose forwards
-            # may enter collectives; compared only where the local batch has ≥ 3 records).
-            for j, first in (((n // 2, False), (0, False), (n - 1, True))
-                             if n >= 3 or self.always_forward else ()):
+
+            def same_draws() -> None:  # every forward starts from the same global RNG states
                 torch.set_rng_state(rng)
                 if cuda_rng is not None:
                     torch.cuda.set_rng_state(cuda_rng, devices[0])
+                random.setstate(py_rng)
+                np.random.set_state(np_rng)
+
+            records = _probe_records(n) if n >= 2 else []
+            # 1-2: gradients of each probed record's values (inputs made non-leaf clones, so a
+            # model may still write them in place; a model that cannot run on inputs that
+            # require grad, e.g. one calling .numpy(), gets the layer-row check only).
+            for with_inputs in (True, False):
+                probe_batch, inputs = _with_grad_inputs(batch, n) if with_inputs else (batch, [])
+                same_draws()
+                try:
+                    self._gradient_probe(module, probe_batch, n, inputs, records)
+                    break
+                except RuntimeError as error:
+                    if not with_inputs or isinstance(error, (LossTermsError, AttributionError)):
+                        raise
+            # 3: replacement probe. A control forward on the same batch first: where the model's
+            # randomness is not reproduced by the global RNG (its own generator, Python's
+            # random), records cannot be compared across forwards and the check is skipped.
+            # Every rank runs the same forwards (collectives); compared where n ≥ 3.
+            same_draws()
+            reference = _record_signature(module, batch, n, records)
+            same_draws()
+            reproducible = _same_signature(reference, _record_signature(module, batch, n,
+                                                                          records), None)
+            if reproducible is not True and n >= 3:
+                warnings.warn(
+                    "lit_dpvae: loss_terms() is not reproducible under the same torch RNG state "
+                    "(randomness from its own generator or from Python/NumPy), so the probe "
+                    "could not check that records do not read each other through labels or "
+                    "detached statistics; the gradient probe still ran.", stacklevel=3)
+            for j, first in (((n // 2, False), (0, False), (n - 1, True))
+                             if n >= 3 or self.always_forward else ()):
                 changed = (_replace_record(batch, j, _donor(batch, j, n, first), n)
                            if n >= 3 else batch)
-                with torch.no_grad():
-                    again = dict(_probed_values(loss_terms_of(module, changed), n))
-                if n >= 3:
-                    for label, values in reference.items():
-                        _refuse_changed_values(label, j, values, again.get(label))
+                same_draws()
+                signature = _record_signature(module, changed, n, records)
+                if n >= 3 and reproducible is True:
+                    moved = _same_signature(reference, signature, j)
+                    if moved is not True:
+                        label, i = moved
+                        raise LossTermsError(
+                            f"{label} of record {i} changed when only record {j}'s data changed "
+                            "(every tensor of the batch, labels included, under the same random "
+                            "draws): it reads other records — through a label, a detached batch "
+                            "statistic or a comparison — so per-record clipping does not bound "
+                            "it. Declare it in LossTerms.batch (a batch-wise term) instead, or "
+                            "make it read record i only. (Random numbers must be drawn in a "
+                            "fixed shape per batch, not in a data-dependent count.)"
+                        )
         _refuse_state_changes(module, states)
         self._probed = module
+
+    def _gradient_probe(self, module: nn.Module, batch: Any, n: int, inputs: list[Tensor],
+                        records: list[int]) -> None:
+        """Checks 1-2 of ``probe_sample_terms`` (one forward)."""
+        with torch.enable_grad(), capture_layers(module) as cap:
+            terms = loss_terms_of(module, batch)
+            if n < 2:
+                return
+            outputs = [c.output for c in cap.calls if c.output.requires_grad]
+            for label, values in _probed_values(terms, n):
+                if not values.requires_grad:
+                    continue
+                for i in records:
+                    grads = torch.autograd.grad(values[i], [*inputs, *outputs],
+                                                retain_graph=True, allow_unused=True)
+                    _refuse_cross_record(label, i, n, grads[:len(inputs)], cap.calls,
+                                         grads[len(inputs):])
 
     def _forward(self, module: nn.Module, batch: Any, n: int) -> LossTerms:
         terms = loss_terms_of(module, batch)
@@ -251,6 +300,8 @@ class Mechanism:
     def _start(self, module: nn.Module, batch: Any) -> int:
         """Checks every ``aggregate`` starts with; returns the number of records."""
         self.check(module)
+        if self.is_private:
+            refuse_parameter_hooks(module)
         n = batch_size_of(batch)
         self.probe_sample_terms(module, batch, n)
         return n
@@ -723,6 +774,16 @@ def _refuse_cross_record(label: str, i: int, n: int, input_grads: tuple,
             )
 
 
+@contextlib.contextmanager
+def _restoring(py_rng: Any, np_rng: Any) -> Iterator[None]:
+    """Put Python's and NumPy's global RNG states back afterwards (the probe is RNG-neutral)."""
+    try:
+        yield
+    finally:
+        random.setstate(py_rng)
+        np.random.set_state(np_rng)
+
+
 def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     """``batch`` with ``fn`` applied to every tensor (in tuples, lists and dicts, nested)."""
     if isinstance(batch, Tensor):
@@ -735,31 +796,52 @@ def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return batch
 
 
+def _tensors(batch: Any) -> list[Tensor]:
+    found: list[Tensor] = []
+
+    def leaf(t: Tensor) -> Tensor:
+        found.append(t)
+        return t
+
+    _map_tensors(batch, leaf)
+    return found
+
+
 def _with_grad_inputs(batch: Any, n: int) -> tuple[Any, list[Tensor]]:
-    """A copy of ``batch`` whose floating-point tensors with ``n`` rows require gradients, and
-    those tensors (every such input is probed, not only the first)."""
+    """A copy of ``batch`` whose floating-point tensors with ``n`` rows depend on new leaves that
+    require gradients (non-leaf clones: the model may still write them in place), and those
+    leaves (every such input is probed, not only the first)."""
     inputs: list[Tensor] = []
 
     def leaf(t: Tensor) -> Tensor:
         if t.is_floating_point() and t.dim() > 0 and t.shape[0] == n:
-            t = t.detach().clone().requires_grad_(True)
-            inputs.append(t)
+            source = t.detach().clone().requires_grad_(True)
+            inputs.append(source)
+            return source.clone()
         return t
 
     return _map_tensors(batch, leaf), inputs
 
 
 def _replace_record(batch: Any, j: int, k: int, n: int) -> Any:
-    """``batch`` with record ``j``'s row of every tensor with ``n`` rows replaced by record
-    ``k``'s (inputs, labels and any other per-record column)."""
-
-    def leaf(t: Tensor) -> Tensor:
-        if t.dim() > 0 and t.shape[0] == n:
-            t = t.clone()
-            t[j] = t[k]
-        return t
-
-    return _map_tensors(batch, leaf)
+    """``batch`` with record ``j``'s row replaced by record ``k``'s in every per-record column:
+    tensors and NumPy arrays with ``n`` rows, and lists of ``n`` scalars (nested)."""
+    if isinstance(batch, Tensor) or isinstance(batch, np.ndarray):
+        if batch.ndim > 0 and batch.shape[0] == n:
+            batch = batch.clone() if isinstance(batch, Tensor) else batch.copy()
+            batch[j] = batch[k]
+        return batch
+    if isinstance(batch, dict):
+        return type(batch)((key, _replace_record(v, j, k, n)) for key, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        scalars = all(isinstance(v, (int, float, complex, str, bool)) for v in batch)
+        if scalars and len(batch) == n:
+            items = list(batch)
+            items[j] = items[k]
+        else:
+            items = [_replace_record(v, j, k, n) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
 
 
 def _donor(batch: Any, j: int, n: int, first: bool) -> int:
@@ -807,36 +889,92 @@ def _probed_values(terms: Any, n: int) -> list[tuple[str, Tensor]]:
     return checked
 
 
-def _refuse_changed_values(label: str, j: int, before: Tensor, after: Tensor | None) -> None:
-    """Raise if replacing record ``j``'s data moved another record's value."""
-    if after is None or after.shape != before.shape:
-        return
-    keep = torch.ones(before.shape[0], dtype=torch.bool, device=before.device)
-    keep[j] = False
-    a, b = before[keep].double(), after[keep].double()
-    finite = torch.isfinite(a) & torch.isfinite(b)
-    tol = 1e-5 * (a.abs() + b.abs()) + 1e-30
-    moved = finite & ((a - b).abs() > tol)
-    if bool(moved.any()):
-        i = int(keep.nonzero()[:, 0][moved.nonzero()[0, 0]])
-        raise LossTermsError(
-            f"{label} of record {i} changed when only record {j}'s data changed: it reads "
-            "other records (through a label, a detached batch statistic or a comparison), so "
-            "per-record clipping does not bound it. Declare it in LossTerms.batch (a "
-            "batch-wise term) instead, or make it read record i only."
-        )
+def _rows(t: Tensor, n: int, records: list[int]) -> Tensor | None:
+    """The rows of ``records`` (``K`` rows each when ``t`` has ``n·K`` rows), detached."""
+    if t.dim() == 0 or t.shape[0] % n:
+        return None
+    k = t.shape[0] // n
+    idx = torch.tensor([r * k + m for r in records for m in range(k)], device=t.device)
+    return t.detach().index_select(0, idx).reshape(len(records), -1)
 
 
-def _module_state_versions(module: nn.Module) -> dict[str, tuple[int, int]]:
-    """``{name: (id, version counter)}`` of every parameter and buffer."""
+def _record_signature(module: nn.Module, batch: Any, n: int, records: list[int]) -> dict:
+    """What each probed record's released gradient is a function of: its values (sample-wise
+    terms, pairwise codes), every layer call's input and output rows, and the backprops of each
+    value's sum at those rows. ``{key: [len(records), ...]}``; records are rows."""
+    signature: dict[str, Any] = {}
+    if n < 2:
+        with torch.no_grad():
+            loss_terms_of(module, batch)
+        return signature
+    with torch.enable_grad(), capture_layers(module) as cap:
+        checked = _probed_values(loss_terms_of(module, batch), n)
+        calls = [c for c in cap.calls if c.output.requires_grad]
+        signature["#calls"] = [(type(c.module).__name__, tuple(c.output.shape)) for c in calls]
+        for c_idx, call in enumerate(calls):
+            for a_idx, a in enumerate(call.activations):
+                signature[f"layer {c_idx} input {a_idx}"] = _rows(a, n, records)
+            signature[f"layer {c_idx} output"] = _rows(call.output, n, records)
+        for label, values in checked:
+            signature[label] = values.detach()[records].reshape(len(records), -1)
+            if not values.requires_grad or not calls:
+                continue
+            grads = torch.autograd.grad(values.sum(), [c.output for c in calls],
+                                        retain_graph=True, allow_unused=True)
+            for c_idx, g in enumerate(grads):
+                if g is not None:
+                    signature[f"{label}: backprop at layer {c_idx}"] = _rows(g, n, records)
+    signature["#records"] = records
+    return signature
+
+
+def _same_signature(a: dict, b: dict, replaced: int | None) -> bool | tuple[str, int]:
+    """True if every probed record other than ``replaced`` has the same signature in ``a``
+    and ``b`` (bit for bit on CPU; relative 1e-6 of the row's scale on accelerators), else
+    ``(what moved, which record)``."""
+    if a.keys() != b.keys() or a.get("#calls") != b.get("#calls"):
+        return ("the layer calls", -1 if replaced is None else (replaced + 1) % 2)
+    records = a.get("#records", [])
+    for key, x in a.items():
+        if key.startswith("#") or x is None or b[key] is None:
+            continue
+        y = b[key]
+        if x.shape != y.shape:
+            return (key, records[0] if records else -1)
+        for r, record in enumerate(records):
+            if record == replaced:
+                continue
+            u, v = x[r], y[r]
+            if u.device.type == "cpu":
+                same = bool(((u == v) | (torch.isnan(u) & torch.isnan(v))).all())
+            else:
+                scale = torch.maximum(u.abs().max(), v.abs().max()).item()
+                same = bool(((u - v).abs() <= 1e-6 * scale).all())
+            if not same:
+                label = key.split(":")[0] if not key.startswith("layer") else key
+                return (label, record)
+    return True
+
+
+def _module_state(module: nn.Module) -> dict[str, Tensor]:
+    """A copy of every parameter and buffer (by value: writes through ``.data`` bump no
+    version counter)."""
     named = list(module.named_parameters()) + list(module.named_buffers())
-    return {name: (id(t), t._version) for name, t in named}
+    return {name: t.detach().clone() for name, t in named}
 
 
-def _refuse_state_changes(module: nn.Module, before: dict[str, tuple[int, int]]) -> None:
-    after = _module_state_versions(module)
-    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+def _refuse_state_changes(module: nn.Module, before: dict[str, Tensor]) -> None:
+    after = dict(list(module.named_parameters()) + list(module.named_buffers()))
+    changed = sorted(
+        k for k in set(before) | set(after)
+        if k not in before or k not in after or before[k].shape != after[k].shape
+        or not bool(((before[k] == after[k].detach())
+                     | (torch.isnan(before[k]) & torch.isnan(after[k].detach()))).all()))
     if changed:
+        with torch.no_grad():  # put the state back: nothing of the batch stays in the module
+            for k in changed:
+                if k in before and k in after and before[k].shape == after[k].shape:
+                    after[k].copy_(before[k])
         raise AttributionError(
             f"loss_terms() changed {changed} in place (or replaced them): a parameter or buffer "
             "written from the batch during the forward (a running statistic of the data, "

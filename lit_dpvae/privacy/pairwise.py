@@ -22,7 +22,7 @@ Proofs: docs/privacy.md §8.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,11 @@ class LatentJacobian:
     #: Longest floating-point accumulation behind an entry of ``gram`` (its rounding error is
     #: at most ``γ_terms · Σ_h |B_kh||B_lh|``; ``rounding_safe_quad`` adds it to the margin).
     terms: int = 0
+    #: The materialised per-record Jacobian rows ``[n, d, P_p]`` of every parameter of a layer
+    #: without the closed form: the released sum through them is formed from these same rows
+    #: (``Σ_i Σ_k ū_ik rows_ik``), never from a separate autograd pass that the sampler's rows
+    #: might not match (an instance-level ``forward``, a parameter hook).
+    rows: dict = field(default_factory=dict)
 
 
 def _graph_nodes(t: Tensor, stop: frozenset = frozenset()) -> set:
@@ -263,14 +268,16 @@ def latent_jacobian(calls: list[_Call], codes: Tensor, n: int,
             continue
         per_k = [_per_sample_grads(call, b[k], n, functorch=False) for k in range(d)]
         for p in own:
-            rows = torch.stack([g[p].reshape(n, -1).to(acc) for g in per_k], 1)  # [n, d, P_p]
+            rows = torch.stack([g[p].reshape(n, -1) for g in per_k], 1)  # [n, d, P_p]
             materialised[p] = materialised[p] + rows if p in materialised else rows
     for rows in materialised.values():
-        gram = gram + torch.bmm(rows, rows.transpose(1, 2))
+        rows64 = rows.to(acc)
+        gram = gram + torch.bmm(rows64, rows64.transpose(1, 2))
         terms += rows.shape[-1] + 2
     used = [i for i, b in enumerate(backprops) if b is not None]
     # The float64 accumulation's rounding is far below the margin counted for ``dtype``.
-    return LatentJacobian(calls, used, codes, gram.to(dtype), terms + len(materialised))
+    return LatentJacobian(calls, used, codes, gram.to(dtype), terms + len(materialised),
+                          materialised)
 
 
 def owner_vectors(
@@ -457,16 +464,23 @@ def clipped_owner_sum(
     where a dropped record's rows are not finite)."""
     out = {name: torch.zeros_like(p) for name, p in params.items()}
     by_param = {p: name for name, p in params.items()}
+    keep = (owner != 0).any(1)
+    keep_all = bool(keep.all())
+    u64 = owner.double()
+    for p, rows in jac.rows.items():  # Σ_i Σ_k ū_ik rows_ik, from the rows the Gram used
+        if p not in by_param:
+            raise AttributionError(f"parameter of shape {tuple(p.shape)} is not trainable")
+        r = rows if keep_all else torch.where(keep[:, None, None], rows, torch.zeros_like(rows))
+        out[by_param[p]] += torch.einsum("nd,ndp->p", u64, r.double()).view_as(p).to(p.dtype)
     calls = []
     for i in jac.used:
         call = jac.calls[i]
-        own = [p for p in call.module.parameters(recurse=False) if p.requires_grad]
+        own = [p for p in call.module.parameters(recurse=False)
+               if p.requires_grad and p not in jac.rows]
         if own:
             calls.append((call, own))
     if not calls:
         return out
-    keep = (owner != 0).any(1)
-    keep_all = bool(keep.all())
     codes = jac.codes
     bps = torch.autograd.grad(
         codes, [call.output for call, _ in calls], grad_outputs=owner.to(codes.dtype),

@@ -20,6 +20,7 @@ from lit_dpvae.privacy import (
     TermwiseDPSGD,
     global_norm,
 )
+from lit_dpvae.privacy.grad_sample import UnsupportedModuleError
 from tests.privacy.adversarial_toys import (
     CentredCodesVAE,
     GridLinear,
@@ -314,3 +315,81 @@ def test_the_hooks_backend_leaves_no_activations_behind_a_refused_step():
         mech.aggregate(model, (bad,))
     assert not any("activations" in m.__dict__ or "max_batch_len" in m.__dict__
                    for m in model.modules())
+
+
+# ---- found by the second review --------------------------------------------------------------
+def _instance_forward(model: nn.Module, layer: nn.Linear, scale: float) -> nn.Module:
+    layer.forward = lambda x: scale * nn.functional.linear(x, layer.weight, layer.bias)
+    return model
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_instance_level_forwards_and_parameter_hooks(backend):
+    model = ParentVAE()
+    _instance_forward(model, model.dec, 1000.0)
+    mech = TermwiseDPSGD(max_grad_norm=1e-3, noise_multiplier=1.0, sample_share=1.0,
+                         backend=backend)
+    worst = _worst_change(mech, model, _neighbours((6,), torch.Generator().manual_seed(5)))
+    assert worst["sample"] <= 1e-3 * (1 + REL_TOL), worst
+    pair = LoRAEncoderVAE(lam=50.0)
+    _instance_forward(pair, pair.body, 30.0)
+    mech = PairwiseDPSGD(max_grad_norm=0.5, pair_max_grad_norm=1e-2, noise_multiplier=1.0,
+                         sample_share=0.5, backend=backend)
+    worst = _worst_change(mech, pair, _neighbours((6,), torch.Generator().manual_seed(6)))
+    for part in mech.parts:
+        assert worst[part] <= mech.sensitivity[part] * (1 + REL_TOL), worst
+    hooked = ParentVAE()
+    hooked.dec.weight.register_hook(lambda g: 1000 * g)
+    with pytest.raises(UnsupportedModuleError, match="gradient hooks"):
+        TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0,
+                      backend=backend).aggregate(hooked, (torch.randn(4, 6),))
+
+
+class _Probed(ParentVAE):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.register_buffer("run", torch.zeros(6))
+        self.gen = torch.Generator().manual_seed(0)
+
+    def loss_terms(self, batch) -> LossTerms:
+        import random as pyrandom
+
+        import numpy as np
+
+        x = batch[0]
+        if self.how == "offset":  # a detached batch statistic hidden under a constant
+            out = self.dec(self.enc(x)).sum(-1)
+            return LossTerms(sample={"r": 1e7 + torch.tanh(3 * x.mean().detach()) * out})
+        if self.how == "data_write":
+            self.run.data.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        elif self.how == "own_generator":
+            x = x + 0.1 * torch.randn(x.shape, generator=self.gen)
+        elif self.how == "python_random":
+            x = x * (1.0 + 0.1 * pyrandom.random())
+        elif self.how == "numpy":
+            x = torch.from_numpy(np.asarray(x.detach().numpy()) + 0.0).float() + 0 * x
+        elif self.how == "in_place":
+            x.sub_(0.5)
+        return super().loss_terms((x,))
+
+
+@pytest.mark.parametrize("how", ["offset", "data_write"])
+def test_the_probe_sees_hidden_dependence_and_data_writes(how):
+    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0)
+    model = _Probed(how)
+    with pytest.raises((LossTermsError, AttributionError)):
+        mech.aggregate(model, (torch.randn(6, 6, generator=torch.Generator().manual_seed(1)),))
+    assert torch.equal(model.run, torch.zeros(6))  # the probe put the state back
+
+
+@pytest.mark.parametrize("how", ["own_generator", "python_random", "numpy", "in_place"])
+def test_legitimate_record_wise_models_pass_the_probe(how):
+    import random as pyrandom
+
+    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0)
+    state = pyrandom.getstate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mech.aggregate(_Probed(how), (torch.randn(6, 6, generator=torch.Generator()),))
+    assert how == "python_random" or pyrandom.getstate() == state
