@@ -606,7 +606,7 @@ class TermwiseDPStrategy(DDPStrategy):
         ``load_from_checkpoint``) continues this accountant (``warm_start``)."""
         if module is not None and self._start_fingerprints is None:
             self._start_fingerprints = (_fingerprint(module),
-                                        set(_tensor_fingerprints(module, trainable_only=True)))
+                                        set(_tensor_fingerprints(module, trainable_only=False)))
         if module is not None:
             module._lit_dpvae_provenance = {  # type: ignore[union-attr]
                 "mechanism": self.mechanism_name, "accountant": self.accountant}
@@ -622,7 +622,7 @@ class TermwiseDPStrategy(DDPStrategy):
         whole = _fingerprint(module)
         if whole != start_whole:  # only weights this run changed carry its spend
             _SPENT_WEIGHTS[whole] = record
-        for key in _tensor_fingerprints(module, trainable_only=True):
+        for key in _tensor_fingerprints(module, trainable_only=False):  # frozen mid-run too
             if key not in start_tensors:
                 _SPENT_WEIGHTS["tensor:" + key] = record
 

@@ -264,8 +264,12 @@ def _ghost_norms(call: _Call, backprops: Tensor, n: int) -> dict[nn.Parameter, T
 
 
 def _sq_norms(grads: Tensor, n: int) -> Tensor:
-    """``‖g_i‖²`` ``[n]`` in float64 (no underflow or overflow of float32 squares)."""
-    return grads.reshape(n, -1).double().pow(2).sum(1)
+    """``‖g_i‖²`` ``[n]`` of materialised per-record gradients, summed across layers in
+    float64. The norm itself is taken in the gradients' dtype: the *same* entries are summed
+    into the release, so an entry whose square underflows (|g| < 1e-19 in float32) is released
+    as itself (at most √P·1e-19 beyond C), and one whose square overflows gives an infinite
+    norm, i.e. c_i = 0 — unlike the ghost norm's separately formed factors (``_ghost_norms``)."""
+    return torch.linalg.vector_norm(grads.reshape(n, -1), dim=1).double().pow(2)
 
 
 def _own_trainable(module: nn.Module) -> set[nn.Parameter]:

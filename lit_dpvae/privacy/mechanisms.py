@@ -910,11 +910,7 @@ def _record_signature(module: nn.Module, batch: Any, n: int, records: list[int])
     with torch.enable_grad(), capture_layers(module) as cap:
         checked = _probed_values(loss_terms_of(module, batch), n)
         calls = [c for c in cap.calls if c.output.requires_grad]
-        signature["#calls"] = [(type(c.module).__name__, tuple(c.output.shape)) for c in calls]
-        for c_idx, call in enumerate(calls):
-            for a_idx, a in enumerate(call.activations):
-                signature[f"layer {c_idx} input {a_idx}"] = _rows(a, n, records)
-            signature[f"layer {c_idx} output"] = _rows(call.output, n, records)
+        reached: set[int] = set()  # calls whose rows some probed value's gradient goes through
         for label, values in checked:
             signature[label] = values.detach()[records].reshape(len(records), -1)
             if not values.requires_grad or not calls:
@@ -923,7 +919,16 @@ def _record_signature(module: nn.Module, batch: Any, n: int, records: list[int])
                                         retain_graph=True, allow_unused=True)
             for c_idx, g in enumerate(grads):
                 if g is not None:
+                    reached.add(c_idx)
                     signature[f"{label}: backprop at layer {c_idx}"] = _rows(g, n, records)
+        # Only those calls: a layer that only a batch-wise term runs (a discriminator on
+        # permuted codes) mixes records legitimately and adds nothing to a record's gradient.
+        signature["#calls"] = [(i, type(calls[i].module).__name__, tuple(calls[i].output.shape))
+                               for i in sorted(reached)]
+        for c_idx in sorted(reached):
+            for a_idx, a in enumerate(calls[c_idx].activations):
+                signature[f"layer {c_idx} input {a_idx}"] = _rows(a, n, records)
+            signature[f"layer {c_idx} output"] = _rows(calls[c_idx].output, n, records)
     signature["#records"] = records
     return signature
 
@@ -990,7 +995,8 @@ def truncate_batch(batch: Any, n_max: int) -> Any:
     if isinstance(batch, dict):
         return {k: truncate_batch(v, n_max) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(truncate_batch(v, n_max) for v in batch)
+        items = [truncate_batch(v, n_max) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
     return batch
 
 

@@ -262,8 +262,8 @@ def latent_jacobian(calls: list[_Call], codes: Tensor, n: int,
                 coef = coef + acts[0].to(acc).pow(2).sum(1)
             if call.module.bias is not None and call.module.bias.requires_grad:
                 coef = coef + 1.0
-            bb = b.reshape(d, n, -1).transpose(0, 1).to(acc)  # [n, d, out]
-            gram = gram + coef[:, None, None] * torch.bmm(bb, bb.transpose(1, 2))
+            bb = b.reshape(d, n, -1).transpose(0, 1)  # [n, d, out]
+            gram = gram + _scaled_gram(bb, coef)
             terms += bb.shape[-1] + acts[0].shape[1] + 4
             continue
         per_k = [_per_sample_grads(call, b[k], n, functorch=False) for k in range(d)]
@@ -271,13 +271,31 @@ def latent_jacobian(calls: list[_Call], codes: Tensor, n: int,
             rows = torch.stack([g[p].reshape(n, -1) for g in per_k], 1)  # [n, d, P_p]
             materialised[p] = materialised[p] + rows if p in materialised else rows
     for rows in materialised.values():
-        rows64 = rows.to(acc)
-        gram = gram + torch.bmm(rows64, rows64.transpose(1, 2))
+        gram = gram + _scaled_gram(rows, torch.ones(n, dtype=acc, device=rows.device))
         terms += rows.shape[-1] + 2
     used = [i for i, b in enumerate(backprops) if b is not None]
     # The float64 accumulation's rounding is far below the margin counted for ``dtype``.
     return LatentJacobian(calls, used, codes, gram.to(dtype), terms + len(materialised),
                           materialised)
+
+
+def _scaled_gram(rows: Tensor, coef: Tensor) -> Tensor:
+    """``coef_i · R_i R_iᵀ`` ``[n, d, d]`` in float64 for rows ``R [n, d, P]``: the product is
+    taken in the rows' dtype on rows scaled by their largest entry per record (no underflow or
+    overflow of their squares) and scaled back in float64 with ``coef`` (which may be far
+    outside float32's range, e.g. ``‖a_i‖²`` of inputs of 1e-23)."""
+    low, high = torch.aminmax(rows.detach().reshape(rows.shape[0], -1), dim=1)
+    scale = torch.maximum(high, -low)  # max |entry| per record, one pass, no [n, d, P] temporary
+    if bool(((scale > 1e-15) & (scale < 1e15)).all()):  # squares far from float32's limits
+        return coef.to(torch.float64)[:, None, None] * torch.bmm(
+            rows, rows.transpose(1, 2)).to(torch.float64)
+    finite = torch.isfinite(scale)
+    safe = torch.where((scale > 0) & finite, scale, torch.ones_like(scale))
+    unit = rows / safe[:, None, None]
+    prod = torch.bmm(unit, unit.transpose(1, 2)).to(torch.float64)
+    factor = coef.to(torch.float64) * safe.to(torch.float64) ** 2
+    factor = torch.where(finite.to(factor.device), factor, torch.full_like(factor, math.inf))
+    return factor[:, None, None] * prod
 
 
 def owner_vectors(
@@ -466,12 +484,12 @@ def clipped_owner_sum(
     by_param = {p: name for name, p in params.items()}
     keep = (owner != 0).any(1)
     keep_all = bool(keep.all())
-    u64 = owner.double()
     for p, rows in jac.rows.items():  # Σ_i Σ_k ū_ik rows_ik, from the rows the Gram used
         if p not in by_param:
             raise AttributionError(f"parameter of shape {tuple(p.shape)} is not trainable")
         r = rows if keep_all else torch.where(keep[:, None, None], rows, torch.zeros_like(rows))
-        out[by_param[p]] += torch.einsum("nd,ndp->p", u64, r.double()).view_as(p).to(p.dtype)
+        u = owner.to(r.dtype)
+        out[by_param[p]] += torch.einsum("nd,ndp->p", u, r).reshape(p.shape).to(p.dtype)
     calls = []
     for i in jac.used:
         call = jac.calls[i]

@@ -393,3 +393,26 @@ def test_legitimate_record_wise_models_pass_the_probe(how):
         warnings.simplefilter("ignore")
         mech.aggregate(_Probed(how), (torch.randn(6, 6, generator=torch.Generator()),))
     assert how == "python_random" or pyrandom.getstate() == state
+
+
+class _PermutedDiscriminator(ParentVAE):
+    """A batch-wise term that runs a trainable layer on permuted codes (FactorVAE's TC
+    discriminator): legitimate, since no sample-wise term reaches that layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.disc = nn.Linear(4, 1)
+
+    def loss_terms(self, batch) -> LossTerms:
+        terms = super().loss_terms(batch)
+        h = self.enc(batch[0])
+        terms.batch["tc"] = self.disc(h.roll(1, 0)).mean()
+        return terms
+
+
+@pytest.mark.parametrize("backend", ["ghost", "functorch"])
+def test_batch_terms_may_mix_records_in_layers_no_sample_term_reaches(backend):
+    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=0.5,
+                         backend=backend)
+    stats = mech.aggregate(_PermutedDiscriminator(), (torch.randn(7, 6),))
+    assert float(stats["batch"]["disc.weight"].abs().sum()) > 0
