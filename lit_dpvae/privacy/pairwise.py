@@ -280,22 +280,30 @@ def latent_jacobian(calls: list[_Call], codes: Tensor, n: int,
 
 
 def _scaled_gram(rows: Tensor, coef: Tensor) -> Tensor:
-    """``coef_i · R_i R_iᵀ`` ``[n, d, d]`` in float64 for rows ``R [n, d, P]``: the product is
-    taken in the rows' dtype on rows scaled by their largest entry per record (no underflow or
-    overflow of their squares) and scaled back in float64 with ``coef`` (which may be far
-    outside float32's range, e.g. ``‖a_i‖²`` of inputs of 1e-23)."""
-    low, high = torch.aminmax(rows.detach().reshape(rows.shape[0], -1), dim=1)
-    scale = torch.maximum(high, -low)  # max |entry| per record, one pass, no [n, d, P] temporary
-    if bool(((scale > 1e-15) & (scale < 1e15)).all()):  # squares far from float32's limits
-        return coef.to(torch.float64)[:, None, None] * torch.bmm(
-            rows, rows.transpose(1, 2)).to(torch.float64)
+    """``coef_i · R_i R_iᵀ`` ``[n, d, d]`` in float64 for rows ``R [n, d, P]``, scaled back in
+    float64 with ``coef`` (which may lie far outside float32's range, e.g. ``‖a_i‖²`` of inputs
+    of 1e-23). The product is taken in the rows' dtype; a record whose diagonal ``Σ_h R_kh²``
+    leaves ``[1e-20, 1e30]`` (squares that may have underflowed to 0 or overflowed) is
+    recomputed on its rows divided by their largest entry, where no square under- or
+    overflows, and scaled back in float64 too."""
+    prod = torch.bmm(rows, rows.transpose(1, 2))
+    diag = prod.diagonal(dim1=1, dim2=2)
+    ok = (torch.isfinite(diag) & (diag > 1e-20) & (diag < 1e30)).all(1)
+    out = coef.to(torch.float64)[:, None, None] * prod.to(torch.float64)
+    if bool(ok.all()):
+        return out
+    bad = (~ok).nonzero()[:, 0]
+    sub = rows.detach()[bad]
+    low, high = torch.aminmax(sub.reshape(sub.shape[0], -1), dim=1)
+    scale = torch.maximum(high, -low)  # max |entry| per record
     finite = torch.isfinite(scale)
     safe = torch.where((scale > 0) & finite, scale, torch.ones_like(scale))
-    unit = rows / safe[:, None, None]
-    prod = torch.bmm(unit, unit.transpose(1, 2)).to(torch.float64)
-    factor = coef.to(torch.float64) * safe.to(torch.float64) ** 2
-    factor = torch.where(finite.to(factor.device), factor, torch.full_like(factor, math.inf))
-    return factor[:, None, None] * prod
+    unit = rows[bad] / safe[:, None, None]
+    redo = torch.bmm(unit, unit.transpose(1, 2)).to(torch.float64)
+    factor = coef[bad].to(torch.float64) * safe.to(torch.float64) ** 2
+    factor = torch.where(finite, factor, torch.full_like(factor, math.inf))
+    out[bad] = factor[:, None, None] * redo
+    return out
 
 
 def owner_vectors(
