@@ -23,7 +23,6 @@ docs/privacy.md §4 and §7.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import secrets
@@ -54,6 +53,12 @@ from lit_dpvae.privacy import (
 from lit_dpvae.privacy.accounting import CHECKPOINT_KEY
 from lit_dpvae.privacy.grad_sample import BACKENDS, check_module
 from lit_dpvae.privacy.mechanisms import Mechanism
+from lit_dpvae.privacy.provenance import (
+    SPENT_WEIGHTS,
+    fingerprint,
+    merge_histories,
+    tensor_fingerprints,
+)
 from lit_dpvae.privacy.terms import batch_size_of
 
 MECHANISMS = ("termwise", "naive", "nonprivate", "pairwise")
@@ -90,67 +95,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 class PrivacyConfigError(ValueError):
     """A Trainer or model setting that would silently break the privacy guarantee."""
-
-
-#: Weights this process trained or checkpointed, by fingerprint: the privacy they spent. A later
-#: fit on a copy of them (``load_state_dict``) continues that history (``warm_start``).
-_SPENT_WEIGHTS: dict[str, dict[str, Any]] = {}
-
-
-def _fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's values (names, shapes, dtypes and bytes; frozen ones
-    too, so freezing part of a copy does not hide it)."""
-    digest = hashlib.sha256()
-    for name, p in module.named_parameters():
-        t = p.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-def _tensor_fingerprints(module: torch.nn.Module, trainable_only: bool) -> list[str]:
-    """One SHA-256 per parameter (shape, dtype and bytes, not the name: a partial copy into
-    another architecture keeps them); constant tensors (fresh zeros or ones) are skipped."""
-    out = []
-    for p in module.parameters():
-        if trainable_only and not p.requires_grad:
-            continue
-        t = p.detach().cpu().contiguous()
-        if t.numel() < 2 or bool((t == t.reshape(-1)[0]).all()):
-            continue
-        digest = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-        out.append(digest.hexdigest())
-    return out
-
-
-def _run_length(history: list[tuple[float, float, int]]) -> list[list[Any]]:
-    merged: list[list[Any]] = []
-    for sigma, q, steps in history:
-        if merged and merged[-1][0] == sigma and merged[-1][1] == q:
-            merged[-1][2] += int(steps)
-        else:
-            merged.append([sigma, q, int(steps)])
-    return merged
-
-
-def _merge_histories(ours: list, theirs: list) -> list[tuple[float, float, int]]:
-    """Our history followed by what ``theirs`` has beyond the longest common prefix of both
-    (the steps the weights took elsewhere since they left this run), run-length encoded."""
-    a, b = _run_length(ours), _run_length(theirs)
-    i = j = 0
-    left_a, left_b = (a[0][2] if a else 0), (b[0][2] if b else 0)
-    while i < len(a) and j < len(b) and a[i][:2] == b[j][:2]:
-        take = min(left_a, left_b)
-        left_a, left_b = left_a - take, left_b - take
-        if left_a == 0:
-            i += 1
-            left_a = a[i][2] if i < len(a) else 0
-        if left_b == 0:
-            j += 1
-            left_b = b[j][2] if j < len(b) else 0
-    rest = ([[b[j][0], b[j][1], left_b]] if j < len(b) else []) + b[j + 1:]
-    return [(float(s_), float(q_), int(k)) for s_, q_, k in a + [e for e in rest if e[2] > 0]]
 
 
 class TermwiseDPStrategy(DDPStrategy):
@@ -605,8 +549,8 @@ class TermwiseDPStrategy(DDPStrategy):
         """The weights now carry this run's spend: a later fit on them (another strategy,
         ``load_from_checkpoint``) continues this accountant (``warm_start``)."""
         if module is not None and self._start_fingerprints is None:
-            self._start_fingerprints = (_fingerprint(module),
-                                        set(_tensor_fingerprints(module, trainable_only=False)))
+            self._start_fingerprints = (fingerprint(module),
+                                        set(tensor_fingerprints(module, trainable_only=False)))
         if module is not None:
             module._lit_dpvae_provenance = {  # type: ignore[union-attr]
                 "mechanism": self.mechanism_name, "accountant": self.accountant}
@@ -619,29 +563,29 @@ class TermwiseDPStrategy(DDPStrategy):
             return
         record = {"mechanism": self.mechanism_name, "accountant": self.accountant.state_dict()}
         start_whole, start_tensors = self._start_fingerprints or ("", set())
-        whole = _fingerprint(module)
+        whole = fingerprint(module)
         if whole != start_whole:  # only weights this run changed carry its spend
-            _SPENT_WEIGHTS[whole] = record
-        for key in _tensor_fingerprints(module, trainable_only=False):  # frozen mid-run too
+            SPENT_WEIGHTS[whole] = record
+        for key in tensor_fingerprints(module, trainable_only=False):  # frozen mid-run too
             if key not in start_tensors:
-                _SPENT_WEIGHTS["tensor:" + key] = record
+                SPENT_WEIGHTS["tensor:" + key] = record
 
     def _weights_provenance(self, module: Any) -> tuple[str, PrivacyAccountant] | None:
         provenance = getattr(module, "_lit_dpvae_provenance", None)
         if provenance and provenance.get("accountant") is not None:
             return provenance.get("mechanism"), provenance["accountant"]
-        if module is None or not _SPENT_WEIGHTS:
+        if module is None or not SPENT_WEIGHTS:
             return None
-        known = _SPENT_WEIGHTS.get(_fingerprint(module))
+        known = SPENT_WEIGHTS.get(fingerprint(module))
         if known is None:  # a partial copy: any parameter equal to a DP-trained one
-            matches = [_SPENT_WEIGHTS[k] for k in ("tensor:" + f for f in
-                       _tensor_fingerprints(module, trainable_only=False)) if k in _SPENT_WEIGHTS]
+            matches = [SPENT_WEIGHTS[k] for k in ("tensor:" + f for f in
+                       tensor_fingerprints(module, trainable_only=False)) if k in SPENT_WEIGHTS]
             if not matches:
                 return None
             unique = list({id(r): r for r in matches}.values())
             history: list = []
             for r in unique:  # parameters from several runs: every run's spend counts
-                history = _merge_histories(history, r["accountant"]["history"])
+                history = merge_histories(history, r["accountant"]["history"])
             state = dict(unique[0]["accountant"], history=history, non_private_steps=max(
                 int(r["accountant"].get("non_private_steps", 0)) for r in unique))
             names = {r["mechanism"] for r in unique}
@@ -682,7 +626,7 @@ class TermwiseDPStrategy(DDPStrategy):
                 f"the model's weights carry a privacy spend accounted with {spent.name!r}; this "
                 f"run uses {self.accountant.name!r}: use accountant={spent.name!r} so ε "
                 "continues.")
-        merged = _merge_histories(self.accountant.history, spent.history)
+        merged = merge_histories(self.accountant.history, spent.history)
         if merged == self.accountant.history:
             return
         state = self.accountant.state_dict()

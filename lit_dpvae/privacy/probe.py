@@ -1,0 +1,390 @@
+"""The record-wise contract probe (docs/privacy.md §1): before the first private step, check
+that each declared sample-wise term and pairwise code of a record depends on that record only.
+
+``probe_record_contract(module, batch, n)`` raises ``LossTermsError`` or ``AttributionError``;
+``Mechanism.probe_sample_terms`` calls it once per module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lit_dpvae.privacy.grad_sample import AttributionError, capture_layers
+from lit_dpvae.privacy.terms import LossTermsError, loss_terms_of
+
+
+def probe_record_contract(module: nn.Module, batch: Any, n: int, *,
+                          collective: bool = False) -> None:
+    """Probe the record-wise contract that every per-record bound rests on (docs/privacy.md
+    §1) on one batch of ``n`` records. For each probed record ``i`` (all of them up to 16
+    records, else the first, the last and 14 others at random), each declared sample-wise term
+    ``ℓ_i`` and each pairwise term's code ``z_i`` (a random combination of its coordinates):
+
+    1. has zero gradient with respect to every *other* record's rows of every floating-point
+       tensor of the batch (a term or code that reads other records — a batch mean, codes
+       centred on the batch — breaks Theorems 2 and 5);
+    2. has zero gradient at every row of every trainable layer's output outside record ``i``'s
+       rows (``i·K … i·K+K−1``): rows that no record owns but every record reads —
+       data-independent inputs through a trainable layer, e.g. VampPrior pseudo-inputs through
+       the encoder — are attributed to records *by position*;
+    3. keeps its gradient signature (its value, and the input, output and backprop rows of every
+       layer call it reaches; bit for bit on CPU) when another record's data — every tensor,
+       NumPy array and list column, labels included — is replaced by a third record's, under the
+       same torch/Python/NumPy draws (after a control forward: a model whose randomness the
+       global RNGs do not reproduce skips this check with a warning). This catches dependence
+       no gradient shows: through labels, detached batch statistics, comparisons;
+    4. and ``loss_terms`` writes no parameter or buffer (compared by value; restored before the
+       error): a running statistic of the data would be released without noise.
+
+    Refusals: ``LossTermsError`` / ``AttributionError``. RNG-neutral. A probe, not a proof: it
+    sees this batch only. ``collective``: a multi-process run, where every rank runs the same
+    forwards (they may enter collectives) and a rank with < 2 records only runs them."""
+    if n < 2 and not collective:
+        return
+    devices = [t.device for t in _tensors(batch) if t.device.type == "cuda"][:1]
+    states = _module_state(module)
+    # fork_rng: the probe must not shift the model's random stream (exact resume relies on it)
+    py_rng, np_rng = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=devices), _restoring(py_rng, np_rng):
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(devices[0]) if devices else None
+
+        def same_draws() -> None:  # every forward starts from the same global RNG states
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, devices[0])
+            random.setstate(py_rng)
+            np.random.set_state(np_rng)
+
+        records = _probe_records(n) if n >= 2 else []
+        # 1-2: gradients of each probed record's values (inputs made non-leaf clones, so a
+        # model may still write them in place; a model that cannot run on inputs that
+        # require grad, e.g. one calling .numpy(), gets the layer-row check only).
+        for with_inputs in (True, False):
+            probe_batch, inputs = _with_grad_inputs(batch, n) if with_inputs else (batch, [])
+            same_draws()
+            try:
+                _gradient_probe(module, probe_batch, n, inputs, records)
+                break
+            except RuntimeError as error:
+                if not with_inputs or isinstance(error, (LossTermsError, AttributionError)):
+                    raise
+        # 3: replacement probe. A control forward on the same batch first: where the model's
+        # randomness is not reproduced by the global RNG (its own generator, Python's
+        # random), records cannot be compared across forwards and the check is skipped.
+        # Every rank runs the same forwards (collectives); compared where n ≥ 3.
+        same_draws()
+        reference = _record_signature(module, batch, n, records)
+        same_draws()
+        reproducible = _same_signature(reference, _record_signature(module, batch, n,
+                                                                      records), None)
+        if reproducible is not True and n >= 3:
+            warnings.warn(
+                "lit_dpvae: loss_terms() is not reproducible under the same torch RNG state "
+                "(randomness from its own generator or from Python/NumPy), so the probe "
+                "could not check that records do not read each other through labels or "
+                "detached statistics; the gradient probe still ran.", stacklevel=3)
+        for j, first in (((n // 2, False), (0, False), (n - 1, True))
+                         if n >= 3 or collective else ()):
+            changed = (_replace_record(batch, j, _donor(batch, j, n, first), n)
+                       if n >= 3 else batch)
+            same_draws()
+            signature = _record_signature(module, changed, n, records)
+            if n >= 3 and reproducible is True:
+                moved = _same_signature(reference, signature, j)
+                if moved is not True:
+                    label, i = moved
+                    raise LossTermsError(
+                        f"{label} of record {i} changed when only record {j}'s data changed "
+                        "(every tensor of the batch, labels included, under the same random "
+                        "draws): it reads other records — through a label, a detached batch "
+                        "statistic or a comparison — so per-record clipping does not bound "
+                        "it. Declare it in LossTerms.batch (a batch-wise term) instead, or "
+                        "make it read record i only. (Random numbers must be drawn in a "
+                        "fixed shape per batch, not in a data-dependent count.)"
+                    )
+    _refuse_state_changes(module, states)
+
+
+def _gradient_probe(module: nn.Module, batch: Any, n: int, inputs: list[Tensor],
+                    records: list[int]) -> None:
+    """Checks 1-2 of ``probe_sample_terms`` (one forward)."""
+    with torch.enable_grad(), capture_layers(module) as cap:
+        terms = loss_terms_of(module, batch)
+        if n < 2:
+            return
+        outputs = [c.output for c in cap.calls if c.output.requires_grad]
+        for label, values in _probed_values(terms, n):
+            if not values.requires_grad:
+                continue
+            for i in records:
+                grads = torch.autograd.grad(values[i], [*inputs, *outputs],
+                                            retain_graph=True, allow_unused=True)
+                _refuse_cross_record(label, i, n, grads[:len(inputs)], cap.calls,
+                                     grads[len(inputs):])
+
+
+def _moved_rows(grad: Tensor, lo: int, hi: int) -> Tensor:
+    """Indices of the rows outside ``[lo, hi)`` where ``grad`` is finite and non-zero
+    (non-finite values are left to ``validate()``, which names them properly)."""
+    flat = grad.reshape(grad.shape[0], -1)
+    moved = ((flat.abs() > 0) & torch.isfinite(flat)).any(1)
+    moved[lo:hi] = False
+    return moved.nonzero()[:, 0]
+
+
+def _refuse_cross_record(label: str, i: int, n: int, input_grads: tuple,
+                         calls: list, output_grads: tuple) -> None:
+    """Raise if record ``i``'s term reads another record's input or reaches a layer row that
+    is attributed to another record (``probe_sample_terms``)."""
+    for input_grad in input_grads:
+        if input_grad is None or input_grad.dim() == 0 or input_grad.shape[0] != n:
+            continue
+        rows = _moved_rows(input_grad, i, i + 1)
+        if rows.numel():
+            raise LossTermsError(
+                f"{label} of record {i} depends on record {int(rows[0])}: it reads other "
+                "records, so per-record clipping does not bound it. Declare it in "
+                "LossTerms.batch (a batch-wise term) instead, or make it read record i only."
+            )
+    outputs = [c for c in calls if c.output.requires_grad]
+    for call, grad in zip(outputs, output_grads):
+        if grad is None or grad.dim() == 0:
+            continue
+        rows_total = grad.shape[0]
+        if rows_total % n:
+            continue  # not record-major at all: the clipper raises AttributionError itself
+        k = rows_total // n
+        rows = _moved_rows(grad, i * k, (i + 1) * k)
+        if rows.numel():
+            raise AttributionError(
+                f"{label} of record {i} reaches row {int(rows[0])} of a "
+                f"{type(call.module).__name__} layer call with {rows_total} rows ({k} per "
+                f"record for n={n}), a row attributed to record {int(rows[0]) // k}. Rows that "
+                "every record reads (data-independent inputs through a trainable layer, e.g. "
+                "VampPrior pseudo-inputs through the encoder) or that mix records cannot be "
+                "clipped per record: compute them outside the trainable layers' per-record "
+                "calls (e.g. as a batch-wise term), or freeze the parameters they use."
+            )
+
+
+@contextlib.contextmanager
+def _restoring(py_rng: Any, np_rng: Any) -> Iterator[None]:
+    """Put Python's and NumPy's global RNG states back afterwards (the probe is RNG-neutral)."""
+    try:
+        yield
+    finally:
+        random.setstate(py_rng)
+        np.random.set_state(np_rng)
+
+
+def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor (in tuples, lists and dicts, nested)."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return type(batch)((k, _map_tensors(v, fn)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        items = [_map_tensors(v, fn) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
+
+
+def _tensors(batch: Any) -> list[Tensor]:
+    found: list[Tensor] = []
+
+    def leaf(t: Tensor) -> Tensor:
+        found.append(t)
+        return t
+
+    _map_tensors(batch, leaf)
+    return found
+
+
+def _with_grad_inputs(batch: Any, n: int) -> tuple[Any, list[Tensor]]:
+    """A copy of ``batch`` whose floating-point tensors with ``n`` rows depend on new leaves that
+    require gradients (non-leaf clones: the model may still write them in place), and those
+    leaves (every such input is probed, not only the first)."""
+    inputs: list[Tensor] = []
+
+    def leaf(t: Tensor) -> Tensor:
+        if t.is_floating_point() and t.dim() > 0 and t.shape[0] == n:
+            source = t.detach().clone().requires_grad_(True)
+            inputs.append(source)
+            return source.clone()
+        return t
+
+    return _map_tensors(batch, leaf), inputs
+
+
+def _replace_record(batch: Any, j: int, k: int, n: int) -> Any:
+    """``batch`` with record ``j``'s row replaced by record ``k``'s in every per-record column:
+    tensors and NumPy arrays with ``n`` rows, and lists of ``n`` scalars (nested)."""
+    if isinstance(batch, Tensor) or isinstance(batch, np.ndarray):
+        if batch.ndim > 0 and batch.shape[0] == n:
+            batch = batch.clone() if isinstance(batch, Tensor) else batch.copy()
+            batch[j] = batch[k]
+        return batch
+    if isinstance(batch, dict):
+        return type(batch)((key, _replace_record(v, j, k, n)) for key, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        scalars = all(isinstance(v, (int, float, complex, str, bool)) for v in batch)
+        if scalars and len(batch) == n:
+            items = list(batch)
+            items[j] = items[k]
+        else:
+            items = [_replace_record(v, j, k, n) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
+
+
+def _donor(batch: Any, j: int, n: int, first: bool) -> int:
+    """A record whose data replaces record ``j``'s in the replacement probe: the last (or the
+    first) record whose integer columns (labels, ids) differ from ``j``'s, so that label counts
+    change too; ``(j + 1) % n`` when all agree."""
+    ints: list[Tensor] = []
+    _map_tensors(batch, lambda t: ints.append(t) or t if (
+        not t.is_floating_point() and t.dim() > 0 and t.shape[0] == n) else t)
+    differs = torch.zeros(n, dtype=torch.bool)
+    for t in ints:
+        flat = t.reshape(n, -1)
+        differs |= (flat != flat[j]).any(1).cpu()
+    differs[j] = False
+    idx = differs.nonzero()[:, 0]
+    if idx.numel() == 0:
+        return (j + 1) % n
+    return int(idx[0] if first else idx[-1])
+
+
+def _probe_records(n: int) -> list[int]:
+    """Every record up to 16; else the first, the last and 14 others drawn at random (the
+    probe runs under a forked RNG)."""
+    if n <= 16:
+        return list(range(n))
+    middle = (torch.randperm(n - 2)[:14] + 1).tolist()
+    return [0, n - 1, *sorted(middle)]
+
+
+def _probed_values(terms: Any, n: int) -> list[tuple[str, Tensor]]:
+    """``(label, [n] values)`` of the sample-wise terms and of a fixed random combination of
+    each pairwise term's code coordinates."""
+    checked: list[tuple[str, Tensor]] = []
+    sample = terms.sample if isinstance(getattr(terms, "sample", None), dict) else {}
+    for name, values in sample.items():
+        if isinstance(values, Tensor) and values.dim() == 1 and values.shape[0] == n:
+            checked.append((f"sample-wise term {name!r}", values))
+    pairwise = terms.pairwise if isinstance(getattr(terms, "pairwise", None), dict) else {}
+    for name, term in pairwise.items():
+        codes = getattr(term, "codes", None)
+        if isinstance(codes, Tensor) and codes.dim() == 2 and codes.shape[0] == n:
+            gen = torch.Generator().manual_seed(codes.shape[1])
+            mix = torch.randn(codes.shape[1], generator=gen).to(codes)
+            checked.append((f"the codes of pairwise term {name!r}", codes @ mix))
+    return checked
+
+
+def _rows(t: Tensor, n: int, records: list[int]) -> Tensor | None:
+    """The rows of ``records`` (``K`` rows each when ``t`` has ``n·K`` rows), detached."""
+    if t.dim() == 0 or t.shape[0] % n:
+        return None
+    k = t.shape[0] // n
+    idx = torch.tensor([r * k + m for r in records for m in range(k)], device=t.device)
+    return t.detach().index_select(0, idx).reshape(len(records), -1)
+
+
+def _record_signature(module: nn.Module, batch: Any, n: int, records: list[int]) -> dict:
+    """What each probed record's released gradient is a function of: its values (sample-wise
+    terms, pairwise codes), every layer call's input and output rows, and the backprops of each
+    value's sum at those rows. ``{key: [len(records), ...]}``; records are rows."""
+    signature: dict[str, Any] = {}
+    if n < 2:
+        with torch.no_grad():
+            loss_terms_of(module, batch)
+        return signature
+    with torch.enable_grad(), capture_layers(module) as cap:
+        checked = _probed_values(loss_terms_of(module, batch), n)
+        calls = [c for c in cap.calls if c.output.requires_grad]
+        reached: set[int] = set()  # calls whose rows some probed value's gradient goes through
+        for label, values in checked:
+            signature[label] = values.detach()[records].reshape(len(records), -1)
+            if not values.requires_grad or not calls:
+                continue
+            grads = torch.autograd.grad(values.sum(), [c.output for c in calls],
+                                        retain_graph=True, allow_unused=True)
+            for c_idx, g in enumerate(grads):
+                if g is not None:
+                    reached.add(c_idx)
+                    signature[f"{label}: backprop at layer {c_idx}"] = _rows(g, n, records)
+        # Only those calls: a layer that only a batch-wise term runs (a discriminator on
+        # permuted codes) mixes records legitimately and adds nothing to a record's gradient.
+        signature["#calls"] = [(i, type(calls[i].module).__name__, tuple(calls[i].output.shape))
+                               for i in sorted(reached)]
+        for c_idx in sorted(reached):
+            for a_idx, a in enumerate(calls[c_idx].activations):
+                signature[f"layer {c_idx} input {a_idx}"] = _rows(a, n, records)
+            signature[f"layer {c_idx} output"] = _rows(calls[c_idx].output, n, records)
+    signature["#records"] = records
+    return signature
+
+
+def _same_signature(a: dict, b: dict, replaced: int | None) -> bool | tuple[str, int]:
+    """True if every probed record other than ``replaced`` has the same signature in ``a``
+    and ``b`` (bit for bit on CPU; relative 1e-6 of the row's scale on accelerators), else
+    ``(what moved, which record)``."""
+    if a.keys() != b.keys() or a.get("#calls") != b.get("#calls"):
+        return ("the layer calls", -1 if replaced is None else (replaced + 1) % 2)
+    records = a.get("#records", [])
+    for key, x in a.items():
+        if key.startswith("#") or x is None or b[key] is None:
+            continue
+        y = b[key]
+        if x.shape != y.shape:
+            return (key, records[0] if records else -1)
+        for r, record in enumerate(records):
+            if record == replaced:
+                continue
+            u, v = x[r], y[r]
+            if u.device.type == "cpu":
+                same = bool(((u == v) | (torch.isnan(u) & torch.isnan(v))).all())
+            else:
+                scale = torch.maximum(u.abs().max(), v.abs().max()).item()
+                same = bool(((u - v).abs() <= 1e-6 * scale).all())
+            if not same:
+                label = key.split(":")[0] if not key.startswith("layer") else key
+                return (label, record)
+    return True
+
+
+def _module_state(module: nn.Module) -> dict[str, Tensor]:
+    """A copy of every parameter and buffer (by value: writes through ``.data`` bump no
+    version counter)."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return {name: t.detach().clone() for name, t in named}
+
+
+def _refuse_state_changes(module: nn.Module, before: dict[str, Tensor]) -> None:
+    after = dict(list(module.named_parameters()) + list(module.named_buffers()))
+    changed = sorted(
+        k for k in set(before) | set(after)
+        if k not in before or k not in after or before[k].shape != after[k].shape
+        or not bool(((before[k] == after[k].detach())
+                     | (torch.isnan(before[k]) & torch.isnan(after[k].detach()))).all()))
+    if changed:
+        with torch.no_grad():  # put the state back: nothing of the batch stays in the module
+            for k in changed:
+                if k in before and k in after and before[k].shape == after[k].shape:
+                    after[k].copy_(before[k])
+        raise AttributionError(
+            f"loss_terms() changed {changed} in place (or replaced them): a parameter or buffer "
+            "written from the batch during the forward (a running statistic of the data, "
+            "Embedding(max_norm=...)'s renormalisation) is released without noise. Keep "
+            "loss_terms free of side effects on the module's state."
+        )

@@ -1,0 +1,75 @@
+"""Where a model's weights came from: the privacy they already spent (docs/privacy.md §4,
+*Resumes and warm starts*). Pure torch, no Lightning.
+
+``SPENT_WEIGHTS`` maps SHA-256 fingerprints of weights this process trained or checkpointed
+(the whole set of parameters, and each parameter tensor the run changed) to the accountant
+state of the run that produced them; ``merge_histories`` composes two accountant histories past
+their common prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+#: Weights this process trained or checkpointed, by fingerprint: the privacy they spent. A later
+#: fit on a copy of them (``load_state_dict``) continues that history (``warm_start``).
+SPENT_WEIGHTS: dict[str, dict[str, Any]] = {}
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's values (names, shapes, dtypes and bytes; frozen ones
+    too, so freezing part of a copy does not hide it)."""
+    digest = hashlib.sha256()
+    for name, p in module.named_parameters():
+        t = p.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def tensor_fingerprints(module: torch.nn.Module, trainable_only: bool) -> list[str]:
+    """One SHA-256 per parameter (shape, dtype and bytes, not the name: a partial copy into
+    another architecture keeps them); constant tensors (fresh zeros or ones) are skipped."""
+    out = []
+    for p in module.parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        t = p.detach().cpu().contiguous()
+        if t.numel() < 2 or bool((t == t.reshape(-1)[0]).all()):
+            continue
+        digest = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+        out.append(digest.hexdigest())
+    return out
+
+
+def run_length(history: list[tuple[float, float, int]]) -> list[list[Any]]:
+    merged: list[list[Any]] = []
+    for sigma, q, steps in history:
+        if merged and merged[-1][0] == sigma and merged[-1][1] == q:
+            merged[-1][2] += int(steps)
+        else:
+            merged.append([sigma, q, int(steps)])
+    return merged
+
+
+def merge_histories(ours: list, theirs: list) -> list[tuple[float, float, int]]:
+    """Our history followed by what ``theirs`` has beyond the longest common prefix of both
+    (the steps the weights took elsewhere since they left this run), run-length encoded."""
+    a, b = run_length(ours), run_length(theirs)
+    i = j = 0
+    left_a, left_b = (a[0][2] if a else 0), (b[0][2] if b else 0)
+    while i < len(a) and j < len(b) and a[i][:2] == b[j][:2]:
+        take = min(left_a, left_b)
+        left_a, left_b = left_a - take, left_b - take
+        if left_a == 0:
+            i += 1
+            left_a = a[i][2] if i < len(a) else 0
+        if left_b == 0:
+            j += 1
+            left_b = b[j][2] if j < len(b) else 0
+    rest = ([[b[j][0], b[j][1], left_b]] if j < len(b) else []) + b[j + 1:]
+    return [(float(s_), float(q_), int(k)) for s_, q_, k in a + [e for e in rest if e[2] > 0]]
