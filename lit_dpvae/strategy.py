@@ -50,7 +50,7 @@ from lit_dpvae.privacy import (
     check_budget,
     is_poisson_loader,
 )
-from lit_dpvae.privacy.accounting import CHECKPOINT_KEY
+from lit_dpvae.privacy.accounting import CHECKPOINT_KEY, provenance_from_checkpoint
 from lit_dpvae.privacy.grad_sample import BACKENDS, check_module
 from lit_dpvae.privacy.mechanisms import Mechanism
 from lit_dpvae.privacy.provenance import (
@@ -905,3 +905,30 @@ class TermwiseDPStrategy(DDPStrategy):
 
 
 TermwiseDPStrategy.register_strategies(StrategyRegistry)
+
+
+def _carry_spend_through_load_from_checkpoint() -> None:
+    """Any LightningModule loaded with ``load_from_checkpoint`` from a checkpoint with a privacy
+    state remembers the spend (as ``BaseVAE.on_load_checkpoint`` does for our models), so a later
+    fit continues it (``warm_start``), in this process or another. Lightning has no public hook
+    for every module class, so its loader is wrapped; if its internals move, BaseVAE's hook and
+    the in-process fingerprints remain (docs/privacy.md §4)."""
+    from lightning.pytorch.core import saving
+
+    original = getattr(saving, "_load_state", None)
+    if original is None or getattr(original, "_lit_dpvae", False):
+        return
+
+    def load_state(cls: Any, checkpoint: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        obj = original(cls, checkpoint, *args, **kwargs)
+        found = provenance_from_checkpoint(checkpoint) if isinstance(checkpoint, dict) else None
+        if found is not None and isinstance(obj, pl.LightningModule) \
+                and getattr(obj, "_lit_dpvae_provenance", None) is None:
+            obj._lit_dpvae_provenance = found
+        return obj
+
+    load_state._lit_dpvae = True  # type: ignore[attr-defined]
+    saving._load_state = load_state  # type: ignore[assignment]
+
+
+_carry_spend_through_load_from_checkpoint()

@@ -259,3 +259,19 @@ def test_partial_and_frozen_copies_keep_the_spend_but_fresh_models_do_not(tmp_pa
     fresh = _budgeted(noise_multiplier=1.5)  # a new model with the same initial values
     _trainer(fresh, tmp_path, max_steps=6, max_epochs=None).fit(ToyLitVAE(), ToyData(n=200))
     assert fresh.accountant.steps == 6
+
+
+def test_load_from_checkpoint_of_any_module_carries_the_spend_in_a_new_process(tmp_path,
+                                                                               monkeypatch):
+    from lit_dpvae.privacy import provenance
+
+    trainer = _trainer(_budgeted(noise_multiplier=1.5), tmp_path, max_steps=6, max_epochs=None)
+    trainer.fit(ToyLitVAE(), ToyData(n=200))
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    monkeypatch.setattr(provenance, "SPENT_WEIGHTS", {})  # as in a new process
+    monkeypatch.setattr("lit_dpvae.strategy.SPENT_WEIGHTS", {})
+    loaded = ToyLitVAE.load_from_checkpoint(tmp_path / "a.ckpt")  # not a BaseVAE
+    second = _budgeted(noise_multiplier=1.5)
+    with pytest.warns(UserWarning, match="warm start"):
+        _trainer(second, tmp_path, max_steps=6, max_epochs=None).fit(loaded, ToyData(n=200))
+    assert second.accountant.steps == 12
