@@ -80,7 +80,7 @@ EXPORT_KEY = "lit_dpvae_export"
 def load_model(ckpt: str | Path) -> BaseVAE:
     """The model of a checkpoint written by ``TermwiseDPStrategy`` or of a file written by
     ``export`` (both record the model class)."""
-    from lit_dpvae.strategy import MODEL_CLASS_KEY
+    from lit_dpvae.strategy import CHECKPOINT_KEY, MODEL_CLASS_KEY
 
     path = Path(ckpt)
     if not path.is_file():
@@ -97,6 +97,14 @@ def load_model(ckpt: str | Path) -> BaseVAE:
     if checkpoint.get(EXPORT_KEY):
         model = cls(**checkpoint["hyper_parameters"])
         model.load_state_dict(checkpoint["state_dict"])
+        privacy = checkpoint.get("privacy") or {}
+        if "accountant" in privacy:  # fine-tuning these weights continues their spend
+            from lit_dpvae.privacy.accounting import provenance_from_checkpoint
+            from lit_dpvae.privacy.provenance import mark_loaded
+
+            mark_loaded(model, provenance_from_checkpoint(
+                {CHECKPOINT_KEY: {"mechanism": privacy.get("mechanism"),
+                                  "accountant": privacy["accountant"]}}))
     else:
         model = cls.load_from_checkpoint(path, map_location="cpu")
     model.eval()
@@ -125,6 +133,9 @@ def export_main(argv: list[str]) -> Path:
         "sigma_eff": float(privacy["noise_multiplier"]),
         "steps": sum(int(t) for _, _, t in privacy["accountant"]["history"])
         + int(privacy["accountant"].get("non_private_steps", 0)),
+        # the accountant's (σ_eff, q, steps) history: public, and what a later fit of these
+        # weights must continue (warm_start)
+        "accountant": privacy["accountant"],
     }
     artefact = {
         EXPORT_KEY: True,

@@ -50,13 +50,15 @@ from lit_dpvae.privacy import (
     check_budget,
     is_poisson_loader,
 )
+from lit_dpvae.privacy import provenance as registry
 from lit_dpvae.privacy.accounting import CHECKPOINT_KEY, provenance_from_checkpoint
 from lit_dpvae.privacy.grad_sample import BACKENDS, check_module
 from lit_dpvae.privacy.mechanisms import Mechanism
 from lit_dpvae.privacy.provenance import (
-    SPENT_WEIGHTS,
     fingerprint,
+    mark_loaded,
     merge_histories,
+    register_spent,
     tensor_fingerprints,
 )
 from lit_dpvae.privacy.terms import batch_size_of
@@ -562,24 +564,20 @@ class TermwiseDPStrategy(DDPStrategy):
         if module is None or self.noise_generator is None or not self.accountant.steps:
             return
         record = {"mechanism": self.mechanism_name, "accountant": self.accountant.state_dict()}
-        start_whole, start_tensors = self._start_fingerprints or ("", set())
-        whole = fingerprint(module)
-        if whole != start_whole:  # only weights this run changed carry its spend
-            SPENT_WEIGHTS[whole] = record
-        for key in tensor_fingerprints(module, trainable_only=False):  # frozen mid-run too
-            if key not in start_tensors:
-                SPENT_WEIGHTS["tensor:" + key] = record
+        # only weights this run changed carry its spend (frozen mid-run ones included)
+        register_spent(module, record, skip=self._start_fingerprints)
 
     def _weights_provenance(self, module: Any) -> tuple[str, PrivacyAccountant] | None:
         provenance = getattr(module, "_lit_dpvae_provenance", None)
         if provenance and provenance.get("accountant") is not None:
             return provenance.get("mechanism"), provenance["accountant"]
-        if module is None or not SPENT_WEIGHTS:
+        if module is None or not registry.SPENT_WEIGHTS:
             return None
-        known = SPENT_WEIGHTS.get(fingerprint(module))
+        known = registry.SPENT_WEIGHTS.get(fingerprint(module))
         if known is None:  # a partial copy: any parameter equal to a DP-trained one
-            matches = [SPENT_WEIGHTS[k] for k in ("tensor:" + f for f in
-                       tensor_fingerprints(module, trainable_only=False)) if k in SPENT_WEIGHTS]
+            spent = registry.SPENT_WEIGHTS
+            matches = [spent[k] for k in ("tensor:" + f for f in
+                       tensor_fingerprints(module, trainable_only=False)) if k in spent]
             if not matches:
                 return None
             unique = list({id(r): r for r in matches}.values())
@@ -871,6 +869,13 @@ class TermwiseDPStrategy(DDPStrategy):
             checkpoint[MODEL_CLASS_KEY] = f"{type(module).__module__}.{type(module).__qualname__}"
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        """Weights restored by the Trainer (``validate/test(ckpt_path=...)``, a resume) from a
+        checkpoint with a privacy state carry its spend into any later fit of the module."""
+        super().load_model_state_dict(checkpoint, strict=strict)
+        if isinstance(checkpoint, dict):
+            mark_loaded(self.lightning_module, provenance_from_checkpoint(checkpoint))
+
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
         state = checkpoint.get(CHECKPOINT_KEY)
@@ -921,10 +926,8 @@ def _carry_spend_through_load_from_checkpoint() -> None:
 
     def load_state(cls: Any, checkpoint: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         obj = original(cls, checkpoint, *args, **kwargs)
-        found = provenance_from_checkpoint(checkpoint) if isinstance(checkpoint, dict) else None
-        if found is not None and isinstance(obj, pl.LightningModule) \
-                and getattr(obj, "_lit_dpvae_provenance", None) is None:
-            obj._lit_dpvae_provenance = found
+        if isinstance(checkpoint, dict) and isinstance(obj, pl.LightningModule):
+            mark_loaded(obj, provenance_from_checkpoint(checkpoint))
         return obj
 
     load_state._lit_dpvae = True  # type: ignore[attr-defined]

@@ -269,9 +269,44 @@ def test_load_from_checkpoint_of_any_module_carries_the_spend_in_a_new_process(t
     trainer.fit(ToyLitVAE(), ToyData(n=200))
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     monkeypatch.setattr(provenance, "SPENT_WEIGHTS", {})  # as in a new process
-    monkeypatch.setattr("lit_dpvae.strategy.SPENT_WEIGHTS", {})
     loaded = ToyLitVAE.load_from_checkpoint(tmp_path / "a.ckpt")  # not a BaseVAE
     second = _budgeted(noise_multiplier=1.5)
     with pytest.warns(UserWarning, match="warm start"):
         _trainer(second, tmp_path, max_steps=6, max_epochs=None).fit(loaded, ToyData(n=200))
     assert second.accountant.steps == 12
+
+
+def test_weights_loaded_any_way_carry_the_spend(tmp_path, monkeypatch):
+    """In a new process (empty registry): copies of a loaded module, weights restored by
+    Trainer.validate(ckpt_path=...), and an exported model file all continue the spend."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lit_dpvae.privacy import provenance
+
+    trainer = _trainer(_budgeted(noise_multiplier=1.5), tmp_path, max_steps=6, max_epochs=None)
+    trainer.fit(ToyLitVAE(), ToyData(n=200))
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+
+    def fresh_process():
+        monkeypatch.setattr(provenance, "SPENT_WEIGHTS", {})
+
+    def steps_after_fit(model) -> int:
+        strategy = _budgeted(noise_multiplier=1.5)
+        with pytest.warns(UserWarning, match="warm start"):
+            _trainer(strategy, tmp_path, max_steps=6, max_epochs=None).fit(model, ToyData(n=200))
+        return strategy.accountant.steps
+
+    fresh_process()
+    copy = ToyLitVAE()
+    copy.load_state_dict(ToyLitVAE.load_from_checkpoint(tmp_path / "a.ckpt").state_dict())
+    assert steps_after_fit(copy) == 12
+    class Validated(ToyLitVAE):
+        def validation_step(self, batch, batch_idx):
+            return None
+
+    fresh_process()
+    model = Validated()
+    _trainer(_budgeted(noise_multiplier=1.5), tmp_path).validate(
+        model, DataLoader(TensorDataset(torch.zeros(4, 6), torch.zeros(4).long()), batch_size=2),
+        ckpt_path=str(tmp_path / "a.ckpt"))
+    assert steps_after_fit(model) == 12

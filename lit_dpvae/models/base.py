@@ -24,6 +24,7 @@ from lit_dpvae.likelihoods import Likelihood, make_likelihood
 from lit_dpvae.nn.blocks import build_encoder_decoder
 from lit_dpvae.priors import Prior, StandardNormal, normal_log_density
 from lit_dpvae.privacy.accounting import provenance_from_checkpoint
+from lit_dpvae.privacy.provenance import mark_loaded
 from lit_dpvae.privacy.terms import LossTerms, PairwiseTerm
 
 
@@ -309,9 +310,7 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         they already spent, so a later ``fit`` continues that accountant instead of starting
         ε at 0 (``TermwiseDPStrategy(warm_start=...)``)."""
         super().on_load_checkpoint(checkpoint)
-        provenance = provenance_from_checkpoint(checkpoint)
-        if provenance is not None:
-            self._lit_dpvae_provenance = provenance
+        mark_loaded(self, provenance_from_checkpoint(checkpoint))
 
     @torch.no_grad()
     def sample(self, n: int, labels: Tensor | Sequence[int] | None = None) -> Tensor:

@@ -73,3 +73,30 @@ def merge_histories(ours: list, theirs: list) -> list[tuple[float, float, int]]:
             left_b = b[j][2] if j < len(b) else 0
     rest = ([[b[j][0], b[j][1], left_b]] if j < len(b) else []) + b[j + 1:]
     return [(float(s_), float(q_), int(k)) for s_, q_, k in a + [e for e in rest if e[2] > 0]]
+
+
+def register_spent(module: torch.nn.Module, record: dict[str, Any],
+                   skip: tuple[str, set[str]] | None = None) -> None:
+    """Remember that ``module``'s current weights carry ``record`` (``{"mechanism",
+    "accountant": state_dict}``): their whole fingerprint and each parameter tensor's, except
+    those in ``skip`` (the weights a run started from, which it did not produce)."""
+    start_whole, start_tensors = skip or ("", set())
+    whole = fingerprint(module)
+    if whole != start_whole:
+        SPENT_WEIGHTS[whole] = record
+    for key in tensor_fingerprints(module, trainable_only=False):
+        if key not in start_tensors:
+            SPENT_WEIGHTS["tensor:" + key] = record
+
+
+def mark_loaded(module: Any, provenance: dict[str, Any] | None) -> None:
+    """Weights just loaded from a checkpoint with a privacy state: the module remembers the spend,
+    and copies of these weights are recognised too (``register_spent``)."""
+    if provenance is None or not isinstance(module, torch.nn.Module):
+        return
+    if getattr(module, "_lit_dpvae_provenance", None) is None:
+        module._lit_dpvae_provenance = provenance
+    accountant = provenance["accountant"]
+    if accountant.steps:
+        register_spent(module, {"mechanism": provenance.get("mechanism"),
+                                "accountant": accountant.state_dict()})
