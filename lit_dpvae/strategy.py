@@ -131,15 +131,16 @@ class TermwiseDPStrategy(DDPStrategy):
             only**: two continuations of one checkpoint then draw identical noise, and their
             difference is a noise-free function of the data. By default (``False``) every
             resume draws fresh secret seeds for the noise and the sampler.
-        allow_budget_increase: accept a resume whose ``target_epsilon`` is larger than the
-            checkpoint's (or unset where it had one). Refused by default: raising the budget
-            mid-run changes the guarantee of the whole run.
-        warm_start: what to do when the model's weights already carry a privacy spend (trained
-            by this library in this process, or loaded with ``load_from_checkpoint`` from a
-            checkpoint that has a privacy state). ``"carry"`` (default): the new run's
-            accountant starts from that history, so ε covers both runs (weights trained without
-            privacy are refused). ``"public"``: you assert that the earlier training used only
-            public data or is accounted elsewhere; the history is ignored, with a warning.
+        allow_budget_increase: accept a resume whose ``target_epsilon`` or ``target_delta`` is
+            larger than the checkpoint's (or no ``target_epsilon`` where it had one). Refused
+            by default: raising the budget mid-run changes the guarantee of the whole run.
+        warm_start: what to do when the model's weights already carry a privacy spend
+            (trained by this library, loaded from a checkpoint with a privacy state or from
+            an ``export`` file, or copied from such weights in this process; docs/privacy.md
+            §4). ``"carry"`` (default): the new run's accountant starts from that history, so
+            ε covers both runs (weights trained without privacy are refused). ``"public"``:
+            you assert that the earlier training used only public data or is accounted
+            elsewhere; the history is ignored, with a warning.
         accelerator, parallel_devices, cluster_environment, checkpoint_io, process_group_backend,
         timeout, start_method: as in Lightning's ``DDPStrategy``.
     """
@@ -528,10 +529,13 @@ class TermwiseDPStrategy(DDPStrategy):
                 f"checkpoint trained with target_epsilon={old}, target_delta={old_delta} "
                 f"(ε={self._restored_epsilon(restored):.4g} spent so far)")
             if not self.allow_budget_increase:
+                why = ("the checkpoint does not record its target, so the budget of the whole "
+                       "run cannot be checked" if old == "unknown" and not raised else
+                       "that raises (or drops) the budget of the whole run")
                 raise PrivacyConfigError(
-                    message + ": that raises (or drops) the budget of the whole run. Resume "
-                    "with the same target_epsilon, or, if the larger budget is a new, justified "
-                    "decision, pass allow_budget_increase=True.")
+                    f"{message}: {why}. Resume with the checkpoint's target_epsilon and "
+                    "target_delta, or, if the larger budget is a new, justified decision, pass "
+                    "allow_budget_increase=True.")
             rank_zero_warn(message + f": the budget of the whole run is now {new} "
                            "(allow_budget_increase=True); σ stays the checkpoint's "
                            f"{sigma:.4g} and the stop rule uses the new target.")
@@ -596,9 +600,19 @@ class TermwiseDPStrategy(DDPStrategy):
     def _carry_warm_start(self, module: Any) -> None:
         """Weights that already carry a privacy spend continue it in this run's accountant
         (``warm_start="carry"``) or are declared public (``"public"``). The spend is known from
-        the module (trained by this library in this process, or ``load_from_checkpoint`` of a
-        ``BaseVAE``) or from the weights' fingerprint (a copy of weights this process trained)."""
+        the module (trained by this library, or loaded from a checkpoint) or from the weights'
+        fingerprint (a copy of weights this process trained or loaded). Multi-process runs take
+        rank 0's answer."""
         found = self._weights_provenance(module)
+        if self.world_size > 1 and dist.is_initialized():
+            # One decision for all ranks: rank 0's (their in-process registries may differ).
+            payload = None if found is None else (found[0], found[1].state_dict(),
+                                                  found[1] is self.accountant)
+            payload = self.broadcast(payload)
+            if payload is None or payload[2]:
+                return
+            found = (payload[0], PrivacyAccountant(payload[1]["accountant"]))
+            found[1].load_state_dict(payload[1])
         if found is None:
             return
         mechanism, spent = found
@@ -838,7 +852,9 @@ class TermwiseDPStrategy(DDPStrategy):
                 return dict(self._restored)
             found = self._weights_provenance(self.lightning_module)
             if found is not None and found[1].steps:
-                return {"rng": _rng_state(), "mechanism": found[0], "noise_multiplier": 0.0,
+                history = found[1].history  # σ of the last private step, for a resume
+                sigma = float(history[-1][0]) if history else 0.0
+                return {"rng": _rng_state(), "mechanism": found[0], "noise_multiplier": sigma,
                         "accountant": found[1].state_dict(), "noise_generator": None,
                         "sampler_seed": None, "target_delta": self.target_delta,
                         "target_epsilon": self.target_epsilon,

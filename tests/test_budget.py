@@ -310,3 +310,23 @@ def test_weights_loaded_any_way_carry_the_spend(tmp_path, monkeypatch):
         model, DataLoader(TensorDataset(torch.zeros(4, 6), torch.zeros(4).long()), batch_size=2),
         ckpt_path=str(tmp_path / "a.ckpt"))
     assert steps_after_fit(model) == 12
+
+
+def test_a_checkpoint_saved_after_loading_dp_weights_resumes_with_their_sigma(tmp_path):
+    """load_from_checkpoint, save with a strategy that never trained, resume: the resumed run
+    continues the spend with the last private σ (not σ = 0, which would stop it at once)."""
+    trainer = _trainer(_budgeted(noise_multiplier=3.0), tmp_path, max_steps=4, max_epochs=None)
+    trainer.fit(ToyLitVAE(), ToyData(n=200))
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    loaded = ToyLitVAE.load_from_checkpoint(tmp_path / "a.ckpt")
+    saver = _trainer(_budgeted(noise_multiplier=3.0), tmp_path)
+    saver.strategy.connect(loaded)
+    state = saver.strategy.privacy_state_dict()
+    assert state["noise_multiplier"] == 3.0 and state["accountant"]["history"]
+    resumed = _budgeted(noise_multiplier=3.0)
+    checkpoint = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    checkpoint["lit_dpvae_privacy"] = state
+    torch.save(checkpoint, tmp_path / "b.ckpt")
+    _trainer(resumed, tmp_path, max_steps=8, max_epochs=None).fit(
+        ToyLitVAE(), ToyData(n=200), ckpt_path=str(tmp_path / "b.ckpt"))
+    assert resumed.accountant.steps == 8 and resumed.mechanism.noise_multiplier == 3.0

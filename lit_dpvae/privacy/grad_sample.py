@@ -14,13 +14,13 @@ attribute to record ``i`` — every record's attribution then depends on the who
 Backends (same numbers up to float rounding; tests compare them with a one-record-at-a-time loop):
 
 - ``"ghost"`` (default): one forward, one backward to the layer *outputs* (no parameter gradients
-  accumulated), per-record norms from the ghost identity ``‖a_i‖²·‖b_i‖²`` where it is exact
-  (a layer of type exactly ``nn.Linear`` on a 2-D input, one row per record: no cancellation;
-  ``_ghost_norm_is_exact``), then the clipped sum as one local vector-Jacobian product per layer
-  with the backprops rescaled by ``c_i``. No per-sample gradient of such a layer is ever
-  materialised, and there is no second backward through the network. Every other layer call
-  (Conv, GroupNorm, a Linear subclass, a Linear on ``[n, T, d]`` or ``[n, H, W, C]`` inputs or
-  with K rows per record, ...) gets per-record gradients
+  accumulated), per-record norms from the ghost identity ``‖a_i‖²·‖b_i‖²`` (float64) where it
+  is exact (a plain ``nn.Linear``, ``is_plain_linear``, on a 2-D input, one row per record: no
+  cancellation; ``_ghost_norm_is_exact``), then the clipped sum as one local vector-Jacobian
+  product per layer with the backprops rescaled by ``c_i``. No per-sample gradient of such a
+  layer is ever materialised, and there is no second backward through the network. Every other
+  layer call (Conv, GroupNorm, a Linear subclass, a Linear on ``[n, T, d]`` or ``[n, H, W, C]``
+  inputs or with K rows per record, ...) gets per-record gradients
   from Opacus' samplers in blocks of records (a conv's unfolded input is k² times its
   activation); when ``rows × parameters`` exceeds ``_MATERIALISE_LIMIT`` and the layer is called
   once, they are not kept for the whole batch: one pass over the blocks takes the norms, a

@@ -74,10 +74,11 @@ def _graph_nodes(t: Tensor, stop: frozenset = frozenset()) -> set:
 
 
 def _is_linear_on_rows(call: _Call) -> bool:
-    """A layer of type exactly ``nn.Linear`` applied to one 2-D input (its input backprops are
-    ``b W`` and its part of ``G_i`` is the ghost identity). A subclass is never taken for one:
-    its ``forward`` may use other parameters (a LoRA adapter's low-rank factors) or another
-    map, and every special case here must hold for the layer as called."""
+    """A plain Linear layer (``is_plain_linear``: no subclass, reparameterisation, instance
+    ``forward`` or hook) applied to one 2-D input: its input backprops are ``b W`` and its part
+    of ``G_i`` is the ghost identity. Anything else — a LoRA adapter's low-rank factors, a
+    weight-normed weight — takes the per-sample route, since every special case here must hold
+    for the layer as called."""
     return (is_plain_linear(call.module) and len(call.activations) == 1
             and call.activations[0].dim() == 2)
 
