@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_dpvae.privacy import LossTerms, poisson_dataloader
+from lit_dpvae.privacy.collectives import gather_for_batch_terms
 from lit_dpvae.privacy.terms import PairwiseTerm
 
 
@@ -34,7 +35,7 @@ class ToyLitVAE(pl.LightningModule):
         self.batch_term, self.lr = batch_term, lr
 
     def gather_for_batch_terms(self, t: Tensor) -> Tensor:
-        return t
+        return gather_for_batch_terms(t)
 
     def loss_terms(self, batch) -> LossTerms:
         x = batch[0]

@@ -94,13 +94,15 @@ def test_a_stop_rule_step_count_is_never_reused_for_another_sample_rate():
     loader = poisson_dataloader(ToyData(n=200).data, 0.05, seed=1)
     strategy._sampler = loader.batch_sampler
     strategy._read_sampling(announce=False)
-    assert not strategy._next_step_exceeds_budget()
-    stop_small_q = strategy._plan[2]
+    budget = strategy.budget
+    assert not budget.next_step_exceeds(3.0, strategy.sample_rate)
+    stop_small_q = budget.stop_at
     loader.batch_sampler.sample_rate = 0.9
     with pytest.warns(UserWarning, match="sample rate changed"):
         strategy._read_sampling(announce=True)
-    assert not strategy._next_step_exceeds_budget()
-    assert strategy._plan[2] < stop_small_q
+    assert strategy.sample_rate == 0.9
+    assert not budget.next_step_exceeds(3.0, strategy.sample_rate)
+    assert budget.stop_at < stop_small_q
 
 
 # ---- warm starts: weights that already spent privacy -------------------------------------------
@@ -195,10 +197,10 @@ def test_validate_then_save_keeps_the_privacy_state(tmp_path):
     checker = _trainer(fresh, tmp_path, max_steps=8, max_epochs=None, limit_val_batches=1)
     model = ToyLitVAE()
     checker.strategy._lightning_module = model
-    checker.strategy._restored = None
+    checker.strategy.restored = None
     state = torch.load(tmp_path / "dp.ckpt", weights_only=False)
     fresh.load_checkpoint(tmp_path / "dp.ckpt")
-    assert fresh._restored is not None
+    assert fresh.restored is not None
     again = fresh.privacy_state_dict()
     assert again["accountant"] == state["lit_dpvae_privacy"]["accountant"]
 

@@ -25,8 +25,15 @@ def test_every_config_instantiates(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = cli_main(["--config", str(config), "--trainer.logger=false"], run=False)
     strategy = cli.trainer.strategy
-    assert type(strategy).__name__ == "TermwiseDPStrategy"
+    assert type(strategy).__name__ == "DPStrategy"
     assert strategy.target_epsilon is not None
+    # the mechanism's settings live on the mechanism object (one place), as the YAML says
+    import yaml
+
+    init = yaml.safe_load(config.read_text())["trainer"]["strategy"]["init_args"]["mechanism"]
+    assert type(strategy.mechanism).__name__ == init["class_path"].rsplit(".", 1)[1]
+    for key, value in (init.get("init_args") or {}).items():
+        assert getattr(strategy.mechanism, key) == value, key
     assert cli.model.data_shape == tuple(cli.datamodule.data_shape)
 
 

@@ -78,8 +78,8 @@ def test_disk_full_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeyp
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("--trainer.strategy.init_args.max_grad_norm=-1", "max_grad_norm"),
-        ("--trainer.strategy.init_args.sample_share=1.5", "sample_share"),
+        ("--trainer.strategy.init_args.mechanism.init_args.max_grad_norm=-1", "max_grad_norm"),
+        ("--trainer.strategy.init_args.mechanism.init_args.sample_share=1.5", "sample_share"),
         ("--trainer.strategy.init_args.target_delta=0.5", "1/N"),
     ],
 )

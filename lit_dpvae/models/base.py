@@ -24,6 +24,7 @@ from lit_dpvae.likelihoods import Likelihood, make_likelihood
 from lit_dpvae.nn.blocks import build_encoder_decoder
 from lit_dpvae.priors import Prior, StandardNormal, normal_log_density
 from lit_dpvae.privacy.accounting import provenance_from_checkpoint
+from lit_dpvae.privacy.collectives import gather_for_batch_terms
 from lit_dpvae.privacy.provenance import mark_loaded
 from lit_dpvae.privacy.terms import LossTerms, PairwiseTerm
 
@@ -149,9 +150,10 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
 
     # ---- hooks for pairings and the strategy -------------------------------------------------
     def gather_for_batch_terms(self, t: Tensor) -> Tensor:
-        """Codes that a batch-wise term reads, ``[n, ...] -> [N_total, ...]``. Identity here; the
-        multi-process strategy overrides it with an all-gather that keeps gradients."""
-        return t
+        """Codes that a batch-wise term reads, ``[n, ...] -> [N_total, ...]``: in a private
+        multi-process step the global batch's rows (only the local ones with gradient), else the
+        identity (``lit_dpvae.privacy.collectives``)."""
+        return gather_for_batch_terms(t)
 
     def divergence_value(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
         """The unweighted divergence D (scalar) from ``z [n, K, d]``, ``mu, log_var [n, d]``."""

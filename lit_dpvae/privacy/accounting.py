@@ -132,13 +132,12 @@ class PrivacyAccountant:
                       steps: int) -> float:
         """ε after ``steps`` more steps at ``(σ_eff, q)`` on top of this history (this
         accountant is not changed)."""
-        trial = PrivacyAccountant(self.name)
-        trial.load_state_dict(self.state_dict())
+        if steps and noise_multiplier == 0:
+            return math.inf
+        state = self.state_dict()
         if steps:
-            if noise_multiplier == 0:
-                return math.inf
-            trial._impl.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
-        return trial.get_epsilon(delta)
+            state["history"].append((float(noise_multiplier), float(sample_rate), int(steps)))
+        return PrivacyAccountant.from_state_dict(state).get_epsilon(delta)
 
     def steps_within(self, target_epsilon: float, delta: float, noise_multiplier: float,
                      sample_rate: float, hint: int = 1) -> int:
@@ -195,6 +194,13 @@ class PrivacyAccountant:
             "non_private_steps": self.non_private_steps,
         }
 
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> PrivacyAccountant:
+        """A new accountant holding ``state`` (its own kind, from ``state["accountant"]``)."""
+        accountant = cls(state["accountant"])
+        accountant.load_state_dict(state)
+        return accountant
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("accountant") != self.name:
             raise ValueError(
@@ -218,6 +224,5 @@ def provenance_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any] | N
     state = checkpoint.get(CHECKPOINT_KEY)
     if not isinstance(state, dict) or "accountant" not in state:
         return None
-    accountant = PrivacyAccountant(state["accountant"]["accountant"])
-    accountant.load_state_dict(state["accountant"])
-    return {"mechanism": state.get("mechanism"), "accountant": accountant}
+    return {"mechanism": state.get("mechanism"),
+            "accountant": PrivacyAccountant.from_state_dict(state["accountant"])}

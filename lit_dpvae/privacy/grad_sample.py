@@ -96,7 +96,7 @@ def clip_factors(norms: Tensor, max_norm: float) -> Tensor:
 
 
 @dataclass
-class _Call:
+class LayerCall:
     module: nn.Module
     activations: list[Tensor]  # detached inputs
     output: Tensor
@@ -105,10 +105,10 @@ class _Call:
 
 
 @dataclass
-class _Capture:
+class Capture:
     """Inputs and outputs of every call of every trainable layer during one forward."""
 
-    calls: list[_Call] = field(default_factory=list)
+    calls: list[LayerCall] = field(default_factory=list)
 
 
 def _trainable_layers(module: nn.Module) -> list[nn.Module]:
@@ -118,9 +118,9 @@ def _trainable_layers(module: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def capture_layers(module: nn.Module) -> Iterator[_Capture]:
+def capture_layers(module: nn.Module) -> Iterator[Capture]:
     """Record ``(inputs, output)`` of each trainable layer call while the context is open."""
-    capture = _Capture()
+    capture = Capture()
 
     def hook(m: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if not torch.is_grad_enabled():
@@ -132,7 +132,7 @@ def capture_layers(module: nn.Module) -> Iterator[_Capture]:
                 "tensor. Put the parameters in standard layers (Linear, Conv2d, GroupNorm, ...)."
             )
         raw = [t for t in inputs if isinstance(t, Tensor)]
-        capture.calls.append(_Call(m, [t.detach() for t in raw], output, raw))
+        capture.calls.append(LayerCall(m, [t.detach() for t in raw], output, raw))
 
     hook._lit_dpvae_capture = True  # type: ignore[attr-defined]  # see is_plain_linear
     handles = [m.register_forward_hook(hook) for m in _trainable_layers(module)]
@@ -143,7 +143,7 @@ def capture_layers(module: nn.Module) -> Iterator[_Capture]:
             h.remove()
 
 
-def _rows_per_record(call: _Call, n: int) -> int:
+def rows_per_record(call: LayerCall, n: int) -> int:
     rows = call.output.shape[0] if call.output.dim() > 0 else 0
     if n == 0 or rows % n != 0 or rows == 0:
         raise AttributionError(
@@ -165,15 +165,15 @@ _SAMPLER_BLOCK = 1 << 24
 _MATERIALISE_LIMIT = 1 << 26
 
 
-def _trainable_numel(call: _Call) -> int:
+def _trainable_numel(call: LayerCall) -> int:
     return sum(p.numel() for p in call.module.parameters(recurse=False) if p.requires_grad)
 
 
-def _record_blocks(call: _Call, n: int) -> list[tuple[int, int]]:
+def _record_blocks(call: LayerCall, n: int) -> list[tuple[int, int]]:
     """Record ranges ``[lo, hi)`` for the sampler calls of one layer call. Blocks only when every
     input of the call has the batch's rows first (an EmbeddingBag's flat indices do not: one
     block); a block's working set is ``rows × max(input per row × kernel size, parameters)``."""
-    m = _rows_per_record(call, n)
+    m = rows_per_record(call, n)
     rows = n * m
     acts = call.activations
     if not acts or not all(a.dim() > 0 and a.shape[0] == rows for a in acts):
@@ -228,7 +228,7 @@ def is_plain_linear(module: nn.Module) -> bool:
     return all(getattr(h, "_lit_dpvae_capture", False) for h in hooks + global_hooks)
 
 
-def _ghost_norm_is_exact(call: _Call, backprops: Tensor, n: int) -> bool:
+def _ghost_norm_is_exact(call: LayerCall, backprops: Tensor, n: int) -> bool:
     """Whether the ghost identity gives this call's per-record norms *exactly*: a plain Linear
     layer (:func:`is_plain_linear`), called on one 2-D input with one row per record. Then
     ``‖g_i‖² = ‖a_i‖²‖b_i‖² (+ ‖b_i‖²)``, a product of sums of squares: no cancellation, relative
@@ -246,7 +246,7 @@ def _ghost_norm_is_exact(call: _Call, backprops: Tensor, n: int) -> bool:
     )
 
 
-def _ghost_norms(call: _Call, backprops: Tensor, n: int) -> dict[nn.Parameter, Tensor]:
+def _ghost_norms(call: LayerCall, backprops: Tensor, n: int) -> dict[nn.Parameter, Tensor]:
     """Per-record squared norms ``[n]`` in float64 of a call that passed
     :func:`_ghost_norm_is_exact`, one entry per trainable parameter of the layer. Float64: the
     squares of float32 values never underflow or overflow there, whereas in float32 an input of
@@ -276,7 +276,7 @@ def _own_trainable(module: nn.Module) -> set[nn.Parameter]:
     return {p for p in module.parameters(recurse=False) if p.requires_grad}
 
 
-def _block_grads(call: _Call, backprops: Tensor, n: int, lo: int, hi: int,
+def _block_grads(call: LayerCall, backprops: Tensor, n: int, lo: int, hi: int,
                  functorch: bool) -> dict:
     """Per-record gradients ``{param: [hi − lo, *param.shape]}`` of records ``lo..hi−1``, for
     the layer's *own* trainable parameters only (``torch.func`` differentiates every parameter
@@ -284,7 +284,7 @@ def _block_grads(call: _Call, backprops: Tensor, n: int, lo: int, hi: int,
     its gradient here too would count it twice, once outside the clipping norm's ghost part).
     Each row's gradient reads its own row only, so blocks change the peak memory, not the
     result."""
-    m = _rows_per_record(call, n)
+    m = rows_per_record(call, n)
     if (lo, hi) == (0, n):
         acts, b = call.activations, backprops
     else:
@@ -308,7 +308,7 @@ def _block_grads(call: _Call, backprops: Tensor, n: int, lo: int, hi: int,
     return {p: g.reshape(hi - lo, m, *g.shape[1:]).sum(1) for p, g in grads.items()}
 
 
-def _per_sample_grads(call: _Call, backprops: Tensor, n: int, functorch: bool) -> dict:
+def per_sample_grads(call: LayerCall, backprops: Tensor, n: int, functorch: bool) -> dict:
     """Per-record gradients ``{param: [n, *param.shape]}`` of one layer call (in blocks)."""
     parts = [_block_grads(call, backprops, n, lo, hi, functorch)
              for lo, hi in _record_blocks(call, n)]
@@ -371,7 +371,7 @@ class _LayerwiseClipper:
             if (
                 single
                 and len(blocks) > 1
-                and n * _rows_per_record(call, n) * _trainable_numel(call) > _MATERIALISE_LIMIT
+                and n * rows_per_record(call, n) * _trainable_numel(call) > _MATERIALISE_LIMIT
             ):  # two passes over blocks of records: norms now, Σ c_i g_i once the c_i are known
                 for lo, hi in blocks:
                     for p, g in _block_grads(call, b, n, lo, hi, self.functorch).items():
@@ -379,7 +379,7 @@ class _LayerwiseClipper:
                             sq_norm[lo:hi] += _sq_norms(g, hi - lo)
                 blocked_calls.append((call, b, blocks))
                 continue
-            for p, g in _per_sample_grads(call, b, n, self.functorch).items():
+            for p, g in per_sample_grads(call, b, n, self.functorch).items():
                 if p.requires_grad:
                     materialised[p] = materialised[p] + g if p in materialised else g
         for g in materialised.values():
@@ -404,7 +404,7 @@ class _LayerwiseClipper:
                 for p, g in _block_grads(call, b, n, lo, hi, self.functorch).items():
                     if p.requires_grad:
                         out[by_param[p]] += weighted_sum(factors[lo:hi], g)
-        _check_finite(out)
+        check_finite(out)
         return out, norms, aux
 
 
@@ -456,7 +456,7 @@ class _OpacusHooksClipper:
         norms = torch.stack([_sq_norms(g, n) for g in grad_samples.values()]).sum(0).sqrt()
         factors = clip_factors(norms, max_norm)
         out = {name: weighted_sum(factors, g) for name, g in grad_samples.items()}
-        _check_finite(out)
+        check_finite(out)
         return out, norms, aux
 
 
@@ -467,7 +467,7 @@ def _empty(params: dict[str, nn.Parameter], run: Callable[[], tuple[Tensor, Any]
     return zeros, torch.zeros(0), aux
 
 
-def _check_finite(sums: dict[str, Tensor]) -> None:
+def check_finite(sums: dict[str, Tensor]) -> None:
     for name, value in sums.items():
         if not bool(torch.isfinite(value).all()):
             raise FloatingPointError(

@@ -29,11 +29,11 @@ from torch import Tensor, nn
 
 from lit_dpvae.privacy.grad_sample import (
     AttributionError,
-    _Call,
-    _per_sample_grads,
-    _rows_per_record,
+    LayerCall,
     clip_factors,
     is_plain_linear,
+    per_sample_grads,
+    rows_per_record,
 )
 from lit_dpvae.privacy.precision import reduced_fp32_matmul
 
@@ -44,7 +44,7 @@ class LatentJacobian:
     codes (the batched backprops themselves are not kept: ``Σ_k ū_ik b_i^(k)`` is one plain
     backward of ``ū`` from the codes)."""
 
-    calls: list[_Call]
+    calls: list[LayerCall]
     used: list[int]  # indices of the calls upstream of the codes
     codes: Tensor  # [n, d], with its graph (the final clipped sum backpropagates ū through it)
     gram: Tensor  # [n, d, d]
@@ -73,7 +73,7 @@ def _graph_nodes(t: Tensor, stop: frozenset = frozenset()) -> set:
     return seen
 
 
-def _is_linear_on_rows(call: _Call) -> bool:
+def _is_linear_on_rows(call: LayerCall) -> bool:
     """A plain Linear layer (``is_plain_linear``: no subclass, reparameterisation, instance
     ``forward`` or hook) applied to one 2-D input: its input backprops are ``b W`` and its part
     of ``G_i`` is the ghost identity. Anything else — a LoRA adapter's low-rank factors, a
@@ -83,13 +83,13 @@ def _is_linear_on_rows(call: _Call) -> bool:
             and call.activations[0].dim() == 2)
 
 
-def _is_ghost_linear(call: _Call, n: int, seen: dict[nn.Parameter, int]) -> bool:
+def _is_ghost_linear(call: LayerCall, n: int, seen: dict[nn.Parameter, int]) -> bool:
     """A Linear layer called once on ``n`` rows of 2-D input: its part of ``G_i`` is
     ``(‖a_i‖² + 1)·B_iB_iᵀ``."""
     return (
         _is_linear_on_rows(call)
         and all(seen.get(p, 0) <= 1 for p in call.module.parameters(recurse=False))
-        and _rows_per_record(call, n) == 1
+        and rows_per_record(call, n) == 1
     )
 
 
@@ -105,7 +105,7 @@ def _scratch(workspace: dict | None, shape: tuple[int, ...], like: Tensor) -> Te
     return buf[:numel].view(shape)
 
 
-def _linear_input_backprops(call: _Call, b: Tensor, workspace: dict | None) -> Tensor:
+def _linear_input_backprops(call: LayerCall, b: Tensor, workspace: dict | None) -> Tensor:
     """``b [d, n, out] @ W`` for a Linear layer, reading only the output columns that are
     non-zero for some record. A code coordinate usually reads one or two of the head's
     outputs (μ_k and log σ²_k), so this is ``d·n·2·in`` instead of ``d·n·out·in`` flops. The
@@ -137,7 +137,7 @@ _ELEMENTWISE = frozenset({
 })
 
 
-def _through_activation(a: Tensor, g: Tensor, calls: list[_Call], below: list[int]
+def _through_activation(a: Tensor, g: Tensor, calls: list[LayerCall], below: list[int]
                         ) -> tuple[int, Tensor] | None:
     """When ``a = act(output of call j)`` for an element-wise ``act`` and a ``j`` in ``below``:
     ``(j, g · act'(·))``, the batched backprops ``g [d, ...]`` carried to call j's output
@@ -156,7 +156,7 @@ def _through_activation(a: Tensor, g: Tensor, calls: list[_Call], below: list[in
     return None
 
 
-def _code_backprops(calls: list[_Call], used: list[int], codes: Tensor, n: int,
+def _code_backprops(calls: list[LayerCall], used: list[int], codes: Tensor, n: int,
                     workspace: dict | None = None, allow_fast: bool = True
                     ) -> list[Tensor | None]:
     """The backprops ``b^(k)`` of the ``d`` code coordinates at every used layer output.
@@ -228,7 +228,7 @@ def _code_backprops(calls: list[_Call], used: list[int], codes: Tensor, n: int,
     return backprops
 
 
-def latent_jacobian(calls: list[_Call], codes: Tensor, n: int,
+def latent_jacobian(calls: list[LayerCall], codes: Tensor, n: int,
                     workspace: dict | None = None) -> LatentJacobian:
     """Per-record latent Gram ``G_i = J_i J_iᵀ`` of ``codes [n, d]`` w.r.t. the trainable
     parameters of the captured layer ``calls`` (the graph is kept). ``workspace``: a dict the
@@ -267,7 +267,7 @@ def latent_jacobian(calls: list[_Call], codes: Tensor, n: int,
             gram = gram + _scaled_gram(bb, coef)
             terms += bb.shape[-1] + acts[0].shape[1] + 4
             continue
-        per_k = [_per_sample_grads(call, b[k], n, functorch=False) for k in range(d)]
+        per_k = [per_sample_grads(call, b[k], n, functorch=False) for k in range(d)]
         for p in own:
             rows = torch.stack([g[p].reshape(n, -1) for g in per_k], 1)  # [n, d, P_p]
             materialised[p] = materialised[p] + rows if p in materialised else rows

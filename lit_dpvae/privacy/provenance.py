@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from lit_dpvae.privacy.accounting import PrivacyAccountant
+
 #: Weights this process trained or checkpointed, by fingerprint: the privacy they spent. A later
 #: fit on a copy of them (``load_state_dict``) continues that history (``warm_start``).
 SPENT_WEIGHTS: dict[str, dict[str, Any]] = {}
@@ -100,3 +102,39 @@ def mark_loaded(module: Any, provenance: dict[str, Any] | None) -> None:
     if accountant.steps:
         register_spent(module, {"mechanism": provenance.get("mechanism"),
                                 "accountant": accountant.state_dict()})
+
+
+def mark_trained(module: Any, mechanism: str, accountant: Any) -> None:
+    """``module``'s weights now carry the spend of ``accountant`` (a run in progress): a later
+    fit on them, or ``load_from_checkpoint`` of its checkpoints, continues it."""
+    if isinstance(module, torch.nn.Module):
+        module._lit_dpvae_provenance = {"mechanism": mechanism, "accountant": accountant}
+
+
+def weights_provenance(module: Any) -> tuple[str | None, Any] | None:
+    """``(mechanism, PrivacyAccountant)`` of the privacy ``module``'s weights already spent:
+    from the module itself (trained by this library, or loaded from a checkpoint or export with
+    a privacy state) or from the fingerprint registry (a whole or partial copy of weights this
+    process trained or loaded; parameters from several runs carry every run's spend). None when
+    nothing is known."""
+    provenance = getattr(module, "_lit_dpvae_provenance", None)
+    if provenance and provenance.get("accountant") is not None:
+        return provenance.get("mechanism"), provenance["accountant"]
+    if not isinstance(module, torch.nn.Module) or not SPENT_WEIGHTS:
+        return None
+    known = SPENT_WEIGHTS.get(fingerprint(module))
+    if known is None:  # a partial copy: any parameter equal to a DP-trained one
+        matches = [SPENT_WEIGHTS[k] for k in ("tensor:" + f for f in
+                   tensor_fingerprints(module, trainable_only=False)) if k in SPENT_WEIGHTS]
+        if not matches:
+            return None
+        unique = list({id(r): r for r in matches}.values())
+        history: list = []
+        for r in unique:
+            history = merge_histories(history, r["accountant"]["history"])
+        state = dict(unique[0]["accountant"], history=history, non_private_steps=max(
+            int(r["accountant"].get("non_private_steps", 0)) for r in unique))
+        names = {r["mechanism"] for r in unique}
+        known = {"mechanism": "nonprivate" if "nonprivate" in names else unique[0]["mechanism"],
+                 "accountant": state}
+    return known["mechanism"], PrivacyAccountant.from_state_dict(known["accountant"])

@@ -96,6 +96,18 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def resume_at(self, epoch: int, batches_done: int, epochs_done: int) -> None:
+        """Continue where a run stopped: ``batches_done`` of the current ``epoch`` were taken
+        (Lightning's ``batch_progress.current.ready``), ``epochs_done`` epochs finished. A run
+        that stopped mid-epoch continues with the step after the last completed one; one that
+        took every batch of its epoch continues with the next epoch, never with a replay of
+        this one's Poisson draws (after an end-of-epoch checkpoint Lightning still reports that
+        epoch as current)."""
+        if batches_done >= len(self):
+            epoch = max(epoch, epochs_done)
+        self.set_epoch(epoch)
+        self.start_step = batches_done if 0 < batches_done < len(self) else 0
+
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "seed": self.seed, "sample_rate": self.sample_rate}
 

@@ -1,0 +1,66 @@
+"""What the strategy adds to a Lightning checkpoint, and how weights loaded from one carry its
+privacy spend.
+
+- ``CHECKPOINT_KEY``: the privacy state (accountant, σ, target, secret seeds for a resume);
+- ``MODEL_CLASS_KEY``: the model class, so ``export``/``load_model`` rebuild it;
+- hyper-parameters are scrubbed of record values (``lit_dpvae.hparams``);
+- ``load_from_checkpoint`` of any LightningModule marks the loaded weights with the
+  checkpoint's spend, so a later fit continues it (``warm_start``, docs/privacy.md §4).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lit_dpvae.hparams import scrub_mapping
+from lit_dpvae.privacy.accounting import CHECKPOINT_KEY, provenance_from_checkpoint
+from lit_dpvae.privacy.provenance import mark_loaded
+
+MODEL_CLASS_KEY = "lit_dpvae_model_class"
+
+__all__ = ["CHECKPOINT_KEY", "MODEL_CLASS_KEY", "add_privacy", "mark_loaded_checkpoint"]
+
+
+def add_privacy(checkpoint: dict[str, Any], state: dict[str, Any],
+                module: pl.LightningModule | None) -> None:
+    """Write the privacy state and model class into ``checkpoint``; scrub its
+    hyper-parameters (set after setup, e.g. in on_fit_start)."""
+    checkpoint[CHECKPOINT_KEY] = state
+    for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+        if isinstance(checkpoint.get(key), dict):
+            scrub_mapping(checkpoint[key], owner=key)
+    if module is not None:
+        checkpoint[MODEL_CLASS_KEY] = f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def mark_loaded_checkpoint(module: Any, checkpoint: Any) -> None:
+    """``module``'s weights were just restored from ``checkpoint``: they carry its spend."""
+    if isinstance(checkpoint, dict):
+        mark_loaded(module, provenance_from_checkpoint(checkpoint))
+
+
+def carry_spend_through_load_from_checkpoint() -> None:
+    """Any LightningModule loaded with ``load_from_checkpoint`` from a checkpoint with a privacy
+    state remembers the spend (as ``BaseVAE.on_load_checkpoint`` does for our models), so a later
+    fit continues it, in this process or another. Lightning has no public hook for every module
+    class, so its loader is wrapped (idempotent); if its internals move, BaseVAE's hook and the
+    in-process fingerprints remain (docs/privacy.md §4)."""
+    from lightning.pytorch.core import saving
+
+    original = getattr(saving, "_load_state", None)
+    if original is None or getattr(original, "_lit_dpvae", False):
+        return
+
+    def load_state(cls: Any, checkpoint: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        obj = original(cls, checkpoint, *args, **kwargs)
+        if isinstance(obj, pl.LightningModule):
+            mark_loaded_checkpoint(obj, checkpoint)
+        return obj
+
+    load_state._lit_dpvae = True  # type: ignore[attr-defined]
+    saving._load_state = load_state  # type: ignore[assignment]
+
+
+carry_spend_through_load_from_checkpoint()

@@ -1,0 +1,342 @@
+"""The mechanism interface every gradient mechanism implements (docs/privacy.md §1–2).
+
+A mechanism splits a step into *parts*, one per randomised gradient, and exposes
+
+- ``aggregate(module, batch, comm)`` -> ``{part: {param name: tensor}}``: the pre-noise
+  statistics of the local batch; ``comm`` (:mod:`lit_dpvae.privacy.collectives`) sums raw
+  statistics over processes before a whole part is clipped, and gathers what a part needs from
+  the other ranks, so one code path serves one process and many;
+- ``sensitivity`` -> ``{part: Δ_k}``: an add/remove L2 bound on how far one record moves part k;
+- ``noise_multipliers`` -> ``{part: σ_k}``: part k gets Gaussian noise of std ``σ_k·Δ_k``;
+- ``privatize(stats, expected_batch_size, generator)`` -> the update direction at mean scale.
+
+The accountant sees one subsampled Gaussian mechanism per step with
+``σ_eff = (Σ_k σ_k⁻²)^(-1/2)`` (``noise_multiplier``, set by the privacy budget once the
+sampling is known). A new mechanism subclasses :class:`Mechanism` and registers itself with
+:func:`lit_dpvae.privacy.mechanisms.register_mechanism`; the strategy then accepts its name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from lit_dpvae.privacy import collectives
+from lit_dpvae.privacy.accounting import joint_noise_multiplier
+from lit_dpvae.privacy.collectives import LOCAL, Collectives
+from lit_dpvae.privacy.grad_sample import (
+    check_module,
+    clip_factors,
+    make_clipper,
+    named_trainable,
+    refuse_parameter_hooks,
+    weighted_sum,
+)
+from lit_dpvae.privacy.precision import ieee_fp32
+from lit_dpvae.privacy.probe import probe_record_contract
+from lit_dpvae.privacy.terms import LossTerms, batch_size_of, loss_terms_of
+
+Stats = dict[str, dict[str, Tensor]]
+
+
+def _prepared(aggregate: Callable[..., Stats], ieee: bool) -> Callable[..., Stats]:
+    """Form a mechanism's statistics with its collectives active (``gather_for_batch_terms``)
+    and, where anything is private, under IEEE float32 kernels (no TF32/bf16 input rounding,
+    which would let a clipped contribution exceed its bound; precision.py)."""
+
+    @functools.wraps(aggregate)
+    def wrapped(self: Mechanism, module: nn.Module, batch: Any, comm: Collectives = LOCAL,
+                **kwargs: Any) -> Stats:
+        with contextlib.ExitStack() as stack:
+            if ieee:
+                stack.enter_context(ieee_fp32())
+            stack.enter_context(collectives.active(comm))
+            return aggregate(self, module, batch, comm, **kwargs)
+
+    return wrapped
+
+
+def check_positive(name: str, value: float) -> float:
+    """``value`` as a float, or a ValueError naming the setting."""
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return value
+
+
+def grads_of(loss: Tensor | None, params: dict[str, nn.Parameter], retain: bool) -> dict:
+    """``∇ loss`` for each of ``params`` (zeros where it does not depend on one), detached."""
+    if loss is None or not loss.requires_grad:
+        return {name: torch.zeros_like(p) for name, p in params.items()}
+    grads = torch.autograd.grad(
+        loss, list(params.values()), retain_graph=retain, allow_unused=True
+    )
+    return {
+        name: torch.zeros_like(p) if g is None else g.detach()
+        for (name, p), g in zip(params.items(), grads)
+    }
+
+
+def global_norm(tensors: dict[str, Tensor]) -> Tensor:
+    """L2 norm of a dict of tensors viewed as one vector."""
+    if not tensors:
+        return torch.zeros(())
+    return torch.sqrt(cast(Tensor, sum(t.float().pow(2).sum() for t in tensors.values())))
+
+
+def clip_vector(tensors: dict[str, Tensor], max_norm: float) -> dict[str, Tensor]:
+    """``v · min(1, C / (‖v‖ + 1e-6))`` over the whole dict; a non-finite ``v`` clips to 0."""
+    factor = clip_factors(global_norm(tensors).reshape(1), max_norm)
+    return {name: weighted_sum(factor, t[None]) for name, t in tensors.items()}
+
+
+class Mechanism:
+    """Base class: noise calibration and the update direction; subclasses define the parts.
+
+    Subclass contract: set ``parts`` and ``summed_over_records``, implement ``sensitivity``
+    (with its proof in docs/privacy.md) and ``aggregate(module, batch, comm)`` (start it with
+    ``n = self.start(module, batch, comm)``; ``self.skip(n, comm)`` says whether to return
+    ``self.zeros(module)``); optionally ``noise_multipliers`` (budget shares),
+    ``set_sampling`` and ``balance_warning``. Register it with ``register_mechanism``.
+    """
+
+    #: the registry name (set by ``register_mechanism``; written into checkpoints)
+    name: str = ""
+    #: False only for a mechanism that releases the exact gradient (no ε holds)
+    private: bool = True
+    parts: tuple[str, ...] = ()
+    #: part -> True if the part is a sum over records (divided by B in the update).
+    summed_over_records: dict[str, bool] = {}
+
+    #: form the statistics under IEEE float32 kernels (False only where nothing is private)
+    ieee_statistics = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every mechanism's ``aggregate`` — the shipped ones and any user subclass — runs with
+        its collectives active and, when private, under IEEE float32 kernels (precision.py,
+        docs/privacy.md §7)."""
+        super().__init_subclass__(**kwargs)
+        if "aggregate" in cls.__dict__:
+            ieee = bool(cls.__dict__.get("ieee_statistics", True))
+            cls.aggregate = _prepared(cls.__dict__["aggregate"], ieee)  # type: ignore[method-assign]
+
+    def __init__(self, *, noise_multiplier: float = 0.0, backend: str = "ghost") -> None:
+        self.clipper = make_clipper(backend)
+        self.backend = backend
+        self._checked: nn.Module | None = None
+        self._probed: nn.Module | None = None
+        #: The loss terms of the last batch (for logging by the caller).
+        self.last_terms: LossTerms | None = None
+        self._noise_multiplier = 0.0
+        self.noise_multiplier = noise_multiplier
+
+    # -- noise calibration ----------------------------------------------------------------
+    @property
+    def noise_multiplier(self) -> float:
+        """σ_eff: the accountant's noise multiplier for one step of this mechanism."""
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        value = float(value)
+        if not value >= 0 or math.isnan(value):
+            raise ValueError(f"noise_multiplier must be >= 0, got {value}")
+        self._noise_multiplier = value
+
+    @property
+    def is_private(self) -> bool:
+        """σ is set and positive (a private mechanism is built with σ = 0 until its budget
+        calibrates it: ``private`` says what it will be)."""
+        return self.noise_multiplier > 0
+
+    def set_sampling(self, expected_batch_size: float) -> None:
+        """Called with the public expected batch size ``q·N`` whenever the sampling changes
+        (before the first step and after every change of q or N)."""
+
+    def balance_warning(self, expected_batch_size: float) -> str | None:
+        """A warning to show before training when the noise of one part swamps the update
+        (None: nothing to say)."""
+        return None
+
+    @property
+    def sensitivity(self) -> dict[str, float]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    @property
+    def noise_multipliers(self) -> dict[str, float]:
+        """σ_k per part (noise std of part k is ``σ_k · sensitivity[k]``)."""
+        return {part: self.noise_multiplier for part in self.parts}
+
+    def noise_std(self) -> dict[str, float]:
+        sens = self.sensitivity
+        return {
+            part: 0.0 if sigma == 0 else sigma * sens[part]
+            for part, sigma in self.noise_multipliers.items()
+        }
+
+    # -- statistics -----------------------------------------------------------------------
+    def aggregate(self, module: nn.Module, batch: Any, comm: Collectives = LOCAL) -> Stats:
+        """Pre-noise statistics ``{part: {param name: tensor}}`` of the local ``batch``;
+        ``comm.all_reduce`` is applied to each raw sum before a part is clipped as a whole, so
+        the result is the statistic of the global batch on every rank."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def zeros(self, module: nn.Module) -> Stats:
+        params = named_trainable(module)
+        return {part: {n: torch.zeros_like(p) for n, p in params.items()} for part in self.parts}
+
+    def check(self, module: nn.Module) -> None:
+        """Refuse a module this mechanism cannot train (once per module; cheap afterwards)."""
+        if self._checked is not module:
+            if not callable(getattr(module, "loss_terms", None)):
+                loss_terms_of(module, None)  # raises the contract error
+            if self.is_private:
+                check_module(module)
+            self._checked = module
+
+    def probe_sample_terms(self, module: nn.Module, batch: Any, n: int,
+                           comm: Collectives = LOCAL) -> None:
+        """Once per module, on its first batch of ≥ 2 records (every rank's first batch in a
+        multi-process run): the record-wise contract probe,
+        :func:`lit_dpvae.privacy.probe.probe_record_contract`."""
+        if self._probed is module or not self.is_private:
+            return
+        if n < 2 and not comm.distributed:
+            return
+        probe_record_contract(module, batch, n, collective=comm.distributed)
+        self._probed = module
+
+    def forward_terms(self, module: nn.Module, batch: Any, n: int) -> LossTerms:
+        """The model's validated loss terms of ``batch`` (kept in ``last_terms`` for logging)."""
+        terms = loss_terms_of(module, batch)
+        terms.validate(n)
+        self.last_terms = terms
+        return terms
+
+    def start(self, module: nn.Module, batch: Any, comm: Collectives = LOCAL) -> int:
+        """Checks every ``aggregate`` starts with; returns the number of local records."""
+        self.check(module)
+        if self.is_private:
+            refuse_parameter_hooks(module)
+        n = batch_size_of(batch)
+        self.probe_sample_terms(module, batch, n, comm)
+        return n
+
+    @staticmethod
+    def skip(n: int, comm: Collectives = LOCAL) -> bool:
+        """An empty local batch needs no forward pass, unless other ranks wait on its
+        collectives."""
+        return n == 0 and not comm.distributed
+
+    # -- noise and update -----------------------------------------------------------------
+    def add_noise(self, stats: Stats, generator: torch.Generator | None = None) -> Stats:
+        """Add ``N(0, (σ_k Δ_k)² I)`` to every part, part by part, parameter by parameter.
+
+        The draw order (parts in ``self.parts`` order, parameters in ``named_parameters``
+        order, one ``torch.normal`` each) is the order Opacus' DPOptimizer uses, so with one
+        part and the same generator the noise is identical to Opacus'.
+        """
+        std = self.noise_std()
+        noisy: Stats = {}
+        for part in self.parts:
+            noisy[part] = {}
+            for name, stat in stats[part].items():
+                if std[part] > 0:
+                    noise = torch.normal(
+                        mean=0,
+                        std=std[part],
+                        size=stat.shape,
+                        device=stat.device,
+                        generator=generator,
+                    )
+                    noisy[part][name] = stat + noise
+                else:
+                    noisy[part][name] = stat
+        return noisy
+
+    def combine(self, stats: Stats, expected_batch_size: float) -> dict[str, Tensor]:
+        """The update direction at mean scale: ``Σ_k (part_k / B if summed over records)``."""
+        if not expected_batch_size > 0:
+            raise ValueError(
+                f"expected_batch_size must be > 0 (q·N, public), got {expected_batch_size}"
+            )
+        update: dict[str, Tensor] = {}
+        for part in self.parts:
+            for name, value in stats[part].items():
+                if self.summed_over_records[part]:
+                    value = value / expected_batch_size
+                update[name] = value if name not in update else update[name] + value
+        return update
+
+    def update_noise_std(self, expected_batch_size: float) -> float:
+        """Std of the Gaussian noise in each coordinate of the released update (``privatize``):
+        ``sqrt(Σ_k (s_k σ_k Δ_k)²)``, ``s_k`` = 1/B for parts summed over records, else 1.
+
+        Public (σ_k, Δ_k and B are public), so an optimizer may use it freely, e.g. to remove the
+        noise's share from Adam's second moment (``lit_dpvae.optim.DPAdamBC``).
+        """
+        if not expected_batch_size > 0:
+            raise ValueError(
+                f"expected_batch_size must be > 0 (q·N, public), got {expected_batch_size}"
+            )
+        std = self.noise_std()
+        return math.sqrt(sum(
+            ((1.0 / expected_batch_size if self.summed_over_records[p] else 1.0) * std[p]) ** 2
+            for p in self.parts))
+
+    def privatize(
+        self,
+        stats: Stats,
+        expected_batch_size: float,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Noise every part with its calibrated std and return the update direction.
+
+        Only the combined update ``Σ_k s_k (f_k + N(0, (σ_k Δ_k)² I))`` (``s_k`` = 1/B or 1) is
+        released, and a sum of independent Gaussians is one Gaussian, so one draw of std
+        ``sqrt(Σ_k (s_k σ_k Δ_k)²)`` per parameter has exactly the same distribution as noising
+        each part (``add_noise`` then ``combine``) at half the cost for two parts. With one part
+        both paths draw identically (the Opacus-equivalence test relies on it).
+        """
+        if len(self.parts) == 1:
+            return self.combine(self.add_noise(stats, generator), expected_batch_size)
+        noiseless = self.combine(stats, expected_batch_size)
+        total_std = self.update_noise_std(expected_batch_size)
+        if total_std == 0:
+            return noiseless
+        return {
+            name: value + torch.normal(mean=0, std=total_std, size=value.shape,
+                                       device=value.device, generator=generator)
+            for name, value in noiseless.items()
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(noise_multiplier={self.noise_multiplier:.4g}, "
+            f"sensitivity={self.sensitivity}, backend={self.backend!r})"
+        )
+
+
+
+
+def truncate_batch(batch: Any, n_max: int) -> Any:
+    """The first ``n_max`` records of a batch (every tensor sliced along dim 0)."""
+    if isinstance(batch, Tensor):
+        return batch[:n_max]
+    if isinstance(batch, dict):
+        return {k: truncate_batch(v, n_max) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        items = [truncate_batch(v, n_max) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
+
+
+def effective_noise_multiplier(mechanism: Mechanism) -> float:
+    """σ_eff recomputed from the parts (a check on ``mechanism.noise_multiplier``)."""
+    return joint_noise_multiplier(list(mechanism.noise_multipliers.values()))

@@ -1,0 +1,121 @@
+"""Term-wise DP-SGD (Takahashi et al., arXiv 2006.11204): sample and batch parts, each with its own
+mechanism (docs/privacy.md §2)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import Tensor, nn
+
+from lit_dpvae.privacy.accounting import split_noise_multiplier
+from lit_dpvae.privacy.collectives import LOCAL, Collectives
+from lit_dpvae.privacy.grad_sample import named_trainable
+from lit_dpvae.privacy.mechanisms.base import (
+    Mechanism,
+    Stats,
+    check_positive,
+    clip_vector,
+    grads_of,
+)
+from lit_dpvae.privacy.mechanisms.registry import register_mechanism
+from lit_dpvae.privacy.terms import LossTerms
+
+
+@register_mechanism("termwise")
+class TermwiseDPSGD(Mechanism):
+    """Term-wise DP-SGD (Takahashi et al., arXiv 2006.11204; docs/privacy.md §3.3).
+
+    Two randomised gradients on the same Poisson batch:
+
+    1. sample part ``G_s = Σ_i clip_C(∇ℓ_i) + N(0, σ_s² C² I)``; sensitivity ``C``;
+    2. batch part ``h = ∇ Σ_k λ_k D_k(S)`` as one ordinary gradient (no per-record attribution),
+       ``G_b = clip_{C_b}(h) + N(0, σ_b² (2C_b)² I)``; both clipped vectors lie in the
+       ``C_b``-ball, so the sensitivity is ``2C_b`` whatever the batch size;
+    3. update ``G_s / B + G_b``.
+
+    The pair is one Gaussian mechanism with ``σ_eff = (σ_s⁻² + σ_b⁻²)^(-1/2)``; the share ``γ``
+    (``sample_share``) of the budget spent on the sample part sets ``σ_s = σ_eff/√γ`` and
+    ``σ_b = σ_eff/√(1−γ)``. With ``γ = 1`` there is no batch part and this is exactly DP-SGD.
+    """
+
+    summed_over_records = {"sample": True, "batch": False}
+
+    def __init__(
+        self,
+        *,
+        max_grad_norm: float = 1.0,
+        batch_max_grad_norm: float = 1.0,
+        noise_multiplier: float = 0.0,
+        sample_share: float = 0.5,
+        backend: str = "ghost",
+    ) -> None:
+        self.max_grad_norm = check_positive("max_grad_norm (C)", max_grad_norm)
+        self.batch_max_grad_norm = check_positive("batch_max_grad_norm (C_b)", batch_max_grad_norm)
+        share = float(sample_share)
+        if not 0.0 < share <= 1.0:
+            raise ValueError(
+                f"sample_share γ must be in (0, 1], got {sample_share}: it is the share of the "
+                "privacy budget spent on the sample-wise part (1 = no batch-wise terms)"
+            )
+        self.sample_share = share
+        self.parts = ("sample",) if share == 1.0 else ("sample", "batch")
+        super().__init__(noise_multiplier=noise_multiplier, backend=backend)
+
+    @property
+    def sensitivity(self) -> dict[str, float]:
+        sens = {"sample": self.max_grad_norm, "batch": 2.0 * self.batch_max_grad_norm}
+        return {part: sens[part] for part in self.parts}
+
+    @property
+    def noise_multipliers(self) -> dict[str, float]:
+        sigma_s, sigma_b = split_noise_multiplier(self.noise_multiplier, self.sample_share)
+        sigmas = {"sample": sigma_s, "batch": sigma_b}
+        return {part: sigmas[part] for part in self.parts}
+
+    def balance_warning(self, expected_batch_size: float) -> str | None:
+        """The batch part's noise swamps the update when ``σ_b·2C_b ≫ σ_s·C/B``."""
+        if "batch" not in self.parts:
+            return None
+        std = self.noise_std()
+        sample_std = std["sample"] / expected_batch_size
+        if not std["batch"] > 10 * sample_std:
+            return None
+        return (
+            f"the batch-wise part's noise (std {std['batch']:.3g} per coordinate) is "
+            f"{std['batch'] / sample_std:.0f}x the sample-wise part's ({sample_std:.3g}): the "
+            "divergence gradient is released at the scale of one clipped vector, not divided "
+            "by B. Lower batch_max_grad_norm (C_b) or raise sample_share (γ) unless the "
+            "divergence needs that weight.")
+
+    def aggregate(self, module: nn.Module, batch: Any, comm: Collectives = LOCAL) -> Stats:
+        n = self.start(module, batch, comm)
+        if self.skip(n, comm):
+            return {part: comm.all_reduce(v) for part, v in self.zeros(module).items()}
+        params = named_trainable(module)
+
+        def run() -> tuple[Tensor, LossTerms]:
+            terms = self.forward_terms(module, batch, n)
+            if terms.batch and "batch" not in self.parts:
+                raise ValueError(
+                    f"the model has batch-wise terms {sorted(terms.batch)} but sample_share=1 "
+                    "leaves no budget for them: set sample_share < 1 (e.g. 0.5)"
+                )
+            if not terms.batch and "batch" in self.parts:
+                raise ValueError(
+                    "the model has no batch-wise terms, so the batch part would only burn budget: "
+                    "set sample_share=1 (term-wise DP-SGD is then exactly DP-SGD)"
+                )
+            per_record = terms.per_record()
+            if per_record is None:
+                raise ValueError("term-wise DP-SGD needs at least one sample-wise term")
+            return per_record.sum(), terms
+
+        sample, _, terms = self.clipper.clipped_sum(module, run, self.max_grad_norm, n)
+        stats: Stats = {"sample": comm.all_reduce(sample)}
+        if "batch" in self.parts:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                h = grads_of(terms.batch_total(), params, retain=False)
+            stats["batch"] = clip_vector(comm.all_reduce(h), self.batch_max_grad_norm)
+        return stats
