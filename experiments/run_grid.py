@@ -186,12 +186,12 @@ CURVE_METRICS = ["neg_elbo", "latent_mmd", "fid", "precision", "recall", "hoyer"
 # --------------------------------------------------------------------------------------------
 def cells_of(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """The cells of a grid; nonprivate cells carry ε = inf and are not repeated over ε."""
-    from lit_dpvae.strategy import MECHANISMS
+    from lit_dpvae.privacy.mechanisms import mechanism_names
 
     out = []
     for pairing in spec["pairings"]:
         for mech in spec["mechanisms"]:
-            if mech not in MECHANISMS:
+            if mech not in mechanism_names():
                 print(f"[grid] skipping mechanism {mech!r}: not supported by the strategy yet",
                       flush=True)
                 continue

@@ -16,11 +16,51 @@ import lightning.pytorch as pl
 
 from lit_dpvae.hparams import scrub_mapping
 from lit_dpvae.privacy.accounting import CHECKPOINT_KEY, provenance_from_checkpoint
-from lit_dpvae.privacy.provenance import mark_loaded
+from lit_dpvae.privacy.budget import PrivacyConfigError
+from lit_dpvae.privacy.provenance import mark_loaded, weights_provenance
+from lit_dpvae.privacy.rng import rng_state
 
 MODEL_CLASS_KEY = "lit_dpvae_model_class"
 
-__all__ = ["CHECKPOINT_KEY", "MODEL_CLASS_KEY", "add_privacy", "mark_loaded_checkpoint"]
+__all__ = ["CHECKPOINT_KEY", "MODEL_CLASS_KEY", "add_privacy", "mark_loaded_checkpoint",
+           "restored_privacy", "spend_of_weights"]
+
+
+def restored_privacy(checkpoint: dict[str, Any], path: Any, mechanism: str,
+                     private: bool) -> dict[str, Any] | None:
+    """The privacy state a resume from ``checkpoint`` continues (None: nothing was spent, a
+    fresh run). Refuses a checkpoint of another mechanism, and a trained checkpoint without a
+    privacy state for a private run (its spend is unknown)."""
+    state = checkpoint.get(CHECKPOINT_KEY)
+    if state is None:
+        if private and checkpoint.get("global_step", 0) > 0:
+            raise PrivacyConfigError(
+                f"{path} has no privacy state: it was not written by TermwiseDPStrategy, so "
+                "the privacy already spent on it is unknown. Start from scratch, or from a "
+                "checkpoint written by this strategy.")
+        return None
+    if state["mechanism"] != mechanism:
+        raise PrivacyConfigError(
+            f"checkpoint was trained with mechanism={state['mechanism']!r}, this run uses "
+            f"{mechanism!r}: resume with the same mechanism")
+    spent = state["noise_generator"] is not None or state["accountant"].get("history") \
+        or state["accountant"].get("non_private_steps")
+    return state if spent else None
+
+
+def spend_of_weights(module: Any, budget_state: dict[str, Any]) -> dict[str, Any] | None:
+    """The privacy state to checkpoint for weights a strategy never trained (validate/test,
+    then save): the spend they already carry, with the σ of their last private step (for a
+    resume). None when they carry none."""
+    found = weights_provenance(module)
+    if found is None or not found[1].steps:
+        return None
+    mechanism, spent = found
+    history = spent.history
+    return {**budget_state, "rng": rng_state(), "mechanism": mechanism,
+            "noise_multiplier": float(history[-1][0]) if history else 0.0,
+            "accountant": spent.state_dict(), "noise_generator": None, "sampler_seed": None,
+            "epsilon": spent.get_epsilon(budget_state["target_delta"])}
 
 
 def add_privacy(checkpoint: dict[str, Any], state: dict[str, Any],

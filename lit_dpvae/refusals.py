@@ -1,5 +1,5 @@
 """Trainer settings that would silently break the privacy guarantee, refused together before
-the first step (docs/refusals.md)."""
+the first step (docs/refusals.md), and the step count a fit plans its budget for."""
 
 from __future__ import annotations
 
@@ -37,3 +37,18 @@ def refuse_unsafe_trainer(trainer: pl.Trainer, precision_plugin: Any) -> None:
     if problems:
         raise PrivacyConfigError(
             "TermwiseDPStrategy refuses this configuration:\n  - " + "\n  - ".join(problems))
+
+
+def planned_steps(trainer: pl.Trainer, steps_per_epoch: int) -> int:
+    """The steps a fit will take (``max_steps``, else ``max_epochs`` × limited epoch length)."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    if trainer.max_epochs is None or trainer.max_epochs < 0:
+        raise PrivacyConfigError(
+            "cannot plan the privacy budget of an unbounded run: set max_steps or max_epochs")
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        steps_per_epoch = min(steps_per_epoch, limit)
+    elif limit is not None and limit < 1.0:
+        steps_per_epoch = max(1, int(steps_per_epoch * limit))
+    return int(trainer.max_epochs) * steps_per_epoch

@@ -92,16 +92,16 @@ def test_a_stop_rule_step_count_is_never_reused_for_another_sample_rate():
     strategy = _budgeted()
     strategy.mechanism.noise_multiplier = 3.0
     loader = poisson_dataloader(ToyData(n=200).data, 0.05, seed=1)
-    strategy._sampler = loader.batch_sampler
-    strategy._read_sampling(announce=False)
-    budget = strategy.budget
-    assert not budget.next_step_exceeds(3.0, strategy.sample_rate)
+    run, budget = strategy.run, strategy.budget
+    run.sampler = loader.batch_sampler
+    run.read_sampling(announce=False)
+    assert not budget.next_step_exceeds(3.0, run.sample_rate)
     stop_small_q = budget.stop_at
     loader.batch_sampler.sample_rate = 0.9
     with pytest.warns(UserWarning, match="sample rate changed"):
-        strategy._read_sampling(announce=True)
-    assert strategy.sample_rate == 0.9
-    assert not budget.next_step_exceeds(3.0, strategy.sample_rate)
+        run.read_sampling(announce=True)
+    assert run.sample_rate == 0.9
+    assert not budget.next_step_exceeds(3.0, run.sample_rate)
     assert budget.stop_at < stop_small_q
 
 
@@ -197,7 +197,7 @@ def test_validate_then_save_keeps_the_privacy_state(tmp_path):
     checker = _trainer(fresh, tmp_path, max_steps=8, max_epochs=None, limit_val_batches=1)
     model = ToyLitVAE()
     checker.strategy._lightning_module = model
-    checker.strategy.restored = None
+    checker.strategy.run.restored = None
     state = torch.load(tmp_path / "dp.ckpt", weights_only=False)
     fresh.load_checkpoint(tmp_path / "dp.ckpt")
     assert fresh.restored is not None

@@ -17,7 +17,8 @@ import warnings
 from typing import Any
 
 from lit_dpvae.privacy.accounting import PrivacyAccountant, check_budget
-from lit_dpvae.privacy.provenance import merge_histories
+from lit_dpvae.privacy.collectives import Collectives
+from lit_dpvae.privacy.provenance import merge_histories, weights_provenance
 
 
 class PrivacyConfigError(ValueError):
@@ -195,6 +196,34 @@ class PrivacyBudget:
         self.accountant.load_state_dict(state)
         self._plan = None
         return True
+
+    def warm_start(self, module: Any, policy: str, comm: Collectives) -> str | None:
+        """Weights that already carry a privacy spend (``weights_provenance``) continue it in
+        this accountant (``policy="carry"``) or are declared public (``"public"``). Multi-process
+        runs take rank 0's answer (the ranks' in-process registries may differ). Returns the
+        warning to show, if any."""
+        found = weights_provenance(module)
+        if comm.distributed:
+            payload = None if found is None else (found[0], found[1].state_dict(),
+                                                  found[1] is self.accountant)
+            payload = comm.broadcast_object(payload)
+            if payload is None or payload[2]:
+                return None
+            found = (payload[0], PrivacyAccountant.from_state_dict(payload[1]))
+        if found is None or found[1] is self.accountant:
+            return None
+        mechanism, spent = found
+        if policy == "public":
+            return (f"the model's weights carry {spent.steps} earlier training steps "
+                    f"(mechanism={mechanism!r}); warm_start='public' ignores them: the reported "
+                    "ε covers this run only, which is right only if those steps used public "
+                    "data (or are accounted elsewhere).")
+        if not self.carry(mechanism, spent):
+            return None
+        return (f"warm start: the model's weights already spent ε={self.epsilon():.4g} "
+                f"(δ={self.target_delta}) over {self.accountant.steps} steps; this run continues "
+                "that accountant (warm_start='carry'), so σ is calibrated for what is left of "
+                f"target_epsilon={self.target_epsilon}.")
 
     def replan(self) -> None:
         """Forget the stop rule's plan (the sampling or σ changed)."""
