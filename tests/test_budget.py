@@ -4,6 +4,8 @@ and no continuation silently resets, raises or replays the privacy state."""
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -332,3 +334,32 @@ def test_a_checkpoint_saved_after_loading_dp_weights_resumes_with_their_sigma(tm
     _trainer(resumed, tmp_path, max_steps=8, max_epochs=None).fit(
         ToyLitVAE(), ToyData(n=200), ckpt_path=str(tmp_path / "b.ckpt"))
     assert resumed.accountant.steps == 8 and resumed.mechanism.noise_multiplier == 3.0
+
+
+def test_a_resume_does_not_mark_the_initial_weights_as_trained(tmp_path):
+    """Lightning calls on_load_checkpoint before it loads the weights: fingerprinting them
+    there registered the *initial* values as spent, so any fresh model of the same seed then
+    looked warm-started (found by a helper's full-suite run: test order changed ε)."""
+    from lit_dpvae.data import DigitsDataModule
+    from lit_dpvae.models import InfoVAE
+
+    def model():
+        torch.manual_seed(0)
+        return InfoVAE(data_shape=(1, 8, 8), latent_dim=2, hidden=(8,), lam=1.0,
+                       n_prior_samples=8)
+
+    first = _budgeted(noise_multiplier=1.5, target_delta=1e-5)
+    trainer = _trainer(first, tmp_path, max_steps=2, max_epochs=None)
+    trainer.fit(model(), DigitsDataModule(batch_size=200, seed=1))
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    resumed = _budgeted(noise_multiplier=1.5, target_delta=1e-5)
+    _trainer(resumed, tmp_path, max_steps=4, max_epochs=None).fit(
+        model(), DigitsDataModule(batch_size=200, seed=1), ckpt_path=tmp_path / "a.ckpt")
+    assert resumed.accountant.steps == 4
+    type(model()).load_from_checkpoint(tmp_path / "a.ckpt")  # the other loader
+    fresh = _budgeted(noise_multiplier=1.5, target_delta=1e-5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="warm start")
+        _trainer(fresh, tmp_path, max_steps=2, max_epochs=None).fit(
+            model(), DigitsDataModule(batch_size=200, seed=1))
+    assert fresh.accountant.steps == 2

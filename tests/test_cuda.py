@@ -17,8 +17,7 @@ import torch
 from lit_dpvae.privacy import TermwiseDPSGD
 from lit_dpvae.strategy import TermwiseDPStrategy
 from tests.lightning_toys import ToyData, ToyLitVAE
-from tests.privacy.test_mechanisms import _diff_norms, _neighbours
-from tests.privacy.toys import make_toy, per_record_oracle
+from tests.privacy.toys import diff_norms, make_toy, neighbours, per_record_oracle
 
 DEVICE = torch.device(os.environ.get("LIT_DPVAE_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
@@ -88,8 +87,8 @@ def test_sensitivity_holds_under_reduced_precision(kind, tensor_cores):
     mech = TermwiseDPSGD(max_grad_norm=0.7, batch_max_grad_norm=0.3, noise_multiplier=1.0)
     rng = torch.Generator().manual_seed(2)
     worst = {part: 0.0 for part in mech.parts}
-    for s, s_plus in _neighbours(shape, rng):
-        for part, d in _diff_norms(mech, model, s.to(DEVICE), s_plus.to(DEVICE)).items():
+    for s, s_plus in neighbours(shape, rng):
+        for part, d in diff_norms(mech, model, s.to(DEVICE), s_plus.to(DEVICE)).items():
             assert math.isfinite(d)
             worst[part] = max(worst[part], d)
             assert d <= mech.sensitivity[part] * (1 + 1e-5), (part, d, mech.sensitivity)

@@ -312,7 +312,9 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         they already spent, so a later ``fit`` continues that accountant instead of starting
         ε at 0 (``TermwiseDPStrategy(warm_start=...)``)."""
         super().on_load_checkpoint(checkpoint)
-        mark_loaded(self, provenance_from_checkpoint(checkpoint))
+        # Called before the weights are loaded: the loaders fingerprint them afterwards
+        # (DPStrategy.load_model_state_dict, the load_from_checkpoint wrap, load_model).
+        mark_loaded(self, provenance_from_checkpoint(checkpoint), loaded=False)
 
     @torch.no_grad()
     def sample(self, n: int, labels: Tensor | Sequence[int] | None = None) -> Tensor:

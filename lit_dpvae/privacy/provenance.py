@@ -91,15 +91,18 @@ def register_spent(module: torch.nn.Module, record: dict[str, Any],
             SPENT_WEIGHTS["tensor:" + key] = record
 
 
-def mark_loaded(module: Any, provenance: dict[str, Any] | None) -> None:
-    """Weights just loaded from a checkpoint with a privacy state: the module remembers the spend,
-    and copies of these weights are recognised too (``register_spent``)."""
+def mark_loaded(module: Any, provenance: dict[str, Any] | None, loaded: bool = True) -> None:
+    """Weights loaded from a checkpoint with a privacy state: the module remembers the spend,
+    and copies of these weights are recognised too (``register_spent``). ``loaded=False``:
+    the weights are about to be loaded (Lightning's ``on_load_checkpoint`` runs *before*
+    ``load_state_dict``), so only the module is marked: fingerprinting its current (initial)
+    values would make every fresh model of that initialisation look trained."""
     if provenance is None or not isinstance(module, torch.nn.Module):
         return
     if getattr(module, "_lit_dpvae_provenance", None) is None:
         module._lit_dpvae_provenance = provenance
     accountant = provenance["accountant"]
-    if accountant.steps:
+    if loaded and accountant.steps:
         register_spent(module, {"mechanism": provenance.get("mechanism"),
                                 "accountant": accountant.state_dict()})
 

@@ -30,14 +30,14 @@ from tests.privacy.adversarial_toys import (
     VampToy,
     cancelling_records,
 )
-from tests.privacy.test_mechanisms import REL_TOL, _diff_norms, _neighbours
-from tests.privacy.toys import ToyVAE, per_record_oracle
+from tests.privacy.test_mechanisms import REL_TOL
+from tests.privacy.toys import ToyVAE, diff_norms, neighbours, per_record_oracle
 
 
 def _worst_change(mech, model, cases) -> dict[str, float]:
     worst = {part: 0.0 for part in mech.parts}
     for s, s_plus in cases:
-        for part, d in _diff_norms(mech, model, s, s_plus).items():
+        for part, d in diff_norms(mech, model, s, s_plus).items():
             assert math.isfinite(d)
             worst[part] = max(worst[part], d)
     return worst
@@ -66,7 +66,7 @@ def test_odd_input_shapes_and_parent_layers_are_clipped_per_record(kind, backend
                  NaiveDPSGD(max_grad_norm=c, max_batch_size=3, expected_batch_size=3,
                             noise_multiplier=1.0, backend=backend)):
         rng = torch.Generator().manual_seed(1)
-        worst = _worst_change(mech, model, _neighbours(shape, rng))
+        worst = _worst_change(mech, model, neighbours(shape, rng))
         part = mech.parts[0]
         assert 0 < worst[part] <= mech.sensitivity[part] * (1 + REL_TOL), worst
 
@@ -81,12 +81,12 @@ def test_cancelling_sequence_rows_are_still_clipped(backend):
     c = 1.0
     mech = TermwiseDPSGD(max_grad_norm=c, noise_multiplier=1.0, sample_share=1.0,
                          backend=backend)
-    d = _diff_norms(mech, model, s, torch.cat([s, x]))["sample"]
+    d = diff_norms(mech, model, s, torch.cat([s, x]))["sample"]
     assert 0.5 * c < d <= c * (1 + REL_TOL), d
     # naive DP-SGD clips the same attributions: with n_max = 1 its bound is 2C
     naive = NaiveDPSGD(max_grad_norm=c, max_batch_size=1, expected_batch_size=1,
                        noise_multiplier=1.0, backend=backend)
-    d = _diff_norms(naive, model, x[:0], x)["total"]
+    d = diff_norms(naive, model, x[:0], x)["total"]
     assert 0.5 * c < d <= c * (1 + REL_TOL), d
 
 
@@ -98,7 +98,7 @@ def test_linear_subclass_parameters_are_clipped_in_both_parts(backend):
     mech = PairwiseDPSGD(max_grad_norm=0.5, pair_max_grad_norm=c_p, noise_multiplier=1.0,
                          sample_share=0.5, backend=backend)
     rng = torch.Generator().manual_seed(3)
-    worst = _worst_change(mech, model, _neighbours((6,), rng))
+    worst = _worst_change(mech, model, neighbours((6,), rng))
     assert worst["pairwise"] > 0 and worst["sample"] > 0, worst
     assert worst["pairwise"] <= mech.sensitivity["pairwise"] * (1 + REL_TOL), worst
     assert worst["sample"] <= mech.sensitivity["sample"] * (1 + REL_TOL), worst
@@ -129,7 +129,7 @@ def test_duplicate_codes_with_large_means_stay_within_the_pairwise_bound(d_z, di
     for n in (8, 79, 160):
         s = record.repeat(n, 1)
         for x in (record, record + 1e-3, torch.randn(1, 6, generator=rng)):
-            d = _diff_norms(mech, model, s, torch.cat([s, x]))["pairwise"]
+            d = diff_norms(mech, model, s, torch.cat([s, x]))["pairwise"]
             worst = max(worst, d)
             assert d <= mech.sensitivity["pairwise"] * (1 + REL_TOL), (n, d)
     assert worst > 0
@@ -223,7 +223,7 @@ def test_layers_that_only_look_like_nn_linear_are_clipped_or_refused(kind, backe
         cases = [(s, torch.cat([s, torch.full((1, 64), 2.5e-23)]))]
     else:
         model = _WeightNormVAE() if kind == "weight_norm" else _HookedVAE()
-        cases = _neighbours((6,), torch.Generator().manual_seed(2))
+        cases = neighbours((6,), torch.Generator().manual_seed(2))
     try:
         worst = _worst_change(mech, model, cases)["sample"]
     except (AttributionError, RuntimeError, AttributeError):
@@ -329,13 +329,13 @@ def test_instance_level_forwards_and_parameter_hooks(backend):
     _instance_forward(model, model.dec, 1000.0)
     mech = TermwiseDPSGD(max_grad_norm=1e-3, noise_multiplier=1.0, sample_share=1.0,
                          backend=backend)
-    worst = _worst_change(mech, model, _neighbours((6,), torch.Generator().manual_seed(5)))
+    worst = _worst_change(mech, model, neighbours((6,), torch.Generator().manual_seed(5)))
     assert worst["sample"] <= 1e-3 * (1 + REL_TOL), worst
     pair = LoRAEncoderVAE(lam=50.0)
     _instance_forward(pair, pair.body, 30.0)
     mech = PairwiseDPSGD(max_grad_norm=0.5, pair_max_grad_norm=1e-2, noise_multiplier=1.0,
                          sample_share=0.5, backend=backend)
-    worst = _worst_change(mech, pair, _neighbours((6,), torch.Generator().manual_seed(6)))
+    worst = _worst_change(mech, pair, neighbours((6,), torch.Generator().manual_seed(6)))
     for part in mech.parts:
         assert worst[part] <= mech.sensitivity[part] * (1 + REL_TOL), worst
     hooked = ParentVAE()

@@ -19,43 +19,18 @@ from lit_dpvae.privacy import (
     global_norm,
 )
 from lit_dpvae.privacy.grad_sample import UnsupportedModuleError
-from tests.privacy.toys import MeanCoupled, ToyVAE, make_toy, per_record_oracle
+from tests.privacy.toys import (
+    MeanCoupled,
+    ToyVAE,
+    diff_norms,
+    make_toy,
+    neighbours,
+    per_record_oracle,
+)
 
 KINDS = ("mlp", "mlp-k3", "conv")
 # Float32 rounding: a clipped vector may exceed its bound by a few ulps.
 REL_TOL = 1e-5
-
-
-def _diff_norms(mech, model, batch_a, batch_b) -> dict[str, float]:
-    a, b = mech.aggregate(model, (batch_a,)), mech.aggregate(model, (batch_b,))
-    return {
-        part: float(global_norm({k: a[part][k] - b[part][k] for k in a[part]}))
-        for part in mech.parts
-    }
-
-
-def _neighbours(shape, rng: torch.Generator, n_max_records: int = 9):
-    """Random and adversarial neighbouring pairs (S, S ∪ {x}), x inserted at a random position."""
-    cases = []
-    for trial in range(14):
-        n = int(torch.randint(0, n_max_records, (1,), generator=rng))
-        s = torch.randn(n, *shape, generator=rng)
-        kind = trial % 7
-        if kind == 0 or n == 0:
-            x = torch.randn(1, *shape, generator=rng)  # random record (alone when n = 0)
-        elif kind == 1:
-            x = 1e6 * torch.randn(1, *shape, generator=rng)  # huge values
-        elif kind == 2:
-            x = s[:1].clone()  # duplicate of a record already in S
-        elif kind == 3:
-            x = -1e3 * torch.ones(1, *shape)  # constant extreme record
-        elif kind == 4:
-            x = torch.full((1, *shape), 1e15)  # gradients near float32 overflow
-        else:
-            x = 10 * torch.randn(1, *shape, generator=rng)
-        pos = int(torch.randint(0, n + 1, (1,), generator=rng))
-        cases.append((s, torch.cat([s[:pos], x, s[pos:]])))
-    return cases
 
 
 MECHANISMS = {
@@ -80,8 +55,8 @@ def test_sensitivity_holds_on_neighbouring_batches(kind, backend, mech_name):
     mech = MECHANISMS[mech_name](backend)
     rng = torch.Generator().manual_seed(hash((kind, backend, mech_name)) % 2**31)
     worst = {part: 0.0 for part in mech.parts}
-    for s, s_plus in _neighbours(shape, rng):
-        for part, d in _diff_norms(mech, model, s, s_plus).items():
+    for s, s_plus in neighbours(shape, rng):
+        for part, d in diff_norms(mech, model, s, s_plus).items():
             assert math.isfinite(d)
             worst[part] = max(worst[part], d)
             assert d <= mech.sensitivity[part] * (1 + REL_TOL), (part, d, mech.sensitivity)
@@ -114,8 +89,8 @@ def test_sensitivity_holds_with_blocked_two_pass_conv_gradients(mech_name, monke
     mech = MECHANISMS[mech_name]("ghost")
     rng = torch.Generator().manual_seed(17)
     worst = 0.0
-    for s, s_plus in _neighbours(shape, rng):
-        d = _diff_norms(mech, model, s, s_plus)["sample"]
+    for s, s_plus in neighbours(shape, rng):
+        d = diff_norms(mech, model, s, s_plus)["sample"]
         assert math.isfinite(d) and d <= mech.sensitivity["sample"] * (1 + REL_TOL)
         worst = max(worst, d)
     assert worst > 0
@@ -173,9 +148,9 @@ def test_naive_bound_grows_with_batch_size_and_termwise_does_not():
         mean_proj = float(model.enc(s).detach().mean(0).sum())
         x = -torch.sign(torch.tensor(mean_proj)) * 1e3 * n * direction[None, :]
         s_plus = torch.cat([s, x])
-        observed[n] = _diff_norms(nv, model, s, s_plus)["total"]
+        observed[n] = diff_norms(nv, model, s, s_plus)["total"]
         assert observed[n] <= nv.sensitivity["total"] * (1 + REL_TOL)
-        d = _diff_norms(tw, model, s, s_plus)
+        d = diff_norms(tw, model, s, s_plus)
         assert d["sample"] <= c * (1 + REL_TOL) and d["batch"] <= 2 * c * (1 + REL_TOL)
     assert observed[4] > 2 * c  # already beyond what "clip each record to C" would claim
     assert observed[32] > 4 * observed[4]  # and it grows with the batch size

@@ -23,8 +23,8 @@ from lit_dpvae.privacy import (
     global_norm,
     joint_noise_multiplier,
 )
-from tests.privacy.test_mechanisms import REL_TOL, _diff_norms, _neighbours
-from tests.privacy.toys import coupling_divergence
+from tests.privacy.test_mechanisms import REL_TOL
+from tests.privacy.toys import coupling_divergence, diff_norms, neighbours
 
 KINDS = ("mlp", "mlp-k3", "conv")
 DIVS = {
@@ -101,8 +101,8 @@ def test_sensitivity_holds_on_neighbouring_batches(kind, div, c_p):
     mech = _mech(c_p, opaque=(div == "mmd"))
     rng = torch.Generator().manual_seed(hash((kind, div, c_p)) % 2**31)
     worst = {part: 0.0 for part in mech.parts}
-    for s, s_plus in _neighbours(model.shape, rng):
-        for part, d in _diff_norms(mech, model, s, s_plus).items():
+    for s, s_plus in neighbours(model.shape, rng):
+        for part, d in diff_norms(mech, model, s, s_plus).items():
             assert math.isfinite(d)
             worst[part] = max(worst[part], d)
             assert d <= mech.sensitivity[part] * (1 + REL_TOL), (part, d, mech.sensitivity)
@@ -115,8 +115,8 @@ def test_sensitivity_with_every_sample_backend(backend):
     model = PairToy("mlp", "mmd", opaque=True)
     mech = _mech(0.05, opaque=True, backend=backend)
     rng = torch.Generator().manual_seed(11)
-    for s, s_plus in _neighbours(model.shape, rng)[:7]:
-        for part, d in _diff_norms(mech, model, s, s_plus).items():
+    for s, s_plus in neighbours(model.shape, rng)[:7]:
+        for part, d in diff_norms(mech, model, s, s_plus).items():
             assert d <= mech.sensitivity[part] * (1 + REL_TOL)
 
 
@@ -133,7 +133,7 @@ def test_bound_does_not_grow_with_batch_size():
         worst = 0.0
         for x in (1e3 * torch.randn(1, 6, generator=rng), s[:1].clone(), s[:1] + 1e-3,
                   -s.mean(0, keepdim=True) * 50):
-            d = _diff_norms(mech, model, s, torch.cat([s, x]))["pairwise"]
+            d = diff_norms(mech, model, s, torch.cat([s, x]))["pairwise"]
             assert d <= 8 * c_p * (1 + REL_TOL), (n, d)
             worst = max(worst, d)
         observed[n] = worst

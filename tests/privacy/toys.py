@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lit_dpvae.privacy import LossTerms
+from lit_dpvae.privacy import LossTerms, global_norm
 
 
 def coupling_divergence(z: Tensor) -> Tensor:
@@ -115,3 +115,36 @@ class MeanCoupled(nn.Module):
         recon = (self.dec(mu) - x).pow(2).sum(-1)
         div = self.lam * mu.mean(0).sum().pow(2) if len(x) else mu.sum()
         return LossTerms(sample={"recon": recon}, batch={"div": div})
+
+
+def diff_norms(mech, model, batch_a, batch_b) -> dict[str, float]:
+    """Per-part L2 distance between the statistics of two batches."""
+    a, b = mech.aggregate(model, (batch_a,)), mech.aggregate(model, (batch_b,))
+    return {
+        part: float(global_norm({k: a[part][k] - b[part][k] for k in a[part]}))
+        for part in mech.parts
+    }
+
+
+def neighbours(shape, rng: torch.Generator, n_max_records: int = 9):
+    """Random and adversarial neighbouring pairs (S, S ∪ {x}), x inserted at a random position."""
+    cases = []
+    for trial in range(14):
+        n = int(torch.randint(0, n_max_records, (1,), generator=rng))
+        s = torch.randn(n, *shape, generator=rng)
+        kind = trial % 7
+        if kind == 0 or n == 0:
+            x = torch.randn(1, *shape, generator=rng)  # random record (alone when n = 0)
+        elif kind == 1:
+            x = 1e6 * torch.randn(1, *shape, generator=rng)  # huge values
+        elif kind == 2:
+            x = s[:1].clone()  # duplicate of a record already in S
+        elif kind == 3:
+            x = -1e3 * torch.ones(1, *shape)  # constant extreme record
+        elif kind == 4:
+            x = torch.full((1, *shape), 1e15)  # gradients near float32 overflow
+        else:
+            x = 10 * torch.randn(1, *shape, generator=rng)
+        pos = int(torch.randint(0, n + 1, (1,), generator=rng))
+        cases.append((s, torch.cat([s[:pos], x, s[pos:]])))
+    return cases
