@@ -1,12 +1,10 @@
 """The audit itself: ``T`` white-box trials of one setup (``run_audit``), its one-line summary
-(``format_result``) and the command line's loop over setups (``audit_main``)."""
+(``format_result``) and the command line's loop over setups (``run_audits``)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -115,42 +113,30 @@ def format_result(r: dict[str, Any]) -> str:
             f"(claimed <= {1 / r['sigma_eff']:.3f}) | {r['seconds']:.1f}s | {verdict}")
 
 
-def audit_main(argv: list[str]) -> None:
-    """``audit``: run one or all setups and print ε_lb next to the accountant's ε."""
-    parser = argparse.ArgumentParser(
-        prog="python -m lit_dpvae audit",
-        description="Canary-based one-step white-box audit: a lower bound on epsilon.")
-    parser.add_argument("--config", help="YAML file with AuditConfig keys (flags override it)")
-    parser.add_argument("--out", help="write the results as JSON")
-    defaults = AuditConfig()
-    for f in fields(AuditConfig):
-        kind = type(getattr(defaults, f.name))
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
-                            help=f"default {getattr(defaults, f.name)}"
-                            + (f"; one of {SETUPS} or 'all'" if f.name == "setup" else ""))
-    args = parser.parse_args(argv)
-    values: dict[str, Any] = {}
-    if args.config:
-        import yaml
-
-        values.update(yaml.safe_load(Path(args.config).read_text()) or {})
-        unknown = set(values) - {f.name for f in fields(AuditConfig)}
-        if unknown:
-            parser.error(f"unknown keys in {args.config}: {sorted(unknown)}")
-    values.update({k: v for k, v in vars(args).items()
-                   if k not in ("config", "out") and v is not None})
-    torch.set_num_threads(1)
-    setups = SETUPS if values.get("setup", defaults.setup) == "all" else (None,)
+def run_audits(values: dict[str, Any], out: str | Path | None = None) -> list[dict[str, Any]]:
+    """Audit ``AuditConfig(**values)``, or every setup of ``SETUPS`` for ``setup="all"``: prints
+    one line per setup, writes the results as JSON to ``out`` and warns if an honest mechanism's
+    lower bound exceeds its claimed ε (what ``python -m lit_dpvae audit`` runs)."""
+    setups = SETUPS if values.get("setup", AuditConfig().setup) == "all" else (None,)
     results = []
     for setup in setups:
         cfg = AuditConfig(**{**values, **({"setup": setup} if setup else {})})
         results.append(run_audit(cfg))
         print(format_result(results[-1]), flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2))
     if any(r["setup"] != "claimed-o1" and r["violation"] for r in results):
         print("WARNING: an honest mechanism's lower bound exceeds its claimed epsilon", flush=True)
+    return results
 
 
-__all__ = ["audit_main", "format_result", "run_audit"]
+def audit_main(argv: list[str]) -> None:
+    """``python -m lit_dpvae audit`` with the arguments ``argv``; its parser lives with the other
+    subcommands in ``lit_dpvae.cli``."""
+    from lit_dpvae.cli import audit_main as cli_audit_main
+
+    cli_audit_main(argv)
+
+
+__all__ = ["audit_main", "format_result", "run_audit", "run_audits"]
