@@ -73,3 +73,29 @@ def test_fit_then_sample_writes_a_labelled_synthetic_dataset(tmp_path, monkeypat
     assert data["x"].shape == (25, 1, 8, 8)
     assert np.isfinite(data["x"]).all() and data["x"].min() >= 0 and data["x"].max() <= 1
     assert sorted(set(data["y"].tolist())) == list(range(10))
+
+
+def test_help_lists_lightning_and_own_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("fit", "validate", "test"):
+        assert f"\n    {name} " in out
+    for name in ("sample", "export", "audit"):
+        assert f"\n  {name} " in out, name
+    assert "Canary-based one-step white-box audit" in out
+
+
+def test_audit_parser_has_a_flag_per_config_field(capsys):
+    from dataclasses import fields
+
+    from lit_dpvae.audit import AuditConfig
+    from lit_dpvae.cli import audit_parser
+
+    args = audit_parser().parse_args(["--batch-size", "4", "--setup", "all"])
+    assert args.batch_size == 4 and args.setup == "all" and args.trials is None
+    assert set(vars(args)) == {"config", "out"} | {f.name for f in fields(AuditConfig)}
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    assert "--noise-multiplier" in capsys.readouterr().out
