@@ -405,10 +405,11 @@ def cell_table(rows: list[dict], cols: list[str]) -> list[str]:
     return out
 
 
-def plots_section(name: str, plotted: list[str]) -> list[str]:
-    """The page's plots: the curves of PAGE_PLOTS (the other metrics' curves lie next to them)."""
+def plots_section(name: str, plotted: list[str], rows: list[dict]) -> list[str]:
+    """The page's plots: the curves of PAGE_PLOTS (the other metrics' curves lie next to them),
+    when there is a curve to see (at least two ε, counting the non-private ∞)."""
     shown = [m for m in PAGE_PLOTS if m in plotted]
-    if not shown:
+    if not shown or len({str(r["eps"]) for r in rows}) < 2:
         return []
     return [f"Privacy–utility curves (mean ± std over seeds; every metric's curve is written to "
             f"`{name}/curves_<metric>.png`):", "",
@@ -458,7 +459,7 @@ def summarise(name: str, spec: dict[str, Any], rows: list[dict], out_dir: Path,
         div = sum(bool(r.get("diverged")) for r in g)
         lines.append(f"| {key[0]} | {key[1]} | {eps} | {len(g)} | {div} | " + " | ".join(cells)
                      + " |")
-    lines += ["", *plots_section(name, plotted), *cell_section(name, rows, cols)]
+    lines += ["", *plots_section(name, plotted, rows), *cell_section(name, rows, cols)]
     (out_dir / f"{name}.md").write_text("\n".join(lines).rstrip("\n") + "\n")
 
 
