@@ -1,7 +1,8 @@
-"""Callbacks: privacy spend (ε, δ, σ, steps) and image grids of samples (and, opt-in, of
-held-out reconstructions)."""
+"""Callbacks: privacy spend (ε, δ, σ, steps), image grids of samples (and, opt-in, of held-out
+reconstructions), and an exponential moving average of the parameters."""
 
+from lit_dpvae.callbacks.ema import ParamEMA
 from lit_dpvae.callbacks.images import ImageLogger, image_grid
 from lit_dpvae.callbacks.privacy import PrivacySpend
 
-__all__ = ["ImageLogger", "PrivacySpend", "image_grid"]
+__all__ = ["ImageLogger", "ParamEMA", "PrivacySpend", "image_grid"]

@@ -94,6 +94,13 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         lr: float = 1e-3,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
+        optimizer: str = "adam",
+        momentum: float = 0.0,
+        adam_eps: float = 1e-8,
+        adam_bc_floor: float = 0.05,
+        lr_schedule: str | None = None,
+        lr_schedule_steps: int | None = None,
+        sample_temperature: float | None = None,
     ) -> None:
         super().__init__()
         ignore = ["encoder", "decoder"]
@@ -123,6 +130,21 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         self.num_classes = int(num_classes)
         self.conditional = bool(conditional)
         self.beta, self.lam, self.n_samples, self.lr = float(beta), float(lam), int(n_samples), lr
+        # optimizer and sampling options (configure_optimizers, sample)
+        if optimizer not in ("adam", "sgd", "adam_bc"):
+            raise ValueError(f'optimizer must be "adam", "sgd" or "adam_bc", got {optimizer!r}')
+        if lr_schedule not in (None, "cosine"):
+            raise ValueError(f'lr_schedule must be None or "cosine", got {lr_schedule!r}')
+        if lr_schedule_steps is not None and not int(lr_schedule_steps) >= 1:
+            raise ValueError(f"lr_schedule_steps must be >= 1 (or None), got {lr_schedule_steps}")
+        if not momentum >= 0:
+            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        if sample_temperature is not None and not sample_temperature >= 0:
+            raise ValueError(f"sample_temperature must be >= 0 (or None), got {sample_temperature}")
+        self.optimizer_name, self.momentum = optimizer, float(momentum)
+        self.adam_eps, self.adam_bc_floor = float(adam_eps), float(adam_bc_floor)
+        self.lr_schedule, self.lr_schedule_steps = lr_schedule, lr_schedule_steps
+        self.sample_temperature = sample_temperature
         if encoder is None:
             encoder, decoder = build_encoder_decoder(
                 arch,
@@ -303,8 +325,50 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         for name, value in self.latent_metrics(mu, y).items():
             self.log(f"val/{name}", value, sync_dist=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        """The optimizer of all parameters, from the model options (learning rate ``lr``):
+
+        - ``optimizer="adam"`` (default): ``torch.optim.Adam`` with ε = ``adam_eps`` (1e-8);
+        - ``"sgd"``: ``torch.optim.SGD`` with ``momentum`` (0);
+        - ``"adam_bc"``: :class:`lit_dpvae.optim.DPAdamBC` (Adam with the DP noise variance
+          removed from its second moment; floor ``adam_bc_floor``, ε ``adam_eps``). The DP
+          strategy hands it the noise std before every step.
+
+        ``lr_schedule="cosine"`` multiplies the learning rate by ``(1 + cos(π·min(t, T)/T))/2``
+        at optimizer step t, T = ``lr_schedule_steps`` (None: the Trainer's
+        ``estimated_stepping_batches``), stepped every step. Privacy: the optimizer reads only
+        the released update and public quantities, and the schedule is fixed in advance:
+        post-processing, no privacy cost (docs/privacy.md §9).
+        """
+        import math
+
+        from lit_dpvae.optim import DPAdamBC
+
+        if self.optimizer_name == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(
+                self.parameters(), lr=self.lr, eps=self.adam_eps
+            )
+        elif self.optimizer_name == "adam_bc":
+            opt = DPAdamBC(
+                self.parameters(), lr=self.lr, floor=self.adam_bc_floor, eps=self.adam_eps
+            )
+        else:
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+        if self.lr_schedule is None:
+            return opt
+        steps = self.lr_schedule_steps
+        if steps is None:
+            steps = self.trainer.estimated_stepping_batches
+            if not math.isfinite(steps):
+                raise ValueError(
+                    'lr_schedule="cosine" needs a finite number of steps: set lr_schedule_steps '
+                    "or the Trainer's max_steps/max_epochs"
+                )
+        total = int(steps)
+        decay = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
     # ---- generation ----------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -319,9 +383,24 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
     @torch.no_grad()
     def sample(self, n: int, labels: Tensor | Sequence[int] | None = None) -> Tensor:
         """n draws of the likelihood mean at z ~ p(z): ``[n, *data_shape]``. Labels ``[n]`` are
-        required in conditional mode and refused otherwise."""
+        required in conditional mode and refused otherwise.
+
+        With ``sample_temperature`` τ (an attribute, also a constructor option; None or 1: off)
+        the draws are at τ·ε, ε ~ N(0, I), mapped by a class-conditional prior to
+        ``μ_y + s_y ⊙ τε``: τ < 1 trades diversity for typical samples. Needs the standard
+        normal prior. Post-processing of the trained decoder: no privacy cost."""
         onehot = self._onehot(None if labels is None else torch.as_tensor(labels), n, "sample")
         z = self.prior.sample(n).to(self.device)
+        tau = self.sample_temperature
+        if tau is not None and float(tau) != 1.0:
+            if not isinstance(self.prior, StandardNormal):
+                raise ValueError(
+                    f"sample_temperature needs a standard-normal prior, not "
+                    f"{type(self.prior).__name__}"
+                )
+            if not float(tau) >= 0:
+                raise ValueError(f"sample_temperature must be >= 0 (or None), got {tau}")
+            z = float(tau) * z
         return self.likelihood.mean(self.decode(self.prior_shift(z, onehot), onehot))
 
     def prior_shift(self, eps: Tensor, onehot: Tensor | None) -> Tensor:

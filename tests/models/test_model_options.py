@@ -1,0 +1,139 @@
+"""BaseVAE options for the optimizer (``optimizer``, ``momentum``, ``adam_eps``,
+``adam_bc_floor``, ``lr_schedule``, ``lr_schedule_steps``) and the sampling temperature
+(``sample_temperature``): the defaults keep the behaviour from before the options existed."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lit_dpvae.models import ClusterVAE, VanillaVAE
+from lit_dpvae.optim import DPAdamBC
+
+from .conftest import PAIRINGS, model_class
+
+SMALL = dict(data_shape=(1, 8, 8), latent_dim=2, hidden=(8,))
+
+
+@pytest.mark.parametrize("name", PAIRINGS)
+def test_default_optimizer_is_the_old_adam(name):
+    for kwargs in ({}, {"lr": 0.02}):
+        model = model_class(name)(**SMALL, **kwargs)
+        opt = model.configure_optimizers()
+        # before the options: torch.optim.Adam(self.parameters(), lr=self.lr)
+        old = torch.optim.Adam(model.parameters(), lr=model.lr)
+        assert type(opt) is torch.optim.Adam and opt.defaults == old.defaults
+        assert opt.param_groups[0]["lr"] == kwargs.get("lr", 1e-3)
+        assert [p for g in opt.param_groups for p in g["params"]] == list(model.parameters())
+
+
+def test_default_optimizer_trains_bit_for_bit_like_the_old_one():
+    def run(make_opt):
+        torch.manual_seed(0)
+        model = VanillaVAE(**SMALL)
+        opt = make_opt(model)
+        for step in range(3):
+            torch.manual_seed(100 + step)
+            x = torch.rand(16, 1, 8, 8)
+            opt.zero_grad()
+            model.loss_terms(x).mean_loss().backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    new = run(lambda m: m.configure_optimizers())
+    old = run(lambda m: torch.optim.Adam(m.parameters(), lr=m.lr))
+    assert all(torch.equal(a, b) for a, b in zip(new, old))
+
+
+def test_optimizer_options():
+    sgd = VanillaVAE(**SMALL, optimizer="sgd", lr=0.1, momentum=0.9).configure_optimizers()
+    assert type(sgd) is torch.optim.SGD
+    assert sgd.param_groups[0]["lr"] == 0.1 and sgd.param_groups[0]["momentum"] == 0.9
+    adam = VanillaVAE(**SMALL, adam_eps=0.5).configure_optimizers()
+    assert adam.param_groups[0]["eps"] == 0.5
+    bc = VanillaVAE(**SMALL, optimizer="adam_bc", adam_bc_floor=0.2,
+                    adam_eps=1e-6).configure_optimizers()
+    assert isinstance(bc, DPAdamBC)
+    assert bc.param_groups[0]["floor"] == 0.2 and bc.param_groups[0]["eps"] == 1e-6
+    model = VanillaVAE(**SMALL, optimizer="sgd", momentum=0.9, lr_schedule="cosine")
+    assert model.hparams["optimizer"] == "sgd" and model.hparams["lr_schedule"] == "cosine"
+
+
+def _lrs(conf, n):
+    lrs = []
+    for _ in range(n):
+        lrs.append(conf["optimizer"].param_groups[0]["lr"])
+        conf["optimizer"].step()
+        conf["lr_scheduler"]["scheduler"].step()
+    return lrs
+
+
+def test_cosine_schedule_over_the_given_or_the_trainers_steps():
+    conf = VanillaVAE(**SMALL, optimizer="sgd", lr=0.1, lr_schedule="cosine",
+                      lr_schedule_steps=10).configure_optimizers()
+    assert conf["lr_scheduler"]["interval"] == "step"
+    lrs = _lrs(conf, 10)
+    assert lrs[0] == pytest.approx(0.1) and lrs[5] == pytest.approx(0.05)
+    assert conf["optimizer"].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    want = [0.1 * 0.5 * (1 + math.cos(math.pi * t / 10)) for t in range(10)]
+    assert lrs == pytest.approx(want)
+
+    model = VanillaVAE(**SMALL, optimizer="sgd", lr=0.1, lr_schedule="cosine")
+    model.trainer = pl.Trainer(max_steps=20, logger=False, enable_checkpointing=False,
+                               enable_progress_bar=False, enable_model_summary=False)
+    assert _lrs(model.configure_optimizers(), 11)[10] == pytest.approx(0.05)
+
+
+def test_sample_temperature():
+    torch.manual_seed(0)
+    model = VanillaVAE(**SMALL, num_classes=3, conditional=True, label_prior=True,
+                       label_prior_scale=True).eval()
+    with torch.no_grad():
+        model.label_log_scales.weight.normal_()
+    labels = torch.tensor([0, 0, 1, 2])
+    onehot = torch.nn.functional.one_hot(labels, 3).float()
+
+    def at(tau):
+        torch.manual_seed(1)
+        model.sample_temperature = None if tau == "off" else tau
+        try:
+            return model.sample(4, labels)
+        finally:
+            model.sample_temperature = None
+
+    # default (None) is the old sampler: the likelihood mean at μ_y + s_y ⊙ ε
+    torch.manual_seed(1)
+    eps = model.prior.sample(4)
+    with torch.no_grad():
+        old = model.likelihood.mean(model.decode(model.prior_shift(eps, onehot), onehot))
+    assert torch.equal(at("off"), old) and torch.equal(at(1.0), old)
+    with torch.no_grad():
+        z = model.label_means(onehot) + model.label_log_scales(onehot).exp() * 0.5 * eps
+        torch.testing.assert_close(at(0.5), model.likelihood.mean(model.decode(z, onehot)))
+    x0 = at(0.0)  # τ = 0: one image per label
+    torch.testing.assert_close(x0[0], x0[1])
+    assert not torch.allclose(x0[0], x0[2])
+    # a constructor option too, saved in hparams
+    warm = VanillaVAE(**SMALL, sample_temperature=0.7)
+    assert warm.sample_temperature == 0.7 and warm.hparams["sample_temperature"] == 0.7
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="optimizer"):
+        VanillaVAE(**SMALL, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        VanillaVAE(**SMALL, lr_schedule="step")
+    with pytest.raises(ValueError, match="lr_schedule_steps"):
+        VanillaVAE(**SMALL, lr_schedule="cosine", lr_schedule_steps=0)
+    with pytest.raises(ValueError, match="momentum"):
+        VanillaVAE(**SMALL, momentum=-0.1)
+    with pytest.raises(ValueError, match="sample_temperature"):
+        VanillaVAE(**SMALL, sample_temperature=-1.0)
+    cluster = ClusterVAE(**SMALL, n_components=3)
+    cluster.sample(2)  # no temperature: the mixture prior's own sampler
+    cluster.sample_temperature = 0.5
+    with pytest.raises(ValueError, match="standard-normal prior"):
+        cluster.sample(2)
