@@ -258,9 +258,10 @@ def train_cell(spec: dict[str, Any], cell: dict[str, Any], dm) -> tuple[Any, dic
     if ema is not None and not diverged:
         ema.apply(model)
     model = model.cpu()  # evaluation (metrics, feature net, classifier) runs on the CPU
+    report = strategy.privacy_report()
     info = {"steps": int(trainer.global_step), "diverged": diverged,
-            "epsilon": strategy.epsilon() if strategy.is_private else math.inf,
-            "sigma_eff": getattr(strategy.mechanism, "noise_multiplier", 0.0),
+            "epsilon": report.epsilon if strategy.is_private else math.inf,
+            "sigma_eff": report.sigma_eff,
             "num_train": dm.num_train}
     return model.eval(), info
 

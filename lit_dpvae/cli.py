@@ -64,11 +64,9 @@ class DPVAECLI(LightningCLI):
     def after_fit(self) -> None:
         trainer, strategy = self.trainer, self.trainer.strategy
         report = {}
-        if hasattr(strategy, "epsilon"):
-            eps = strategy.epsilon()
-            report["epsilon"] = eps
-            report["delta"] = strategy.target_delta  # type: ignore[attr-defined]  # DP strategy
-            report["steps"] = strategy.accountant.steps  # type: ignore[attr-defined]  # DP strategy
+        if hasattr(strategy, "privacy_report"):  # a DP strategy
+            spent = strategy.privacy_report()
+            report.update(epsilon=spent.epsilon, delta=spent.delta, steps=spent.steps)
         if self.config_init[self.subcommand].get("test_after_fit", True):
             results = trainer.test(self.model, datamodule=self.datamodule, verbose=False)
             if results:
@@ -134,6 +132,7 @@ def export_main(argv: list[str]) -> Path:
     """``export``: the releasable artefact of a training checkpoint — weights, hyper-parameters,
     model class and the privacy summary (ε, δ, σ_eff, steps, mechanism). Everything secret is
     left out: the noise generator and sampler seeds, RNG states, optimizer state and loops."""
+    from lit_dpvae.privacy.report import PrivacyReport
     from lit_dpvae.strategy import CHECKPOINT_KEY, MODEL_CLASS_KEY
 
     parser = argparse.ArgumentParser(prog="python -m lit_dpvae export",
@@ -145,17 +144,7 @@ def export_main(argv: list[str]) -> Path:
     privacy = checkpoint.get(CHECKPOINT_KEY)
     if privacy is None or MODEL_CLASS_KEY not in checkpoint:
         raise ValueError(f"{args.ckpt} was not written by TermwiseDPStrategy: nothing to export")
-    summary = {
-        "mechanism": privacy["mechanism"],
-        "epsilon": float(privacy["epsilon"]),
-        "delta": float(privacy["target_delta"]),
-        "sigma_eff": float(privacy["noise_multiplier"]),
-        "steps": sum(int(t) for _, _, t in privacy["accountant"]["history"])
-        + int(privacy["accountant"].get("non_private_steps", 0)),
-        # the accountant's (σ_eff, q, steps) history: public, and what a later fit of these
-        # weights must continue (warm_start)
-        "accountant": privacy["accountant"],
-    }
+    summary = PrivacyReport.from_state(privacy).public()  # no seeds, no RNG states
     artefact = {
         EXPORT_KEY: True,
         MODEL_CLASS_KEY: checkpoint[MODEL_CLASS_KEY],

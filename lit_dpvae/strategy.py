@@ -248,8 +248,8 @@ class DPStrategy(DDPStrategy):
         return self.run.state_dict()
 
     def privacy_report(self) -> PrivacyReport:
-        """What this run spent and how (public: no secret seeds)."""
-        return self.run.report(self.privacy_state_dict())
+        """What this run spent and how (public: no secret seeds), for logs, export, the CLI."""
+        return self.run.report(None if self.run.started else self.privacy_state_dict())
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
                         storage_options: Any = None) -> None:

@@ -45,14 +45,7 @@ class PrivacySpend(Callback):
         _dp_strategy(trainer)
 
     def metrics(self, trainer: pl.Trainer) -> dict[str, float]:
-        strategy = _dp_strategy(trainer)
-        sigma = strategy.mechanism.noise_multiplier if strategy.mechanism else 0.0
-        return {
-            "privacy/epsilon": strategy.epsilon(),
-            "privacy/delta": strategy.target_delta,
-            "privacy/sigma_eff": float(sigma),
-            "privacy/steps": float(strategy.accountant.steps),
-        }
+        return _dp_strategy(trainer).privacy_report().metrics()
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.last = self.metrics(trainer)

@@ -160,16 +160,19 @@ class PrivateRun:
                            skip=self._start_fingerprints)
 
     # -- state ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The checkpoint's privacy state, secrets included (a resume continues it)."""
-        return {**self.budget.state_dict(), **self.seeds.state(), "rng": rng_state(),
-                "mechanism": self.mechanism.name,
+    def public_state(self) -> dict[str, Any]:
+        """The part of the privacy state that may be released (no seeds, no RNG states)."""
+        return {**self.budget.state_dict(), "mechanism": self.mechanism.name,
                 "noise_multiplier": self.mechanism.noise_multiplier,
                 "epsilon": self.budget.epsilon()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's privacy state, secrets included (a resume continues it)."""
+        return {**self.public_state(), **self.seeds.state(), "rng": rng_state()}
+
     def report(self, state: dict[str, Any] | None = None) -> PrivacyReport:
         """What this run spent and how (public: no secret seeds)."""
-        report = PrivacyReport.from_state(state or self.state_dict())
+        report = PrivacyReport.from_state(state or self.public_state())
         report.sample_rate, report.num_records = self.sample_rate, self.num_records
         report.expected_batch_size = self.expected_batch_size
         report.sensitivity = dict(self.mechanism.sensitivity)
