@@ -62,13 +62,11 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_dpvae.divergences import MMD  # noqa: E402
-from lit_dpvae.privacy import (  # noqa: E402
-    LossTerms,
-    NaiveDPSGD,
-    NonPrivate,
-    PairwiseDPSGD,
-    PairwiseTerm,
-    TermwiseDPSGD,
+from lit_dpvae.privacy import LossTerms, PairwiseTerm  # noqa: E402
+from lit_dpvae.privacy.mechanisms import (  # noqa: E402
+    build_mechanism,
+    mechanism_class,
+    mechanism_names,
 )
 
 MODELS = ("mlp", "conv")
@@ -202,40 +200,44 @@ def make_data(name: str, n: int, seed: int = 0) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------
+#: Settings of a mechanism in the benchmark beyond its defaults (the rest: C = 1, σ = 1).
+BENCH_SETTINGS: dict[str, dict] = {"naive": {"max_batch_size": 512}}
+#: Backends benchmarked per registered mechanism (default: ghost only).
+BENCH_BACKENDS: dict[str, tuple[str, ...]] = {"naive": BACKENDS, "termwise": BACKENDS}
+
+
+def _registered() -> dict[str, str]:
+    """Configuration prefix (class name) -> registry name, for every registered mechanism."""
+    names = sorted(mechanism_names(), key=lambda n: mechanism_class(n).private)  # stable
+    return {mechanism_class(name).__name__: name for name in names}
+
+
 def config_names() -> list[str]:
-    names = [REFERENCE, "NonPrivate"]
-    names += [f"NaiveDPSGD-{b}" for b in BACKENDS]
-    names += [f"TermwiseDPSGD-{b}" for b in BACKENDS]
-    names += ["PairwiseDPSGD-ghost"]
+    """The non-private reference, every registered mechanism (with its backends; a new one is
+    benchmarked on ``ghost``), and Opacus."""
+    names = [REFERENCE]
+    for prefix, name in _registered().items():
+        if not mechanism_class(name).private:
+            names.append(prefix)
+            continue
+        names += [f"{prefix}-{b}" for b in BENCH_BACKENDS.get(name, ("ghost",))]
     names += ["opacus-dpsgd-hooks", "opacus-dpsgd-ghost"]
     return names
 
 
 def make_mechanism(name: str):
-    mech, _, backend = name.partition("-")
-    if mech == "NonPrivate":
-        return NonPrivate()
-    if mech == "NaiveDPSGD":
-        return NaiveDPSGD(
-            max_grad_norm=1.0, max_batch_size=512, noise_multiplier=1.0, backend=backend
-        )
-    if mech == "TermwiseDPSGD":
-        return TermwiseDPSGD(
-            max_grad_norm=1.0,
-            batch_max_grad_norm=1.0,
-            noise_multiplier=1.0,
-            sample_share=0.5,
-            backend=backend,
-        )
-    if mech == "PairwiseDPSGD":
-        return PairwiseDPSGD(
-            max_grad_norm=1.0,
-            pair_max_grad_norm=1.0,
-            noise_multiplier=1.0,
-            sample_share=0.5,
-            backend=backend,
-        )
-    raise ValueError(f"unknown configuration {name!r}; choose from {config_names()}")
+    prefix, _, backend = name.partition("-")
+    registered = _registered()
+    if prefix not in registered or name not in config_names():
+        raise ValueError(f"unknown configuration {name!r}; choose from {config_names()}")
+    mech = registered[prefix]
+    settings = dict(BENCH_SETTINGS.get(mech, {}))
+    if backend:
+        settings["backend"] = backend
+    mechanism = build_mechanism(mech, **settings)
+    if mechanism.private:
+        mechanism.noise_multiplier = 1.0
+    return mechanism
 
 
 def make_step(name: str, model: BenchVAE, batch: Tensor, expected_batch_size: int) -> Callable:

@@ -173,28 +173,28 @@ def test_a_toy_mechanism_is_one_class_and_one_registration(toy_registered, tmp_p
     updates on the same seeds."""
     assert toy_registered in mechanism_names()
     check_mechanism_contract(toy_registered)
-    toy = DPStrategy(mechanism=toy_registered, target_epsilon=2.0, noise_multiplier=1.2,
+    toy = DPStrategy(mechanism=toy_registered, target_epsilon=6.0, noise_multiplier=2.0,
                      max_grad_norm=0.4, noise_seed=5)
     trainer = _fit(toy, ToyLitVAE(batch_term=False), tmp_path)
-    ref = DPStrategy(mechanism="termwise", sample_share=1.0, target_epsilon=2.0,
-                     noise_multiplier=1.2, max_grad_norm=0.4, noise_seed=5)
+    ref = DPStrategy(mechanism="termwise", sample_share=1.0, target_epsilon=6.0,
+                     noise_multiplier=2.0, max_grad_norm=0.4, noise_seed=5)
     ref_model = ToyLitVAE(batch_term=False)
     _fit(ref, ref_model, tmp_path)
     assert toy.privacy_state_dict()["mechanism"] == toy_registered
-    assert trainer.global_step == 4 and toy.epsilon() == ref.epsilon() <= 2.0 * (1 + 1e-6)
+    assert trainer.global_step == 4 and toy.epsilon() == ref.epsilon() <= 6.0 * (1 + 1e-6)
     start = ToyLitVAE(batch_term=False).state_dict()
     for name, value in trainer.lightning_module.state_dict().items():
         assert torch.equal(value, ref_model.state_dict()[name]), name
     assert any(not torch.equal(start[k], ref_model.state_dict()[k]) for k in start)
     ckpt = tmp_path / "toy.ckpt"
     trainer.save_checkpoint(ckpt)
-    resumed = DPStrategy(mechanism=toy_registered, target_epsilon=2.0, noise_multiplier=1.2,
+    resumed = DPStrategy(mechanism=toy_registered, target_epsilon=6.0, noise_multiplier=2.0,
                          max_grad_norm=0.4)
     _fit(resumed, ToyLitVAE(batch_term=False), tmp_path, steps=6, ckpt_path=ckpt)
-    assert resumed.accountant.steps == 6 and toy.epsilon() < resumed.epsilon() <= 2.0 * (1 + 1e-6)
+    assert resumed.accountant.steps == 6 and toy.epsilon() < resumed.epsilon() <= 6.0 * (1 + 1e-6)
     with pytest.raises(ValueError, match="mechanism='sample_only'"):  # resume with another
-        _fit(DPStrategy(mechanism="termwise", sample_share=1.0, target_epsilon=2.0,
-                        noise_multiplier=1.2),
+        _fit(DPStrategy(mechanism="termwise", sample_share=1.0, target_epsilon=6.0,
+                        noise_multiplier=2.0),
              ToyLitVAE(batch_term=False), tmp_path, steps=6, ckpt_path=ckpt)
 
 
