@@ -5,7 +5,8 @@ each step's batch independently with probability ``q``. Opacus' distributed Pois
 per rank and skips empty local batches, so ranks take different numbers of steps and the job hangs
 (docs/privacy.md §7). Here every rank draws the *same global* Poisson batch from a shared seed,
 keeps its share ``global_batch[rank::world_size]``, and yields it even when it is empty. Every
-rank therefore takes exactly ``steps_per_epoch`` steps, and the union of the local batches is one Poisson sample.
+rank therefore takes exactly ``steps_per_epoch`` steps, and the union of the local batches is one
+Poisson sample.
 """
 
 from __future__ import annotations
