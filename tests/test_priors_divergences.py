@@ -146,7 +146,7 @@ def test_aggregate_kl_matches_a_loop_and_penalises_uncovered_components():
     mu, log_var = torch.randn(6, 2), torch.randn(6, 2) * 0.1
     div = AggregateKL(n_prior_samples=9)
     torch.manual_seed(2)
-    value = div(mu, log_var, prior)
+    value = div(torch.cat([mu, log_var], -1), prior)
     torch.manual_seed(2)
     w = prior.sample(9)
     q = D.Independent(D.Normal(mu, (0.5 * log_var).exp()), 1)
@@ -161,9 +161,9 @@ def test_aggregate_kl_matches_a_loop_and_penalises_uncovered_components():
     covering = prior.means.repeat(3, 1)
     one_component = prior.means[:1].repeat(12, 1)
     lv = torch.full((12, 2), 2 * math.log(0.5))
-    assert float(div(covering, lv, prior)) < 0.05
-    assert float(div(one_component, lv, prior)) > 1.0
-    empty = div(torch.zeros(0, 2, requires_grad=True), torch.zeros(0, 2), prior)
+    assert float(div(torch.cat([covering, lv], -1), prior)) < 0.05
+    assert float(div(torch.cat([one_component, lv], -1), prior)) > 1.0
+    empty = div(torch.zeros(0, 4, requires_grad=True), prior)
     assert float(empty.detach()) == 0.0 and empty.requires_grad
 
 
