@@ -25,7 +25,7 @@ from lit_dpvae.divergences import Divergence, PairwiseDivergence
 from lit_dpvae.hparams import ScrubbedHyperparametersMixin
 from lit_dpvae.likelihoods import Likelihood, make_likelihood
 from lit_dpvae.nn.blocks import build_encoder_decoder
-from lit_dpvae.priors import Prior, StandardNormal, normal_log_density
+from lit_dpvae.priors import LabelShiftPrior, Prior, StandardNormal, normal_log_density
 from lit_dpvae.privacy.accounting import provenance_from_checkpoint
 from lit_dpvae.privacy.provenance import mark_loaded
 from lit_dpvae.privacy.terms import LossTerms, PairwiseTerm
@@ -53,7 +53,8 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         conditional: concatenate one-hot labels to encoder and decoder inputs.
         label_prior: (conditional, no divergence) a class-conditional prior
             ``p(z | y) = p(z − μ_y)`` with learned means ``μ_y`` (a bias-free Linear on the
-            one-hot label, a trainable layer like any other): the KL of record i reads
+            one-hot label, a trainable layer like any other; ``label_shift``, a
+            ``lit_dpvae.priors.LabelShiftPrior``): the KL of record i reads
             ``(x_i, y_i)`` only, so it stays sample-wise, and ``sample(n, labels)`` draws
             ``z = μ_y + ε``. It keeps codes and labels consistent when the code also carries
             the class — the failure mode of a DP-trained conditional VAE, whose decoder then
@@ -69,6 +70,10 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         n_samples: K reparameterisation samples per record (averaged inside the record's terms).
         lr: Adam learning rate.
         encoder, decoder: injected modules with the ``lit_dpvae.nn`` interfaces (optional).
+
+    ``label_shift`` is not a registered child module: its layers are, under their historical
+    names ``label_means`` and ``label_log_scales``, so that state_dict keys, parameter names
+    and the privacy fingerprints of earlier checkpoints are unchanged.
 
     ``save_hyperparameters`` leaves tensors, arrays, data sets and data-like lists (also among a
     subclass's ``__init__`` arguments) out of ``hparams``, with a warning: :mod:`lit_dpvae.hparams`.
@@ -143,13 +148,12 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         self.likelihood = make_likelihood(likelihood, likelihood_scale)
         self.prior: Prior = StandardNormal(latent_dim)
         self.label_means: nn.Linear | None = None
-        if label_prior:
-            self.label_means = nn.Linear(self.num_classes, self.latent_dim, bias=False)
-            nn.init.normal_(self.label_means.weight)  # distinct class means from the start
         self.label_log_scales: nn.Linear | None = None
-        if label_prior_scale:
-            self.label_log_scales = nn.Linear(self.num_classes, self.latent_dim, bias=False)
-            nn.init.zeros_(self.label_log_scales.weight)  # s_y = 1: starts as N(μ_y, I)
+        self._label_shift: LabelShiftPrior | None = None
+        if label_prior:
+            shift = LabelShiftPrior(self.num_classes, self.latent_dim, label_prior_scale)
+            self.label_means, self.label_log_scales = shift.means, shift.log_scales
+            object.__setattr__(self, "_label_shift", shift)  # its layers are registered above
         self.divergence: Divergence | None = None  # a pairing sets it after this __init__
         self._val_latents: list[tuple[Tensor, Tensor | None]] = []
 
@@ -158,6 +162,11 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         """Codes that a batch-wise term reads, ``[n, ...] -> [N_total, ...]``. Identity here; the
         multi-process strategy overrides it with an all-gather that keeps gradients."""
         return t
+
+    @property
+    def label_shift(self) -> LabelShiftPrior | None:
+        """The class-conditional prior (``label_prior=True``), else None."""
+        return self._label_shift
 
     def declared_divergence(self) -> Divergence:
         """``self.divergence``, refused with a clear error when it is not a ``Divergence``."""
@@ -247,17 +256,9 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         rep = None if onehot is None else onehot.repeat_interleave(k, 0)  # record-major
         params = self.decode(z.reshape(n * k, self.latent_dim), rep)
         log_px_z = self.likelihood.log_prob(x.repeat_interleave(k, 0), params).view(n, k)
-        if self.label_means is not None:  # KL(q ‖ N(μ_y, s_y²)) = KL(q mapped by (·−μ_y)/s_y ‖ p)
+        if self.label_shift is not None:  # KL(q ‖ N(μ_y, s_y²)) = KL(q mapped by (·−μ_y)/s_y ‖ p)
             assert onehot is not None
-            shift = self.label_means(onehot)
-            if self.label_log_scales is None:
-                kl = self.per_record_kl(mu - shift, log_var, z - shift[:, None])
-            else:
-                log_s = self.label_log_scales(onehot)
-                inv = (-log_s).exp()
-                kl = self.per_record_kl(
-                    (mu - shift) * inv, log_var - 2 * log_s, (z - shift[:, None]) * inv[:, None]
-                )
+            kl = self.per_record_kl(*self.label_shift.to_base(onehot, mu, log_var, z))
         else:
             kl = self.per_record_kl(mu, log_var, z)
         sample = {"recon": -log_px_z.mean(1), "kl": self.beta * kl}
@@ -334,12 +335,10 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
     def prior_shift(self, eps: Tensor, onehot: Tensor | None) -> Tensor:
         """Map prior draws ``eps ~ p(ε)`` to the class-conditional prior's ``μ_y + s_y ⊙ ε``
         (identity without ``label_prior``)."""
-        if self.label_means is None:
+        if self.label_shift is None:
             return eps
         assert onehot is not None
-        if self.label_log_scales is not None:
-            eps = eps * self.label_log_scales(onehot).exp()
-        return eps + self.label_means(onehot)
+        return self.label_shift.from_base(eps, onehot)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:
