@@ -1,16 +1,25 @@
 """Batch-level divergences between the aggregate posterior of a batch and the prior.
 
-Each class declares ``composition`` ∈ {"sample-wise", "pairwise", "batch-wise"}; the DP strategy
-dispatches on it (DESIGN §2.3–2.4) and raises on anything else. Inputs are the batch's codes
-*after* ``model.gather_for_batch_terms`` (identity on one process, an all-gather across ranks).
-All prior samples come from the global torch RNG.
+The interface, one for every divergence (``Divergence``):
+
+* ``codes(z, mu, log_var) -> [n, c]``: what the divergence reads of each record, from the
+  reparameterised samples ``z [n, K, d]`` and the posterior ``mu, log_var [n, d]``. Row i must
+  depend on record i only (the record-wise model contract, docs/privacy.md §1).
+* ``forward(codes, prior) -> []``: the divergence of the batch's codes ``[N, c]`` *after*
+  ``model.gather_for_batch_terms`` (identity on one process, an all-gather across ranks). All
+  prior samples come from the global torch RNG.
+
+Each class declares ``composition`` ∈ ``COMPOSITIONS``; the DP mechanisms dispatch on it:
+"batch-wise" divergences are privatised as one clipped vector (term-wise DP-SGD's batch part,
+docs/privacy.md §3.3); "pairwise" ones (``PairwiseDivergence``: kernel U-statistics) also give
+their pair decomposition, which ``PairwiseDPSGD`` clips pair by pair (docs/privacy.md §8).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +27,16 @@ from torch import Tensor, nn
 from lit_dpvae.priors import Prior, normal_log_density
 
 COMPOSITIONS = ("sample-wise", "pairwise", "batch-wise")
+
+#: Default bandwidths of ``MMD`` (InfoVAE): kernel scales for codes of unit scale in R^d.
+MMD_BANDWIDTHS: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+#: Default bandwidths of SparseVAE's ``DimensionWiseMMD`` (length scales ≈ 0.045 … 1.4 for
+#: d = 1): small enough for the 1-D kernels to tell a spike of scale 0.05 from a merely narrow
+#: marginal, which ``MMD_BANDWIDTHS`` cannot.
+SPIKE_BANDWIDTHS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
+
+#: What ``PairwiseDPSGD`` calls on a ``PairwiseDivergence`` (``pair_scale`` only when radial).
+PAIRWISE_INTERFACE = ("draw", "value", "pair_grad")
 
 
 class MMDPieces(NamedTuple):
@@ -34,12 +53,109 @@ class MMDPieces(NamedTuple):
 
 
 class Divergence(nn.Module):
-    """Base class. Subclasses set ``composition`` and document a ``DP:`` line."""
+    """Base class of batch-wise divergences D(codes; prior) (see the module docstring).
 
-    composition: str = "batch-wise"
+    Subclasses implement ``forward(codes, prior) -> []`` and, when they read something else
+    than one reparameterised sample per record (``z[:, 0]``), ``codes``; they set
+    ``composition`` and document a ``DP:`` line. A divergence that is a kernel U-statistic
+    subclasses ``PairwiseDivergence`` instead: a ``Divergence`` that declares
+    ``composition = "pairwise"`` without it is refused when the class is defined.
+    """
+
+    composition: ClassVar[str] = "batch-wise"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.composition not in COMPOSITIONS:
+            raise TypeError(
+                f"{cls.__name__}.composition is {cls.composition!r}; it must be one of "
+                f"{COMPOSITIONS}"
+            )
+        pairwise_base = globals().get("PairwiseDivergence")  # None while it is being defined
+        if (cls.composition == "pairwise" and pairwise_base is not None
+                and not issubclass(cls, pairwise_base)):
+            raise TypeError(
+                f"{cls.__name__} declares composition 'pairwise' but is not a "
+                "lit_dpvae.divergences.PairwiseDivergence: the pairwise mechanism needs its pair "
+                f"decomposition ({', '.join(PAIRWISE_INTERFACE)}, and pair_scale when radial). "
+                "Subclass PairwiseDivergence, or declare composition 'batch-wise'."
+            )
+
+    def codes(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
+        """The per-record codes ``[n, c]`` that ``forward`` reads, from ``z [n, K, d]`` and
+        ``mu, log_var [n, d]``. Default: one reparameterised sample per record, ``z[:, 0]``
+        (the first of the K), so a batch's codes are i.i.d. draws of the aggregate
+        posterior."""
+        return z[:, 0]
+
+    def forward(self, codes: Tensor, prior: Prior) -> Tensor:
+        """D (a scalar) of the batch's gathered codes ``[N, c]`` against ``prior``."""
+        raise NotImplementedError
 
 
-class MMD(Divergence):
+class PairwiseDivergence(Divergence):
+    """A kernel U-statistic ``D = zz + ww − 2·zw`` (``MMDPieces``) of the codes against
+    data-independent prior samples: what ``PairwiseDPSGD`` privatises pair by pair
+    (docs/privacy.md §8). It declares, explicitly, what that mechanism needs:
+
+    * ``draw(prior) -> w [M, c]``: the prior samples (global torch RNG; M fixed, data-independent);
+    * ``value(codes [N, c], w [M, c]) -> []``: D for given samples, N ≥ 2;
+    * ``pair_grad(a, b) -> [..., c]``: ``∇₁k(a, b)`` of the (symmetric) kernel behind ``value``,
+      broadcast over ``[..., c]`` inputs;
+    * ``radial``: True when ``∇₁k(a, b) = pair_scale(‖a − b‖², c)·(a − b)``; then
+      ``pair_scale(r2, c) -> r2.shape`` too (lets the mechanism skip ``[n, N, c]`` pair tensors).
+
+    ``forward`` is then fixed: 0 (connected to the graph) for N < 2, else
+    ``value(codes, draw(prior))``, and ``estimate`` returns the samples along with D. A subclass
+    missing one of these methods is refused when it is instantiated.
+    """
+
+    composition: ClassVar[str] = "pairwise"
+    #: ∇₁k(a, b) = pair_scale(‖a − b‖², c)·(a − b) (see the class docstring).
+    radial: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        needed = PAIRWISE_INTERFACE + (("pair_scale",) if type(self).radial else ())
+        missing = [m for m in needed
+                   if getattr(type(self), m) is getattr(PairwiseDivergence, m)]
+        if missing:
+            raise TypeError(
+                f"{type(self).__name__} is a PairwiseDivergence but does not implement "
+                f"{', '.join(missing)}: the pairwise mechanism (PairwiseDPSGD) needs "
+                f"{', '.join(needed)}"
+                + (" (pair_scale because radial = True)" if type(self).radial else "")
+            )
+
+    def draw(self, prior: Prior) -> Tensor:
+        """The M prior samples ``w [M, c]`` that ``forward`` uses."""
+        raise NotImplementedError
+
+    def value(self, codes: Tensor, w: Tensor) -> Tensor:
+        """D for codes ``[N, c]`` (N ≥ 2) and given prior samples ``w [M, c]``."""
+        raise NotImplementedError
+
+    def pair_grad(self, a: Tensor, b: Tensor) -> Tensor:
+        """∇₁k(a, b), broadcast ``[..., c] -> [..., c]``."""
+        raise NotImplementedError
+
+    def pair_scale(self, r2: Tensor, d: int) -> Tensor:
+        """φ with ∇₁k(a, b) = φ(‖a − b‖²)·(a − b) for d-dimensional inputs (radial kernels)."""
+        raise NotImplementedError
+
+    def estimate(self, codes: Tensor, prior: Prior) -> tuple[Tensor, Tensor]:
+        """``(D, w)``: the divergence of the gathered codes ``[N, c]`` and the prior samples it
+        used (``[0, c]`` and D = 0, connected to the graph, for N < 2: nothing is drawn)."""
+        if codes.shape[0] < 2:
+            return codes.sum() * 0.0, codes.new_zeros(0, codes.shape[1])
+        w = self.draw(prior).to(codes)
+        return self.value(codes, w), w
+
+    def forward(self, codes: Tensor, prior: Prior) -> Tensor:
+        return self.estimate(codes, prior)[0]
+
+
+class MMD(PairwiseDivergence):
     """Squared maximum mean discrepancy between the batch codes and M prior samples, unbiased
     U-statistic: MMD² = zz + ww − 2·zw (see ``MMDPieces``). Shapes: ``z [n, d] -> []``.
 
@@ -49,17 +165,18 @@ class MMD(Divergence):
     Needs n ≥ 2 for the zz term: for n < 2 the divergence is 0 (connected to the graph).
 
     DP: pairwise-decomposable: couples all z of the batch, but only through pairs k(z_i, z_j)
-    and k(z_i, w_m) with data-independent w (DESIGN §2.4).
+    and k(z_i, w_m) with data-independent w (docs/privacy.md §8).
     Reference: Gretton et al., JMLR 2012; Zhao, Song, Ermon, InfoVAE, arXiv 1706.02262;
     Tolstikhin et al., WAE, arXiv 1711.01558.
     """
 
-    composition = "pairwise"
+    #: ∇₁k(a, b) = pair_scale(‖a − b‖², d)·(a − b): lets the pairwise mechanism skip [n, n, d].
+    radial = True
 
     def __init__(
         self,
         kernel: str = "imq",
-        bandwidths: Sequence[float] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
+        bandwidths: Sequence[float] = MMD_BANDWIDTHS,
         n_prior_samples: int = 256,
     ) -> None:
         super().__init__()
@@ -97,12 +214,7 @@ class MMD(Divergence):
         zw = self.gram(z, w).mean((-2, -1))
         return MMDPieces(zz, ww, zw)
 
-    def forward(self, z: Tensor, prior: Prior) -> Tensor:
-        if z.shape[0] < 2:
-            return z.sum() * 0.0
-        return self.value(z, self.draw(prior).to(z))
-
-    # ---- pair decomposition (DESIGN §2.4, docs/privacy.md §8) --------------------------------
+    # ---- pair decomposition (PairwiseDivergence; docs/privacy.md §8) --------------------------
     def draw(self, prior: Prior) -> Tensor:
         """The M prior samples ``w [M, d]`` that ``forward`` uses (same RNG consumption)."""
         return prior.sample(self.n_prior_samples)
@@ -117,9 +229,6 @@ class MMD(Divergence):
         if self.kernel_name == "imq":
             return sum(-c * s / (c * s + r2) ** 2 for s in self.bandwidths)  # type: ignore
         return sum(-torch.exp(-r2 / (c * s)) / (c * s) for s in self.bandwidths)  # type: ignore
-
-    #: ∇₁k(a, b) = pair_scale(‖a − b‖², d)·(a − b): lets the pairwise mechanism skip [n, n, d].
-    radial = True
 
     def pair_scale(self, r2: Tensor, d: int) -> Tensor:
         """φ with ∇₁k(a, b) = φ(‖a − b‖²)·(a − b) for d-dimensional inputs: ``2·k'(r²)``."""
@@ -139,14 +248,14 @@ class DimensionWiseMMD(MMD):
     """Σ_j MMD²(z[:, j], w[:, j]): one 1-D MMD per latent dimension against samples of the prior
     marginal p(z_j) (``prior.sample_dims``), same kernel and U-statistic as ``MMD`` with d = 1.
     Matching marginals, not the joint, is what drives per-dimension sparsity.
-    Shapes: ``z [n, d] -> []``; 0 for n < 2.
+    Shapes: ``z [n, d] -> []``; 0 for n < 2. SparseVAE uses ``SPIKE_BANDWIDTHS``; the class
+    default is ``MMD``'s.
 
-    DP: pairwise-decomposable: couples all z of the batch through pairs only (DESIGN §2.4).
+    DP: pairwise-decomposable: couples all z of the batch through pairs only (docs/privacy.md
+    §8: its additive kernel Σ_j k₁(a_j, b_j) has exactly this U-statistic).
     Reference: Mathieu, Rainforth, Siddharth, Teh, "Disentangling disentanglement in VAEs",
     arXiv 1812.02833.
     """
-
-    composition = "pairwise"
 
     radial = False  # the additive kernel Σ_j k₁(a_j, b_j) is not radial in R^d
 
@@ -170,10 +279,12 @@ class AggregateKL(Divergence):
         D = mean_m [ log p(w_m) − logsumexp_i log N(w_m; μ_i, diag σ_i²) + log n ],  w_m ~ p.
 
     It penalises prior mass (e.g. a mixture component) that no posterior in the batch covers.
-    Shapes: ``mu, log_var [n, d] -> []``; 0 for n = 0.
+    Reads the posterior: ``codes(z, mu, log_var) = [mu, log_var]`` (concatenated, ``[n, 2d]``:
+    one collective gathers both). Shapes: ``codes [n, 2d] -> []``; 0 for n = 0.
 
     DP: batch-wise: couples all (μ_i, σ_i) of the batch through the log-sum-exp (not a sum of
-    pairs), so it is privatised as one clipped vector (DESIGN §2.3).
+    pairs), so it is privatised as one clipped vector (term-wise DP-SGD's batch part,
+    docs/privacy.md §3.3).
     Reference: Makhzani et al., adversarial autoencoders, arXiv 1511.05644 (aggregate-posterior
     matching); Hoffman & Johnson, "ELBO surgery" (2016).
     """
@@ -186,7 +297,11 @@ class AggregateKL(Divergence):
             raise ValueError("n_prior_samples must be >= 1")
         self.n_prior_samples = int(n_prior_samples)
 
-    def forward(self, mu: Tensor, log_var: Tensor, prior: Prior) -> Tensor:
+    def codes(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
+        return torch.cat([mu, log_var], dim=-1)
+
+    def forward(self, codes: Tensor, prior: Prior) -> Tensor:
+        mu, log_var = codes.chunk(2, dim=-1)
         n = mu.shape[0]
         if n == 0:
             return (mu.sum() + log_var.sum()) * 0.0

@@ -5,6 +5,10 @@ Every prior offers ``sample(m) -> [m, d]`` (global torch RNG), ``log_prob(z) -> 
 over the last dimension, so ``[n, d] -> [n]`` and ``[n, K, d] -> [n, K]``) and
 ``sample_dims(m) -> [m, d]`` whose column ``j`` is distributed as the marginal ``p(z_j)`` (used
 by the dimension-wise MMD; columns need not be independent).
+
+``LabelShiftPrior`` is the exception: a class-conditional prior p(z | y) that shifts (and
+scales) N(0, I) by label-dependent amounts, learned by trainable layers on the one-hot label
+(privatised like every other layer; its KL stays sample-wise).
 """
 
 from __future__ import annotations
@@ -170,3 +174,50 @@ class MixtureOfGaussians(Prior):
 
     def assign(self, z: Tensor) -> Tensor:
         return self.component_log_prob(z).argmax(-1)
+
+
+class LabelShiftPrior(nn.Module):
+    """Class-conditional prior ``p(z | y) = N(μ_y, diag(s_y²))`` as a shift (and optionally a
+    scale) of a base prior ``p(ε) = N(0, I)``: ``z = μ_y + s_y ⊙ ε``.
+
+    ``μ_y = means(onehot(y))`` and ``log s_y = log_scales(onehot(y))`` are bias-free Linear
+    layers on the one-hot label: trainable layers like any other, privatised with the rest of
+    the model. ``means`` starts at N(0, 1) weights (distinct class means from the start),
+    ``log_scales`` (only with ``learn_scale``) at 0, i.e. s_y = 1; without it s_y = 1 always.
+
+    * ``to_base(onehot, mu, log_var, z)`` maps a posterior N(μ, σ²) and its samples by
+      ``(· − μ_y)/s_y`` into the base prior's frame, where the KL is the base prior's:
+      KL(N(μ, σ²) ‖ N(m, s²)) = KL(N((μ − m)/s, σ²/s²) ‖ N(0, I));
+    * ``from_base(eps, onehot)`` maps base-prior draws to ``μ_y + s_y ⊙ ε`` (for sampling).
+    Shapes: ``onehot [n, num_classes]``, ``mu, log_var [n, d]``, ``z [n, K, d]``, ``eps [n, d]``.
+
+    DP: sample-wise: the KL of record i reads (x_i, y_i) only.
+    """
+
+    def __init__(self, num_classes: int, latent_dim: int, learn_scale: bool = False) -> None:
+        super().__init__()
+        if num_classes < 1 or latent_dim < 1:
+            raise ValueError("LabelShiftPrior needs num_classes >= 1 and latent_dim >= 1")
+        self.means = nn.Linear(num_classes, latent_dim, bias=False)
+        nn.init.normal_(self.means.weight)  # distinct class means from the start
+        self.log_scales: nn.Linear | None = None
+        if learn_scale:
+            self.log_scales = nn.Linear(num_classes, latent_dim, bias=False)
+            nn.init.zeros_(self.log_scales.weight)  # s_y = 1: starts as N(μ_y, I)
+
+    def to_base(
+        self, onehot: Tensor, mu: Tensor, log_var: Tensor, z: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(mu, log_var, z)`` mapped by ``(· − μ_y)/s_y`` (see the class docstring)."""
+        shift = self.means(onehot)
+        if self.log_scales is None:
+            return mu - shift, log_var, z - shift[:, None]
+        log_s = self.log_scales(onehot)
+        inv = (-log_s).exp()
+        return (mu - shift) * inv, log_var - 2 * log_s, (z - shift[:, None]) * inv[:, None]
+
+    def from_base(self, eps: Tensor, onehot: Tensor) -> Tensor:
+        """Base-prior draws ``eps [n, d]`` mapped to ``μ_y + s_y ⊙ ε``."""
+        if self.log_scales is not None:
+            eps = eps * self.log_scales(onehot).exp()
+        return eps + self.means(onehot)

@@ -9,7 +9,16 @@ import pytest
 import torch
 import torch.distributions as D
 
-from lit_dpvae.divergences import COMPOSITIONS, MMD, AggregateKL, DimensionWiseMMD
+from lit_dpvae.divergences import (
+    COMPOSITIONS,
+    MMD,
+    MMD_BANDWIDTHS,
+    SPIKE_BANDWIDTHS,
+    AggregateKL,
+    DimensionWiseMMD,
+    Divergence,
+    PairwiseDivergence,
+)
 from lit_dpvae.likelihoods import Bernoulli, Gaussian, Laplace, make_likelihood
 from lit_dpvae.metrics import assign_clusters, cluster_purity, hoyer_sparsity, nmi
 from lit_dpvae.priors import MixtureOfGaussians, SpikeAndSlab, StandardNormal
@@ -146,7 +155,7 @@ def test_aggregate_kl_matches_a_loop_and_penalises_uncovered_components():
     mu, log_var = torch.randn(6, 2), torch.randn(6, 2) * 0.1
     div = AggregateKL(n_prior_samples=9)
     torch.manual_seed(2)
-    value = div(mu, log_var, prior)
+    value = div(torch.cat([mu, log_var], -1), prior)
     torch.manual_seed(2)
     w = prior.sample(9)
     q = D.Independent(D.Normal(mu, (0.5 * log_var).exp()), 1)
@@ -161,9 +170,9 @@ def test_aggregate_kl_matches_a_loop_and_penalises_uncovered_components():
     covering = prior.means.repeat(3, 1)
     one_component = prior.means[:1].repeat(12, 1)
     lv = torch.full((12, 2), 2 * math.log(0.5))
-    assert float(div(covering, lv, prior)) < 0.05
-    assert float(div(one_component, lv, prior)) > 1.0
-    empty = div(torch.zeros(0, 2, requires_grad=True), torch.zeros(0, 2), prior)
+    assert float(div(torch.cat([covering, lv], -1), prior)) < 0.05
+    assert float(div(torch.cat([one_component, lv], -1), prior)) > 1.0
+    empty = div(torch.zeros(0, 4, requires_grad=True), prior)
     assert float(empty.detach()) == 0.0 and empty.requires_grad
 
 
@@ -175,6 +184,58 @@ def test_every_divergence_declares_composition_and_dp_line():
         assert "DP:" in (cls.__doc__ or "") and "arXiv" in (cls.__doc__ or "")
     assert MMD.composition == DimensionWiseMMD.composition == "pairwise"
     assert AggregateKL.composition == "batch-wise"
+
+
+def test_the_divergence_classes_declare_the_interface_explicitly():
+    assert issubclass(MMD, PairwiseDivergence) and issubclass(DimensionWiseMMD, PairwiseDivergence)
+    assert issubclass(AggregateKL, Divergence) and not issubclass(AggregateKL, PairwiseDivergence)
+    assert PairwiseDivergence.composition == "pairwise" and Divergence.composition == "batch-wise"
+    assert MMD.radial is True and DimensionWiseMMD.radial is False
+    assert MMD().bandwidths == MMD_BANDWIDTHS == DimensionWiseMMD().bandwidths
+    assert SPIKE_BANDWIDTHS != MMD_BANDWIDTHS
+    z, mu, log_var = torch.randn(4, 3, 2), torch.randn(4, 2), torch.randn(4, 2)
+    assert torch.equal(MMD().codes(z, mu, log_var), z[:, 0])  # one sample per record
+    assert torch.equal(AggregateKL().codes(z, mu, log_var), torch.cat([mu, log_var], -1))
+    # the pairwise interface reaches what PairwiseDPSGD reads (radial pair_scale included)
+    div, a, b = MMD(bandwidths=(0.5, 2.0)), torch.randn(5, 3), torch.randn(5, 3)
+    r2 = ((a - b) ** 2).sum(-1, keepdim=True)
+    torch.testing.assert_close(div.pair_scale(r2, 3) * (a - b), div.pair_grad(a, b))
+    ag = a.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(div.kernel(ag, b).sum(), ag)
+    torch.testing.assert_close(div.pair_grad(a, b), want)
+
+
+def test_a_divergence_without_what_the_pairwise_mechanism_needs_is_refused():
+    with pytest.raises(TypeError, match="not a lit_dpvae.divergences.PairwiseDivergence"):
+
+        class PairwiseByName(Divergence):  # declares pairwise but gives no pair decomposition
+            composition = "pairwise"
+
+    with pytest.raises(TypeError, match="must be one of"):
+
+        class Unknown(Divergence):
+            composition = "joint"
+
+    class NoPairGrad(PairwiseDivergence):
+        def draw(self, prior):
+            return prior.sample(4)
+
+        def value(self, codes, w):
+            return codes.sum() * 0.0
+
+    with pytest.raises(TypeError, match=r"does not implement pair_grad.*PairwiseDPSGD"):
+        NoPairGrad()
+
+    class RadialWithoutScale(NoPairGrad):
+        radial = True
+
+        def pair_grad(self, a, b):
+            return a - b
+
+    with pytest.raises(TypeError, match=r"does not implement pair_scale.*radial = True"):
+        RadialWithoutScale()
+    RadialWithoutScale.radial = False
+    assert isinstance(RadialWithoutScale(), PairwiseDivergence)  # complete when not radial
 
 
 # ---- likelihoods --------------------------------------------------------------------------------

@@ -172,7 +172,9 @@ class VAEDataModule(ScrubbedHyperparametersMixin, LightningDataModule):
         """Rank-synchronised Poisson batches (empty batches included), ``round(1/q)`` steps per
         epoch. With a trainer attached, the sampler starts at ``trainer.current_epoch`` so a
         resumed run draws fresh batches instead of replaying epoch 0. The trainer must run with
-        ``use_distributed_sampler=False`` (docs/privacy.md §7)."""
+        ``use_distributed_sampler=False``: Lightning's distributed sampler would re-shard the
+        batches, and the accounting needs every rank to keep its share of the one global Poisson
+        sample (docs/privacy.md §1, *Sampling*, and §4, *Distributed training*)."""
         num_replicas, rank = self._process_group()
         loader = poisson_dataloader(
             self.dataset("train"),

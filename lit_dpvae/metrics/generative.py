@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lit_dpvae.divergences import MMD
+from lit_dpvae.divergences import MMD, MMD_BANDWIDTHS, SPIKE_BANDWIDTHS
 
 if TYPE_CHECKING:
     from lit_dpvae.models.base import BaseVAE
@@ -119,7 +119,7 @@ def latent_mmd(
     codes: Tensor,
     prior: nn.Module,
     n_prior_samples: int = 2000,
-    bandwidths: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
+    bandwidths: tuple[float, ...] = MMD_BANDWIDTHS,
     seed: int = 0,
 ) -> float:
     """Unbiased MMD² (IMQ kernel, InfoVAE bandwidths) between codes ``[n, d]`` and prior draws.
@@ -131,7 +131,7 @@ def latent_dim_mmd(
     codes: Tensor,
     prior: nn.Module,
     n_prior_samples: int = 2000,
-    bandwidths: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
+    bandwidths: tuple[float, ...] = SPIKE_BANDWIDTHS,
     seed: int = 0,
 ) -> float:
     """Σ_j MMD²(z[:, j], w[:, j]) between each latent dimension of the codes and the prior's

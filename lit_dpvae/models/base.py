@@ -1,6 +1,8 @@
 """Shared base of every VAE/prior pairing.
 
-A pairing = a prior + (optionally) one divergence. The base does the rest: encode, K
+A pairing = a prior + (optionally) one divergence: a subclass sets ``self.prior``,
+``self.divergence`` (a ``lit_dpvae.divergences.Divergence``, which says what it reads of each
+record) and the class attribute ``divergence_key``. The base does the rest: encode, K
 reparameterisation samples per record (record-major ``[n*K, ...]`` rows, so per-sample hooks
 attribute rows to records), reconstruction and per-record KL as sample-wise terms, the weighted
 divergence as a batch-wise term, logging, sampling and reconstruction.
@@ -19,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_dpvae.divergences import Divergence, PairwiseDivergence
 from lit_dpvae.hparams import ScrubbedHyperparametersMixin
 from lit_dpvae.likelihoods import Likelihood, make_likelihood
 from lit_dpvae.nn.blocks import build_encoder_decoder
-from lit_dpvae.priors import Prior, StandardNormal, normal_log_density
+from lit_dpvae.priors import LabelShiftPrior, Prior, StandardNormal, normal_log_density
 from lit_dpvae.privacy.accounting import provenance_from_checkpoint
 from lit_dpvae.privacy.collectives import gather_for_batch_terms
 from lit_dpvae.privacy.provenance import mark_loaded
@@ -30,14 +33,16 @@ from lit_dpvae.privacy.terms import LossTerms, PairwiseTerm
 
 
 class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
-    """VAE with loss ``L(S) = (1/B) Σ_i [recon_i + β·kl_i] + λ·D(S)`` (DESIGN §2).
+    """VAE with loss ``L(S) = (1/B) Σ_i [recon_i + β·kl_i] + λ·D(S)`` (docs/privacy.md §1, *Loss*).
 
     Sample-wise terms, shape ``[n]``, record i reads x_i only:
       - ``recon``: −(1/K) Σ_k log p(x_i | z_ik), z_ik = μ_i + σ_i ε_ik;
       - ``kl``: β·KL(q(z|x_i) ‖ p(z)), closed form for N(0, I) when ``analytic_kl``, else the
         Monte Carlo estimate (1/K) Σ_k [log q(z_ik|x_i) − log p(z_ik)].
-    Batch-wise term (subclasses, only declared when λ ≠ 0): ``{divergence_key: λ·D}`` where D
-    reads the batch's codes through ``gather_for_batch_terms``.
+    Batch-wise term (subclasses, only declared when λ ≠ 0): ``{divergence_key: λ·D}`` with D
+    the subclass's ``divergence`` of the batch's codes (``divergence_codes``, through
+    ``gather_for_batch_terms``). A ``PairwiseDivergence`` also declares its pair decomposition
+    in ``LossTerms.pairwise`` (for ``PairwiseDPSGD``).
 
     Args:
         data_shape: shape of one record, e.g. ``(1, 28, 28)`` or ``(2,)``.
@@ -49,7 +54,8 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         conditional: concatenate one-hot labels to encoder and decoder inputs.
         label_prior: (conditional, no divergence) a class-conditional prior
             ``p(z | y) = p(z − μ_y)`` with learned means ``μ_y`` (a bias-free Linear on the
-            one-hot label, a trainable layer like any other): the KL of record i reads
+            one-hot label, a trainable layer like any other; ``label_shift``, a
+            ``lit_dpvae.priors.LabelShiftPrior``): the KL of record i reads
             ``(x_i, y_i)`` only, so it stays sample-wise, and ``sample(n, labels)`` draws
             ``z = μ_y + ε``. It keeps codes and labels consistent when the code also carries
             the class — the failure mode of a DP-trained conditional VAE, whose decoder then
@@ -65,6 +71,10 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         n_samples: K reparameterisation samples per record (averaged inside the record's terms).
         lr: Adam learning rate.
         encoder, decoder: injected modules with the ``lit_dpvae.nn`` interfaces (optional).
+
+    ``label_shift`` is not a registered child module: its layers are, under their historical
+    names ``label_means`` and ``label_log_scales``, so that state_dict keys, parameter names
+    and the privacy fingerprints of earlier checkpoints are unchanged.
 
     ``save_hyperparameters`` leaves tensors, arrays, data sets and data-like lists (also among a
     subclass's ``__init__`` arguments) out of ``hparams``, with a warning: :mod:`lit_dpvae.hparams`.
@@ -161,13 +171,13 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         self.likelihood = make_likelihood(likelihood, likelihood_scale)
         self.prior: Prior = StandardNormal(latent_dim)
         self.label_means: nn.Linear | None = None
-        if label_prior:
-            self.label_means = nn.Linear(self.num_classes, self.latent_dim, bias=False)
-            nn.init.normal_(self.label_means.weight)  # distinct class means from the start
         self.label_log_scales: nn.Linear | None = None
-        if label_prior_scale:
-            self.label_log_scales = nn.Linear(self.num_classes, self.latent_dim, bias=False)
-            nn.init.zeros_(self.label_log_scales.weight)  # s_y = 1: starts as N(μ_y, I)
+        self._label_shift: LabelShiftPrior | None = None
+        if label_prior:
+            shift = LabelShiftPrior(self.num_classes, self.latent_dim, label_prior_scale)
+            self.label_means, self.label_log_scales = shift.means, shift.log_scales
+            object.__setattr__(self, "_label_shift", shift)  # its layers are registered above
+        self.divergence: Divergence | None = None  # a pairing sets it after this __init__
         self._val_latents: list[tuple[Tensor, Tensor | None]] = []
 
     # ---- hooks for pairings and the strategy -------------------------------------------------
@@ -177,34 +187,44 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         identity (``lit_dpvae.privacy.collectives``)."""
         return gather_for_batch_terms(t)
 
+    @property
+    def label_shift(self) -> LabelShiftPrior | None:
+        """The class-conditional prior (``label_prior=True``), else None."""
+        return self._label_shift
+
+    def declared_divergence(self) -> Divergence:
+        """``self.divergence``, refused with a clear error when it is not a ``Divergence``."""
+        div = self.divergence
+        if not isinstance(div, Divergence):
+            raise TypeError(
+                f"{type(self).__name__} declares the divergence term {self.divergence_key!r} "
+                f"but its divergence is {type(div).__name__}: set self.divergence to a "
+                "lit_dpvae.divergences.Divergence (a PairwiseDivergence for a kernel "
+                "U-statistic) in __init__"
+            )
+        return div
+
+    def divergence_codes(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
+        """The per-record codes ``[n, c]`` the divergence reads, from ``z [n, K, d]`` and
+        ``mu, log_var [n, d]`` (row i from record i only): the divergence's ``codes``."""
+        return self.declared_divergence().codes(z, mu, log_var)
+
     def divergence_value(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
-        """The unweighted divergence D (scalar) from ``z [n, K, d]``, ``mu, log_var [n, d]``."""
-        raise NotImplementedError
-
-    def pairwise_codes(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor | None:
-        """The codes ``[n, d]`` (one row per record) of a *pairwise* divergence, or None.
-
-        A pairing whose divergence is a kernel U-statistic (``composition == "pairwise"``: it has
-        ``draw``, ``value`` and ``pair_grad``) returns the codes it reads; the base then declares
-        the pair decomposition in ``LossTerms.pairwise`` for ``PairwiseDPSGD``."""
-        return None
+        """The unweighted divergence D (scalar) of the batch's gathered codes."""
+        div = self.declared_divergence()
+        return div(self.gather_for_batch_terms(self.divergence_codes(z, mu, log_var)), self.prior)
 
     def pairwise_divergence(
         self, z: Tensor, mu: Tensor, log_var: Tensor
     ) -> tuple[Tensor, PairwiseTerm] | None:
         """``(D, PairwiseTerm)`` with D the unweighted divergence (same value and RNG use as
-        ``divergence_value``), or None when the divergence is not pairwise."""
-        codes = self.pairwise_codes(z, mu, log_var)
-        div = getattr(self, "divergence", None)
-        if codes is None or getattr(div, "composition", None) != "pairwise":
+        ``divergence_value``), or None when the divergence is not a ``PairwiseDivergence``."""
+        div = self.divergence
+        if not isinstance(div, PairwiseDivergence):
             return None
-        assert div is not None  # a None divergence has no "pairwise" composition
-        gathered = self.gather_for_batch_terms(codes)
-        if gathered.shape[0] < 2:
-            empty = codes.new_zeros(0, codes.shape[1])
-            return gathered.sum() * 0.0, PairwiseTerm(codes, empty, div, self.lam)
-        w = div.draw(self.prior).to(gathered)
-        return div.value(gathered, w), PairwiseTerm(codes, w, div, self.lam)
+        codes = self.divergence_codes(z, mu, log_var)
+        value, w = div.estimate(self.gather_for_batch_terms(codes), self.prior)
+        return value, PairwiseTerm(codes, w, div, self.lam)
 
     def latent_metrics(self, mu: Tensor, y: Tensor | None) -> dict[str, float]:
         """Validation metrics of the posterior means of the whole validation epoch."""
@@ -260,17 +280,9 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         rep = None if onehot is None else onehot.repeat_interleave(k, 0)  # record-major
         params = self.decode(z.reshape(n * k, self.latent_dim), rep)
         log_px_z = self.likelihood.log_prob(x.repeat_interleave(k, 0), params).view(n, k)
-        if self.label_means is not None:  # KL(q ‖ N(μ_y, s_y²)) = KL(q mapped by (·−μ_y)/s_y ‖ p)
+        if self.label_shift is not None:  # KL(q ‖ N(μ_y, s_y²)) = KL(q mapped by (·−μ_y)/s_y ‖ p)
             assert onehot is not None
-            shift = self.label_means(onehot)
-            if self.label_log_scales is None:
-                kl = self.per_record_kl(mu - shift, log_var, z - shift[:, None])
-            else:
-                log_s = self.label_log_scales(onehot)
-                inv = (-log_s).exp()
-                kl = self.per_record_kl(
-                    (mu - shift) * inv, log_var - 2 * log_s, (z - shift[:, None]) * inv[:, None]
-                )
+            kl = self.per_record_kl(*self.label_shift.to_base(onehot, mu, log_var, z))
         else:
             kl = self.per_record_kl(mu, log_var, z)
         sample = {"recon": -log_px_z.mean(1), "kl": self.beta * kl}
@@ -406,12 +418,10 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
     def prior_shift(self, eps: Tensor, onehot: Tensor | None) -> Tensor:
         """Map prior draws ``eps ~ p(ε)`` to the class-conditional prior's ``μ_y + s_y ⊙ ε``
         (identity without ``label_prior``)."""
-        if self.label_means is None:
+        if self.label_shift is None:
             return eps
         assert onehot is not None
-        if self.label_log_scales is not None:
-            eps = eps * self.label_log_scales(onehot).exp()
-        return eps + self.label_means(onehot)
+        return self.label_shift.from_base(eps, onehot)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lit_dpvae.divergences import AggregateKL
@@ -20,7 +19,8 @@ class ClusterVAE(BaseVAE):
 
     Validation logs ``val/nmi`` and ``val/purity`` against the labels when the data have them.
     Shapes: ``x [n, *data_shape] -> recon, kl [n]; kl_agg []``.
-    DP: recon, kl sample-wise; ``kl_agg`` batch-wise (log-sum-exp over the batch; DESIGN §2.3).
+    DP: recon, kl sample-wise; ``kl_agg`` batch-wise (log-sum-exp over the batch; privatised as
+    one clipped vector, docs/privacy.md §3.3).
     Reference: Dilokthanakul et al., arXiv 1611.02648; Hoffman & Johnson, ELBO surgery (2016).
 
     Args:
@@ -45,12 +45,7 @@ class ClusterVAE(BaseVAE):
     ) -> None:
         super().__init__(lam=lam, **kwargs)
         self.prior = MixtureOfGaussians(self.latent_dim, n_components, radius, scale, layout, seed)
-        self.divergence = AggregateKL(n_prior_samples)
-
-    def divergence_value(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
-        codes = self.gather_for_batch_terms(torch.cat([mu, log_var], dim=-1))  # one collective
-        mu_all, log_var_all = codes.chunk(2, dim=-1)
-        return self.divergence(mu_all, log_var_all, self.prior)
+        self.divergence = AggregateKL(n_prior_samples)  # reads [mu, log_var]: one collective
 
     def latent_metrics(self, mu: Tensor, y: Tensor | None) -> dict[str, float]:
         if y is None:

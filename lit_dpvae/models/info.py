@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor
-
-from lit_dpvae.divergences import MMD
+from lit_dpvae.divergences import MMD, MMD_BANDWIDTHS
 from lit_dpvae.models.base import BaseVAE
 
 
@@ -17,7 +15,7 @@ class InfoVAE(BaseVAE):
     The MMD reads one code per record, ``z[:, 0]`` (the first of the K samples), so codes of a
     batch are i.i.d. draws of the aggregate posterior and the U-statistic is unbiased.
     Shapes: ``x [n, *data_shape] -> recon, kl [n]; mmd []``.
-    DP: recon, kl sample-wise; ``mmd`` pairwise-decomposable (DESIGN §2.4).
+    DP: recon, kl sample-wise; ``mmd`` pairwise-decomposable (docs/privacy.md §8).
     Reference: Zhao, Song, Ermon, InfoVAE, arXiv 1706.02262.
 
     Args:
@@ -33,15 +31,9 @@ class InfoVAE(BaseVAE):
         self,
         lam: float = 10.0,
         kernel: str = "imq",
-        bandwidths: Sequence[float] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0),
+        bandwidths: Sequence[float] = MMD_BANDWIDTHS,
         n_prior_samples: int = 256,
         **kwargs: Any,
     ) -> None:
         super().__init__(lam=lam, **kwargs)
         self.divergence = MMD(kernel, bandwidths, n_prior_samples)
-
-    def divergence_value(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
-        return self.divergence(self.gather_for_batch_terms(z[:, 0]), self.prior)
-
-    def pairwise_codes(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
-        return z[:, 0]

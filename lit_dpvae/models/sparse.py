@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lit_dpvae.divergences import DimensionWiseMMD
+from lit_dpvae.divergences import SPIKE_BANDWIDTHS, DimensionWiseMMD
 from lit_dpvae.metrics.latent import hoyer_sparsity
 from lit_dpvae.models.base import BaseVAE
 from lit_dpvae.priors import SpikeAndSlab
@@ -17,13 +17,14 @@ class SparseVAE(BaseVAE):
     """ℓ_i = recon_i + β·(1/K) Σ_k [log q(z_ik|x_i) − log p(z_ik)], p = spike-and-slab, plus
     λ·Σ_j MMD²(z[:, j], p(z_j)) on one code per record (``z[:, 0]``).
 
-    The default bandwidths are small (length scales ≈ 0.045 … 1.4 for d = 1) so the 1-D kernels can
-    tell the spike (scale 0.05) from a merely narrow marginal; the InfoVAE defaults cannot.
+    The default bandwidths are small (``SPIKE_BANDWIDTHS``: length scales ≈ 0.045 … 1.4 for
+    d = 1) so the 1-D kernels can tell the spike (scale 0.05) from a merely narrow marginal; the
+    InfoVAE defaults cannot.
     Validation logs ``val/hoyer``: Hoyer sparsity of the posterior means with each dimension
     standardised over the epoch (Mathieu et al.: collapsed dimensions are not sparsity), and
     ``val/hoyer_raw`` without standardisation.
     Shapes: ``x [n, *data_shape] -> recon, kl [n]; dim_mmd []``.
-    DP: recon, kl sample-wise; ``dim_mmd`` pairwise-decomposable (DESIGN §2.4).
+    DP: recon, kl sample-wise; ``dim_mmd`` pairwise-decomposable (docs/privacy.md §8).
     Reference: Mathieu, Rainforth, Siddharth, Teh, arXiv 1812.02833.
 
     Args:
@@ -42,19 +43,13 @@ class SparseVAE(BaseVAE):
         spike_scale: float = 0.05,
         slab_scale: float = 1.0,
         kernel: str = "imq",
-        bandwidths: Sequence[float] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
+        bandwidths: Sequence[float] = SPIKE_BANDWIDTHS,
         n_prior_samples: int = 256,
         **kwargs: Any,
     ) -> None:
         super().__init__(lam=lam, **kwargs)
         self.prior = SpikeAndSlab(self.latent_dim, gamma, spike_scale, slab_scale)
         self.divergence = DimensionWiseMMD(kernel, bandwidths, n_prior_samples)
-
-    def divergence_value(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
-        return self.divergence(self.gather_for_batch_terms(z[:, 0]), self.prior)
-
-    def pairwise_codes(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
-        return z[:, 0]
 
     def latent_metrics(self, mu: Tensor, y: Tensor | None) -> dict[str, float]:
         if self.latent_dim < 2:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_dpvae.divergences import COMPOSITIONS
+from lit_dpvae.divergences import COMPOSITIONS, Divergence
 from lit_dpvae.privacy.terms import LossTerms
 from tests.models.conftest import PAIRINGS, model_class
 
@@ -98,6 +98,7 @@ def test_batch_terms_go_through_gather_and_declare_composition(name, monkeypatch
         return
     assert set(terms.batch) == {model.divergence_key}
     assert seen and all(s[0] == 5 for s in seen)
+    assert isinstance(model.divergence, Divergence)
     assert model.divergence.composition in COMPOSITIONS
     assert "DP:" in (type(model.divergence).__doc__ or "")
     assert "DP:" in (type(model).__doc__ or "")
