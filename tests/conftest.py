@@ -9,6 +9,9 @@ import os
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Lightning raises the thread count to the number of cores at the first fit unless this is set
+# (lightning.fabric.utilities.distributed._set_num_threads_if_needed).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 

@@ -36,6 +36,7 @@ from lit_dpvae.privacy.grad_sample import (
     rows_per_record,
 )
 from lit_dpvae.privacy.precision import reduced_fp32_matmul
+from lit_dpvae.privacy.terms import PairKernel
 
 
 @dataclass
@@ -310,7 +311,7 @@ def _scaled_gram(rows: Tensor, coef: Tensor) -> Tensor:
 def owner_vectors(
     codes: Tensor,
     prior_samples: Tensor,
-    kernel,
+    kernel: PairKernel,
     weight: float,
     gram: Tensor,
     max_norm: float,
@@ -338,7 +339,7 @@ def owner_vectors(
     self_pairs = _self_pair_mask(z.shape[0], zz.shape[0], offset, z.device)
     n, d = zz.shape
     trace = gram.diagonal(dim1=1, dim2=2).sum(-1)  # tr G_i, [n]
-    if getattr(kernel, "radial", False):
+    if kernel.radial:
         phi, quad = _radial_pair_quads(z, zz, w, kernel, weight, gram, trace, gram_terms)
         pair_norms = quad.sqrt_().mul_(phi.abs())
         a = clip_factors(pair_norms, max_norm).masked_fill_(self_pairs, 0.0)
@@ -403,8 +404,8 @@ def weighted_differences(coef: Tensor, z: Tensor, zz: Tensor) -> Tensor:
     return out
 
 
-def _radial_pair_quads(z: Tensor, zz: Tensor, w: Tensor, kernel, weight: float, gram: Tensor,
-                       trace: Tensor, gram_terms: int) -> tuple[Tensor, Tensor]:
+def _radial_pair_quads(z: Tensor, zz: Tensor, w: Tensor, kernel: PairKernel, weight: float,
+                       gram: Tensor, trace: Tensor, gram_terms: int) -> tuple[Tensor, Tensor]:
     """For a radial kernel, ``∇₁k(a, b) = φ(‖a−b‖²)·(a − b)`` (``kernel.pair_scale``):
     ``(λφ_ij [n, N], an upper bound of D_ijᵀG_iD_ij [n, N])`` with ``D_ij = z_i − z_j``.
 

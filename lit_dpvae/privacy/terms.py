@@ -30,10 +30,16 @@ class LossTermsError(ValueError):
 
 
 class PairKernel(Protocol):
-    """A kernel that can give its pair gradients: ``pair_grad(a, b) = ∇₁k(a, b)``, broadcast over
-    ``[..., d]`` inputs -> ``[..., d]`` (e.g. ``lit_dpvae.divergences.MMD``)."""
+    """What the pairwise mechanism reads of a kernel (``lit_dpvae.divergences.PairwiseDivergence``
+    declares it): ``pair_grad(a, b) = ∇₁k(a, b)``, broadcast over ``[..., d]`` inputs ->
+    ``[..., d]``; ``radial``: whether ``∇₁k(a, b) = pair_scale(‖a−b‖², d)·(a − b)``, a form the
+    mechanism bounds without forming the pair vectors (docs/privacy.md §8)."""
+
+    radial: bool
 
     def pair_grad(self, a: Tensor, b: Tensor) -> Tensor: ...  # pragma: no cover
+
+    def pair_scale(self, sq_dist: Tensor, d: int) -> Tensor: ...  # pragma: no cover
 
 
 @dataclass
@@ -53,6 +59,16 @@ class PairwiseTerm:
     prior_samples: Tensor
     kernel: PairKernel
     weight: float
+
+    def __post_init__(self) -> None:
+        missing = [a for a in ("pair_grad", "radial") if not hasattr(self.kernel, a)]
+        if getattr(self.kernel, "radial", False) and not hasattr(self.kernel, "pair_scale"):
+            missing.append("pair_scale")
+        if missing:
+            raise LossTermsError(
+                f"the kernel of a PairwiseTerm lacks {missing}: subclass "
+                "lit_dpvae.divergences.PairwiseDivergence (it declares what the pairwise "
+                "mechanism reads)")
 
 
 @dataclass

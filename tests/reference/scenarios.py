@@ -9,7 +9,10 @@ code before and after a refactor.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,6 +28,24 @@ from lit_dpvae.privacy import (
     poisson_dataloader,
 )
 from tests.lightning_toys import ToyData, ToyLitVAE
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Every scenario runs on one intra-op thread: float reductions split over threads round
+    differently, and Lightning sets the thread count from the machine's cores
+    (``_set_num_threads_if_needed``) unless ``OMP_NUM_THREADS`` is set."""
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env
 
 
 def digest(t: torch.Tensor) -> str:
@@ -80,6 +101,11 @@ _CLASSES = {"NonPrivate": NonPrivate, "NaiveDPSGD": NaiveDPSGD, "TermwiseDPSGD":
 
 
 def mechanism_case(name: str) -> dict[str, Any]:
+    with one_thread():
+        return _mechanism_case(name)
+
+
+def _mechanism_case(name: str) -> dict[str, Any]:
     case = MECHANISM_CASES[name]
     mech = _CLASSES[case["cls"]](**case["kw"])
     if case["pairwise"] is None:
@@ -163,6 +189,11 @@ FIT_CASES: dict[str, dict[str, Any]] = {
 
 
 def fit_case(name: str, tmp_path: Any) -> dict[str, Any]:
+    with one_thread():
+        return _fit_case(name, tmp_path)
+
+
+def _fit_case(name: str, tmp_path: Any) -> dict[str, Any]:
     from lit_dpvae.strategy import TermwiseDPStrategy
 
     case = FIT_CASES[name]
