@@ -32,8 +32,8 @@ from lit_dpvae.hparams import scrub_hparams
 from lit_dpvae.optim import DPAdamBC
 from lit_dpvae.privacy import is_poisson_loader
 from lit_dpvae.privacy.budget import PrivacyBudget, PrivacyConfigError
+from lit_dpvae.privacy.capture import check_module
 from lit_dpvae.privacy.collectives import TorchDistributed
-from lit_dpvae.privacy.grad_sample import check_module
 from lit_dpvae.privacy.mechanisms import Mechanism, build_mechanism
 from lit_dpvae.privacy.report import PrivacyReport
 from lit_dpvae.privacy.run import PrivateRun

@@ -8,7 +8,8 @@ from lit_dpvae.privacy.accounting import (
     joint_noise_multiplier,
     split_noise_multiplier,
 )
-from lit_dpvae.privacy.grad_sample import BACKENDS, AttributionError
+from lit_dpvae.privacy.capture import AttributionError
+from lit_dpvae.privacy.clipping import BACKENDS
 from lit_dpvae.privacy.mechanisms import (
     Mechanism,
     NaiveDPSGD,

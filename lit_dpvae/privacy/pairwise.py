@@ -27,14 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lit_dpvae.privacy.grad_sample import (
-    AttributionError,
-    LayerCall,
-    clip_factors,
-    is_plain_linear,
-    per_sample_grads,
-    rows_per_record,
-)
+from lit_dpvae.privacy.capture import AttributionError, LayerCall, is_plain_linear, rows_per_record
+from lit_dpvae.privacy.clipping import clip_factors, per_sample_grads
 from lit_dpvae.privacy.precision import reduced_fp32_matmul
 from lit_dpvae.privacy.terms import PairKernel
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lit_dpvae.privacy.grad_sample import AttributionError, capture_layers
+from lit_dpvae.privacy.capture import AttributionError, capture_layers
 from lit_dpvae.privacy.terms import LossTermsError, loss_terms_of
 
 

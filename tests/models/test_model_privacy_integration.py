@@ -54,7 +54,7 @@ def test_conv_row_blocks_keep_records_with_k_rows(keep, monkeypatch):
     """K = 2 rows per record and per-sample gradients sampled in blocks of 3 conv rows (kept:
     blocks split a record's rows; norms only, every layer with a sampler forced onto that
     route: blocks of whole records): still the per-record oracle."""
-    import lit_dpvae.privacy.grad_sample as gs
+    import lit_dpvae.privacy.clipping as gs
 
     if not keep:
         monkeypatch.setattr(gs, "_MATERIALISE_LIMIT", 0)

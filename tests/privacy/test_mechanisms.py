@@ -81,7 +81,7 @@ def test_sample_part_equals_one_record_at_a_time(kind, backend, max_norm):
 def test_sensitivity_holds_with_blocked_two_pass_conv_gradients(mech_name, monkeypatch):
     """The same adversarial neighbours with the conv's per-record gradients taken in blocks of
     one record and in two passes (norms, then the clipped sum): the bound still holds."""
-    import lit_dpvae.privacy.grad_sample as gs
+    import lit_dpvae.privacy.clipping as gs
 
     monkeypatch.setattr(gs, "_SAMPLER_BLOCK", 1)
     monkeypatch.setattr(gs, "_MATERIALISE_LIMIT", 0)
@@ -384,7 +384,7 @@ def test_conv_per_sample_grads_in_row_blocks_equal_the_oracle(backend, keep, blo
     the one-record-at-a-time result, whether the per-sample gradients are kept and summed with
     the clip factors or (above ``_MATERIALISE_LIMIT``; forced here) only their norms are taken
     and the clipped sum is a VJP with rescaled backprops."""
-    import lit_dpvae.privacy.grad_sample as gs
+    import lit_dpvae.privacy.clipping as gs
 
     monkeypatch.setattr(gs, "_SAMPLER_BLOCK", block)  # the toy's conv: 16 · 9 = 144 per row
     if not keep:
@@ -434,7 +434,7 @@ class _Bag(nn.Module):
 def test_layers_that_cannot_be_cut_by_rows_keep_the_oracle(make, monkeypatch):
     """A layer called twice (its norm needs both calls) and an EmbeddingBag (flat indices, not
     rows) with the smallest blocks and the two-pass route forced: still the per-record oracle."""
-    import lit_dpvae.privacy.grad_sample as gs
+    import lit_dpvae.privacy.clipping as gs
 
     monkeypatch.setattr(gs, "_SAMPLER_BLOCK", 1)
     monkeypatch.setattr(gs, "_MATERIALISE_LIMIT", 0)
@@ -457,7 +457,7 @@ def test_conv_sampler_calls_are_blocked(limit, monkeypatch):
     each block twice), not the whole batch."""
     from opacus.grad_sample import GradSampleModule
 
-    import lit_dpvae.privacy.grad_sample as gs
+    import lit_dpvae.privacy.clipping as gs
 
     conv_sampler = GradSampleModule.GRAD_SAMPLERS[nn.Conv2d]
     rows_seen = []

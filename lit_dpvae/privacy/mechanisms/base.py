@@ -29,15 +29,9 @@ from torch import Tensor, nn
 
 from lit_dpvae.privacy import collectives
 from lit_dpvae.privacy.accounting import joint_noise_multiplier
+from lit_dpvae.privacy.capture import check_module, named_trainable, refuse_parameter_hooks
+from lit_dpvae.privacy.clipping import clip_factors, make_clipper, weighted_sum
 from lit_dpvae.privacy.collectives import LOCAL, Collectives
-from lit_dpvae.privacy.grad_sample import (
-    check_module,
-    clip_factors,
-    make_clipper,
-    named_trainable,
-    refuse_parameter_hooks,
-    weighted_sum,
-)
 from lit_dpvae.privacy.precision import ieee_fp32
 from lit_dpvae.privacy.probe import probe_record_contract
 from lit_dpvae.privacy.terms import LossTerms, batch_size_of, loss_terms_of

@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from lit_dpvae.privacy.capture import named_trainable
 from lit_dpvae.privacy.collectives import LOCAL, Collectives
-from lit_dpvae.privacy.grad_sample import named_trainable
 from lit_dpvae.privacy.mechanisms.base import (
     Mechanism,
     Stats,

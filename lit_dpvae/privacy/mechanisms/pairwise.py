@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lit_dpvae.privacy.capture import capture_layers, named_trainable
+from lit_dpvae.privacy.clipping import check_finite
 from lit_dpvae.privacy.collectives import LOCAL, Collectives
-from lit_dpvae.privacy.grad_sample import capture_layers, check_finite, named_trainable
 from lit_dpvae.privacy.mechanisms.base import (
     Mechanism,
     Stats,
