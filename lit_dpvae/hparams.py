@@ -82,7 +82,7 @@ MAX_NUMBERS = MAX_LEAVES
 #: a string, or the strings of a container together, with more characters than this is data.
 MAX_CHARS = 4096
 
-_MAX_DEPTH = 16
+MAX_DEPTH = 16
 _ARRAY_PROTOCOLS = ("__array__", "__array_interface__", "__cuda_array_interface__", "__dlpack__",
                     "__dataframe__", "__arrow_c_array__", "__arrow_c_stream__")
 _NUMBER = (bool, int, float, complex, np.bool_, np.number)
@@ -130,7 +130,7 @@ def _measure(value: Any, totals: list[int], depth: int = 0) -> None:
         items = mapping.values()
     elif _is_container(value):
         items = value
-    if totals[1] > MAX_CHARS or depth > _MAX_DEPTH:
+    if totals[1] > MAX_CHARS or depth > MAX_DEPTH:
         raise _Over
     before = totals[0]
     for item in items or ():
@@ -150,7 +150,7 @@ def _too_big(value: Any) -> str | None:
             return f"a {_type_name(value)} of more than {MAX_CHARS} characters of text (data-like)"
         if totals[0] > MAX_LEAVES:
             return f"a {_type_name(value)} of more than {MAX_LEAVES} values (data-like)"
-        return f"a {_type_name(value)} nested deeper than {_MAX_DEPTH} levels (data-like)"
+        return f"a {_type_name(value)} nested deeper than {MAX_DEPTH} levels (data-like)"
     return None
 
 
@@ -194,8 +194,8 @@ def data_like(value: Any, _depth: int = 0, _seen: set[int] | None = None) -> str
         if hasattr(value, "__len__") and hasattr(value, "__getitem__"):
             return f"a sized indexable object ({_type_name(value)}, a map-style data set)"
         return None
-    if _depth > _MAX_DEPTH:
-        return f"a {_type_name(value)} nested deeper than {_MAX_DEPTH} levels (data-like)"
+    if _depth > MAX_DEPTH:
+        return f"a {_type_name(value)} nested deeper than {MAX_DEPTH} levels (data-like)"
     if _depth == 0 and (reason := _too_big(value)) is not None:  # first: it stops early
         return reason
     seen = set() if _seen is None else _seen

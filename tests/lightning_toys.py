@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lit_dpvae.privacy import LossTerms, poisson_dataloader
 from lit_dpvae.privacy.collectives import gather_for_batch_terms
 from lit_dpvae.privacy.terms import PairwiseTerm
+from lit_dpvae.strategy import TermwiseDPStrategy
 
 
 class ToyLitVAE(pl.LightningModule):
@@ -96,3 +97,20 @@ class RecordRanks(pl.Callback):
         torch.save({"state": state, "steps": trainer.global_step, "sizes": self.sizes,
                     "epsilon": trainer.strategy.epsilon()},
                    Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+def make_trainer(strategy, tmp_path, **kwargs) -> pl.Trainer:
+    """A quiet one-device CPU Trainer for tests (``kwargs`` override)."""
+    defaults = dict(accelerator="cpu", devices=1, max_steps=6, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path)
+    defaults.update(kwargs)
+    return pl.Trainer(strategy=strategy, **defaults)
+
+
+def make_strategy(**kwargs) -> TermwiseDPStrategy:
+    """A DPStrategy with small test settings (``kwargs`` override)."""
+    defaults = dict(noise_multiplier=1.0, max_grad_norm=0.5, batch_max_grad_norm=0.1,
+                    noise_seed=11)
+    defaults.update(kwargs)
+    return TermwiseDPStrategy(**defaults)

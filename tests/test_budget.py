@@ -12,8 +12,7 @@ import torch
 
 from lit_dpvae.privacy import poisson_dataloader
 from lit_dpvae.strategy import PrivacyConfigError, TermwiseDPStrategy
-from tests.lightning_toys import ToyData, ToyLitVAE
-from tests.test_strategy import _strategy, _trainer
+from tests.lightning_toys import ToyData, ToyLitVAE, make_strategy, make_trainer
 
 TARGET, DELTA = 2.0, 1e-3
 
@@ -32,13 +31,13 @@ class GrowingData(ToyData):
 
 
 def _budgeted(**kwargs) -> TermwiseDPStrategy:
-    return _strategy(**{"noise_multiplier": None, "target_epsilon": TARGET,
+    return make_strategy(**{"noise_multiplier": None, "target_epsilon": TARGET,
                         "target_delta": DELTA, **kwargs})
 
 
 def test_a_second_fit_with_a_larger_sample_rate_stays_within_the_target(tmp_path):
     strategy = _budgeted(noise_multiplier=3.0)  # σ fixed: target_epsilon is the stop rule
-    trainer = _trainer(strategy, tmp_path, max_steps=10, max_epochs=None)
+    trainer = make_trainer(strategy, tmp_path, max_steps=10, max_epochs=None)
     model = ToyLitVAE()
     trainer.fit(model, ToyData(n=200, sample_rate=0.05))
     assert strategy.epsilon() <= TARGET and strategy.accountant.steps == 10
@@ -52,7 +51,7 @@ def test_a_second_fit_with_a_larger_sample_rate_stays_within_the_target(tmp_path
 
 def test_reloaded_loaders_with_a_growing_batch_stay_within_the_target(tmp_path):
     strategy = _budgeted()
-    trainer = _trainer(strategy, tmp_path, max_steps=-1, max_epochs=30,
+    trainer = make_trainer(strategy, tmp_path, max_steps=-1, max_epochs=30,
                        reload_dataloaders_every_n_epochs=1)
     trainer.fit(ToyLitVAE(), GrowingData([0.02, 0.1, 0.3, 0.6, 0.9]))
     assert strategy.budget_exhausted
@@ -64,27 +63,27 @@ def test_resume_with_another_batch_size_or_budget(tmp_path):
 
     first = _budgeted(noise_multiplier=3.0)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    _trainer(first, tmp_path, max_steps=20, max_epochs=None, enable_checkpointing=True,
+    make_trainer(first, tmp_path, max_steps=20, max_epochs=None, enable_checkpointing=True,
              callbacks=[saver]).fit(ToyLitVAE(), ToyData(n=200, sample_rate=0.05))
     last = str(tmp_path / "ckpt" / "last.ckpt")
     # another batch size (q 0.05 -> 0.5), planned for far more steps: stops at the target
     resumed = _budgeted(noise_multiplier=3.0)
     with pytest.warns(UserWarning, match="sample rate changed"):
-        _trainer(resumed, tmp_path, max_steps=2000, max_epochs=None).fit(
+        make_trainer(resumed, tmp_path, max_steps=2000, max_epochs=None).fit(
             ToyLitVAE(), ToyData(n=200, sample_rate=0.5), ckpt_path=last)
     assert resumed.budget_exhausted and 20 < resumed.accountant.steps < 2000
     assert resumed.epsilon() <= TARGET * (1 + 1e-6)
     # a raised target (or none at all) is refused ...
     for kwargs in ({"target_epsilon": 2 * TARGET}, {"target_epsilon": None}):
-        bigger = _strategy(noise_multiplier=1.0, target_delta=DELTA, **kwargs)
+        bigger = make_strategy(noise_multiplier=1.0, target_delta=DELTA, **kwargs)
         with pytest.raises(PrivacyConfigError, match="allow_budget_increase"):
-            _trainer(bigger, tmp_path, max_steps=200, max_epochs=None).fit(
+            make_trainer(bigger, tmp_path, max_steps=200, max_epochs=None).fit(
                 ToyLitVAE(), ToyData(n=200, sample_rate=0.05), ckpt_path=last)
     # ... unless acknowledged, and then said out loud, with the stop rule at the new target
     allowed = _budgeted(noise_multiplier=3.0, target_epsilon=2 * TARGET,
                         allow_budget_increase=True)
     with pytest.warns(UserWarning, match="budget of the whole run is now"):
-        _trainer(allowed, tmp_path, max_steps=5000, max_epochs=None).fit(
+        make_trainer(allowed, tmp_path, max_steps=5000, max_epochs=None).fit(
             ToyLitVAE(), ToyData(n=200, sample_rate=0.5), ckpt_path=last)
     assert TARGET < allowed.epsilon() <= 2 * TARGET * (1 + 1e-6)
 
@@ -111,26 +110,26 @@ def test_a_stop_rule_step_count_is_never_reused_for_another_sample_rate():
 def test_a_new_strategy_on_dp_trained_weights_continues_their_accountant(tmp_path):
     model = ToyLitVAE()
     first = _budgeted()
-    _trainer(first, tmp_path, max_steps=10, max_epochs=None).fit(model, ToyData(n=200))
+    make_trainer(first, tmp_path, max_steps=10, max_epochs=None).fit(model, ToyData(n=200))
     spent = first.epsilon()
     second = _budgeted()
     with pytest.warns(UserWarning, match="warm start"):
-        _trainer(second, tmp_path, max_steps=10, max_epochs=None).fit(model, ToyData(n=200))
+        make_trainer(second, tmp_path, max_steps=10, max_epochs=None).fit(model, ToyData(n=200))
     assert second.accountant.steps == 20 and spent < second.epsilon() <= TARGET * (1 + 1e-6)
     # σ was calibrated for what was left: larger than the first run's
     assert second.mechanism.noise_multiplier > first.mechanism.noise_multiplier
     public = _budgeted(warm_start="public")
     with pytest.warns(UserWarning, match="warm_start='public'"):
-        _trainer(public, tmp_path, max_steps=2, max_epochs=None).fit(model, ToyData(n=200))
+        make_trainer(public, tmp_path, max_steps=2, max_epochs=None).fit(model, ToyData(n=200))
     assert public.accountant.steps == 2
 
 
 def test_dp_fine_tuning_of_non_private_weights_is_refused(tmp_path):
     model = ToyLitVAE()
-    _trainer(TermwiseDPStrategy(mechanism="nonprivate"), tmp_path, max_steps=2).fit(
+    make_trainer(TermwiseDPStrategy(mechanism="nonprivate"), tmp_path, max_steps=2).fit(
         model, ToyData(n=200))
     with pytest.raises(PrivacyConfigError, match="trained without privacy"):
-        _trainer(_budgeted(), tmp_path, max_steps=2, max_epochs=None).fit(model, ToyData(n=200))
+        make_trainer(_budgeted(), tmp_path, max_steps=2, max_epochs=None).fit(model, ToyData(n=200))
 
 
 def test_load_from_checkpoint_carries_the_privacy_spend(tmp_path):
@@ -142,13 +141,13 @@ def test_load_from_checkpoint_carries_the_privacy_spend(tmp_path):
     kwargs = dict(max_grad_norm=1.0, target_epsilon=TARGET, target_delta=1e-4,
                   sample_share=1.0)
     first = TermwiseDPStrategy(**kwargs)
-    trainer = _trainer(first, tmp_path, max_steps=5, max_epochs=None, limit_val_batches=0)
+    trainer = make_trainer(first, tmp_path, max_steps=5, max_epochs=None, limit_val_batches=0)
     trainer.fit(model, data)
     trainer.save_checkpoint(tmp_path / "dp.ckpt")
     loaded = VanillaVAE.load_from_checkpoint(tmp_path / "dp.ckpt")
     second = TermwiseDPStrategy(**kwargs)
     with pytest.warns(UserWarning, match="warm start"):
-        _trainer(second, tmp_path, max_steps=5, max_epochs=None, limit_val_batches=0).fit(
+        make_trainer(second, tmp_path, max_steps=5, max_epochs=None, limit_val_batches=0).fit(
             loaded, DigitsDataModule(batch_size=64, seed=2))
     assert second.accountant.steps == 10
     assert first.epsilon() < second.epsilon() <= TARGET * (1 + 1e-6)
@@ -157,18 +156,18 @@ def test_load_from_checkpoint_carries_the_privacy_spend(tmp_path):
 
 def test_a_larger_delta_at_resume_is_refused(tmp_path):
     first = _budgeted(noise_multiplier=3.0, target_delta=1e-5)
-    trainer = _trainer(first, tmp_path, max_steps=5, max_epochs=None)
+    trainer = make_trainer(first, tmp_path, max_steps=5, max_epochs=None)
     trainer.fit(ToyLitVAE(), ToyData(n=200))
     path = tmp_path / "a.ckpt"
     trainer.save_checkpoint(path)
     with pytest.raises(PrivacyConfigError, match="target_delta"):
-        _trainer(_budgeted(noise_multiplier=3.0, target_delta=4e-3), tmp_path, max_steps=50,
+        make_trainer(_budgeted(noise_multiplier=3.0, target_delta=4e-3), tmp_path, max_steps=50,
                  max_epochs=None).fit(ToyLitVAE(), ToyData(n=200), ckpt_path=str(path))
 
 
 def test_copies_and_interleaved_strategies_keep_the_weights_spend(tmp_path):
     a = _budgeted(noise_multiplier=1.5)
-    ta = _trainer(a, tmp_path, max_steps=10, max_epochs=None)
+    ta = make_trainer(a, tmp_path, max_steps=10, max_epochs=None)
     model = ToyLitVAE()
     ta.fit(model, ToyData(n=200))
     # a copy by load_state_dict carries the spend (fingerprint of the weights)
@@ -176,12 +175,12 @@ def test_copies_and_interleaved_strategies_keep_the_weights_spend(tmp_path):
     copy.load_state_dict(model.state_dict())
     c = _budgeted(noise_multiplier=1.5)
     with pytest.warns(UserWarning, match="warm start"):
-        _trainer(c, tmp_path, max_steps=5, max_epochs=None).fit(copy, ToyData(n=200))
+        make_trainer(c, tmp_path, max_steps=5, max_epochs=None).fit(copy, ToyData(n=200))
     assert c.accountant.steps == 15
     # B continues the same object to the end of the budget; A's second fit adopts B's steps
     b = _budgeted(noise_multiplier=1.5)
     with pytest.warns(UserWarning, match="warm start"):
-        _trainer(b, tmp_path, max_steps=10**6, max_epochs=None).fit(model, ToyData(n=200))
+        make_trainer(b, tmp_path, max_steps=10**6, max_epochs=None).fit(model, ToyData(n=200))
     assert b.budget_exhausted
     ta.fit_loop.epoch_loop.max_steps = 10**6
     with pytest.warns(UserWarning, match="warm start"):
@@ -192,11 +191,11 @@ def test_copies_and_interleaved_strategies_keep_the_weights_spend(tmp_path):
 
 
 def test_validate_then_save_keeps_the_privacy_state(tmp_path):
-    trainer = _trainer(_budgeted(noise_multiplier=2.0), tmp_path, max_steps=8, max_epochs=None)
+    trainer = make_trainer(_budgeted(noise_multiplier=2.0), tmp_path, max_steps=8, max_epochs=None)
     trainer.fit(ToyLitVAE(), ToyData(n=200))
     trainer.save_checkpoint(tmp_path / "dp.ckpt")
     fresh = _budgeted(noise_multiplier=2.0)
-    checker = _trainer(fresh, tmp_path, max_steps=8, max_epochs=None, limit_val_batches=1)
+    checker = make_trainer(fresh, tmp_path, max_steps=8, max_epochs=None, limit_val_batches=1)
     model = ToyLitVAE()
     checker.strategy._lightning_module = model
     checker.strategy.run.restored = None
@@ -234,7 +233,7 @@ def test_exact_resume_from_an_end_of_epoch_checkpoint_never_replays_its_batches(
                                       sample_share=0.9, noise_seed=7, exact_resume=True)
         batches = Batches()
         saver = ModelCheckpoint(dirpath=tmp_path / folder, save_top_k=-1, every_n_epochs=1)
-        trainer = _trainer(strategy, tmp_path, max_steps=-1, max_epochs=3,
+        trainer = make_trainer(strategy, tmp_path, max_steps=-1, max_epochs=3,
                            enable_checkpointing=True, callbacks=[saver, batches],
                            limit_val_batches=1)
         trainer.fit(model, DigitsDataModule(batch_size=400, seed=3), ckpt_path=ckpt)
@@ -251,17 +250,17 @@ def test_exact_resume_from_an_end_of_epoch_checkpoint_never_replays_its_batches(
 def test_partial_and_frozen_copies_keep_the_spend_but_fresh_models_do_not(tmp_path):
     model = ToyLitVAE()
     first = _budgeted(noise_multiplier=1.5)
-    _trainer(first, tmp_path, max_steps=6, max_epochs=None).fit(model, ToyData(n=200))
+    make_trainer(first, tmp_path, max_steps=6, max_epochs=None).fit(model, ToyData(n=200))
     partial = ToyLitVAE()
     partial.enc.load_state_dict(model.enc.state_dict())  # the encoder only
     for p in partial.enc.parameters():
         p.requires_grad_(False)
     second = _budgeted(noise_multiplier=1.5)
     with pytest.warns(UserWarning, match="warm start"):
-        _trainer(second, tmp_path, max_steps=6, max_epochs=None).fit(partial, ToyData(n=200))
+        make_trainer(second, tmp_path, max_steps=6, max_epochs=None).fit(partial, ToyData(n=200))
     assert second.accountant.steps == 12
     fresh = _budgeted(noise_multiplier=1.5)  # a new model with the same initial values
-    _trainer(fresh, tmp_path, max_steps=6, max_epochs=None).fit(ToyLitVAE(), ToyData(n=200))
+    make_trainer(fresh, tmp_path, max_steps=6, max_epochs=None).fit(ToyLitVAE(), ToyData(n=200))
     assert fresh.accountant.steps == 6
 
 
@@ -269,14 +268,14 @@ def test_load_from_checkpoint_of_any_module_carries_the_spend_in_a_new_process(t
                                                                                monkeypatch):
     from lit_dpvae.privacy import provenance
 
-    trainer = _trainer(_budgeted(noise_multiplier=1.5), tmp_path, max_steps=6, max_epochs=None)
+    trainer = make_trainer(_budgeted(noise_multiplier=1.5), tmp_path, max_steps=6, max_epochs=None)
     trainer.fit(ToyLitVAE(), ToyData(n=200))
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     monkeypatch.setattr(provenance, "SPENT_WEIGHTS", {})  # as in a new process
     loaded = ToyLitVAE.load_from_checkpoint(tmp_path / "a.ckpt")  # not a BaseVAE
     second = _budgeted(noise_multiplier=1.5)
     with pytest.warns(UserWarning, match="warm start"):
-        _trainer(second, tmp_path, max_steps=6, max_epochs=None).fit(loaded, ToyData(n=200))
+        make_trainer(second, tmp_path, max_steps=6, max_epochs=None).fit(loaded, ToyData(n=200))
     assert second.accountant.steps == 12
 
 
@@ -287,7 +286,7 @@ def test_weights_loaded_any_way_carry_the_spend(tmp_path, monkeypatch):
 
     from lit_dpvae.privacy import provenance
 
-    trainer = _trainer(_budgeted(noise_multiplier=1.5), tmp_path, max_steps=6, max_epochs=None)
+    trainer = make_trainer(_budgeted(noise_multiplier=1.5), tmp_path, max_steps=6, max_epochs=None)
     trainer.fit(ToyLitVAE(), ToyData(n=200))
     trainer.save_checkpoint(tmp_path / "a.ckpt")
 
@@ -297,7 +296,8 @@ def test_weights_loaded_any_way_carry_the_spend(tmp_path, monkeypatch):
     def steps_after_fit(model) -> int:
         strategy = _budgeted(noise_multiplier=1.5)
         with pytest.warns(UserWarning, match="warm start"):
-            _trainer(strategy, tmp_path, max_steps=6, max_epochs=None).fit(model, ToyData(n=200))
+            make_trainer(strategy, tmp_path, max_steps=6, max_epochs=None).fit(
+                model, ToyData(n=200))
         return strategy.accountant.steps
 
     fresh_process()
@@ -310,7 +310,7 @@ def test_weights_loaded_any_way_carry_the_spend(tmp_path, monkeypatch):
 
     fresh_process()
     model = Validated()
-    _trainer(_budgeted(noise_multiplier=1.5), tmp_path).validate(
+    make_trainer(_budgeted(noise_multiplier=1.5), tmp_path).validate(
         model, DataLoader(TensorDataset(torch.zeros(4, 6), torch.zeros(4).long()), batch_size=2),
         ckpt_path=str(tmp_path / "a.ckpt"))
     assert steps_after_fit(model) == 12
@@ -319,11 +319,11 @@ def test_weights_loaded_any_way_carry_the_spend(tmp_path, monkeypatch):
 def test_a_checkpoint_saved_after_loading_dp_weights_resumes_with_their_sigma(tmp_path):
     """load_from_checkpoint, save with a strategy that never trained, resume: the resumed run
     continues the spend with the last private σ (not σ = 0, which would stop it at once)."""
-    trainer = _trainer(_budgeted(noise_multiplier=3.0), tmp_path, max_steps=4, max_epochs=None)
+    trainer = make_trainer(_budgeted(noise_multiplier=3.0), tmp_path, max_steps=4, max_epochs=None)
     trainer.fit(ToyLitVAE(), ToyData(n=200))
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     loaded = ToyLitVAE.load_from_checkpoint(tmp_path / "a.ckpt")
-    saver = _trainer(_budgeted(noise_multiplier=3.0), tmp_path)
+    saver = make_trainer(_budgeted(noise_multiplier=3.0), tmp_path)
     saver.strategy.connect(loaded)
     state = saver.strategy.privacy_state_dict()
     assert state["noise_multiplier"] == 3.0 and state["accountant"]["history"]
@@ -331,7 +331,7 @@ def test_a_checkpoint_saved_after_loading_dp_weights_resumes_with_their_sigma(tm
     checkpoint = torch.load(tmp_path / "a.ckpt", weights_only=False)
     checkpoint["lit_dpvae_privacy"] = state
     torch.save(checkpoint, tmp_path / "b.ckpt")
-    _trainer(resumed, tmp_path, max_steps=8, max_epochs=None).fit(
+    make_trainer(resumed, tmp_path, max_steps=8, max_epochs=None).fit(
         ToyLitVAE(), ToyData(n=200), ckpt_path=str(tmp_path / "b.ckpt"))
     assert resumed.accountant.steps == 8 and resumed.mechanism.noise_multiplier == 3.0
 
@@ -349,17 +349,17 @@ def test_a_resume_does_not_mark_the_initial_weights_as_trained(tmp_path):
                        n_prior_samples=8)
 
     first = _budgeted(noise_multiplier=1.5, target_delta=1e-5)
-    trainer = _trainer(first, tmp_path, max_steps=2, max_epochs=None)
+    trainer = make_trainer(first, tmp_path, max_steps=2, max_epochs=None)
     trainer.fit(model(), DigitsDataModule(batch_size=200, seed=1))
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     resumed = _budgeted(noise_multiplier=1.5, target_delta=1e-5)
-    _trainer(resumed, tmp_path, max_steps=4, max_epochs=None).fit(
+    make_trainer(resumed, tmp_path, max_steps=4, max_epochs=None).fit(
         model(), DigitsDataModule(batch_size=200, seed=1), ckpt_path=tmp_path / "a.ckpt")
     assert resumed.accountant.steps == 4
     type(model()).load_from_checkpoint(tmp_path / "a.ckpt")  # the other loader
     fresh = _budgeted(noise_multiplier=1.5, target_delta=1e-5)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="warm start")
-        _trainer(fresh, tmp_path, max_steps=2, max_epochs=None).fit(
+        make_trainer(fresh, tmp_path, max_steps=2, max_epochs=None).fit(
             model(), DigitsDataModule(batch_size=200, seed=1))
     assert fresh.accountant.steps == 2

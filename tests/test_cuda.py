@@ -53,10 +53,10 @@ def test_sample_part_equals_the_float64_oracle(kind):
 
 
 def _pair_toy():
-    from tests.privacy.test_pairwise import PairToy, _mech
+    from tests.privacy.toys import PairToy, pairwise_mechanism
 
     torch.manual_seed(0)
-    return PairToy("conv", "mmd", lam=5.0), _mech(0.05)
+    return PairToy("conv", "mmd", lam=5.0), pairwise_mechanism(0.05)
 
 
 @pytest.mark.parametrize("kind", (*KINDS, "pairwise-conv"))

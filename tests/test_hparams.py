@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_dpvae.data import VAEDataModule
 from lit_dpvae.hparams import (
-    _MAX_DEPTH,
     MAX_CHARS,
+    MAX_DEPTH,
     MAX_LEAVES,
     MAX_NUMBERS,
     data_like,
@@ -311,7 +311,7 @@ def _nested_dict(depth: int) -> dict:
     "x" * (MAX_CHARS + 1), ["x" * 3000, "y" * 3000], {"x" * 3000: "y" * 3000},
     _structured_record(), np.rec.array([(1, "a")], dtype=[("x", "i4"), ("y", "U3")])[0],
     np.bytes_(b"alice"), np.datetime64("1983-04-01"), np.timedelta64(3, "D"),
-    memoryview(b"alice"), array.array("d", [0.5]), _FrameLike(), _nested_dict(_MAX_DEPTH + 2),
+    memoryview(b"alice"), array.array("d", [0.5]), _FrameLike(), _nested_dict(MAX_DEPTH + 2),
 ], ids=lambda v: type(v).__name__)
 def test_records_of_any_type_are_recognised(value):
     reason = data_like(value)
@@ -326,7 +326,7 @@ def test_records_of_any_type_are_recognised(value):
     {"name": "adam", "betas": (0.9, 0.999), "eps": None, "amsgrad": False},
     {"optimizer": {"name": "adam", "lr": 1e-3}, "scheduler": None}, {"sample": 0.5, "batch": 0.2},
     "/data/" + "d" * 4000, "x" * MAX_CHARS, ["x" * 2000, "y" * 2000], np.float32(0.5),
-    np.int64(3), np.bool_(True), np.str_("bernoulli"), [], {}, (), _nested_dict(_MAX_DEPTH - 2),
+    np.int64(3), np.bool_(True), np.str_("bernoulli"), [], {}, (), _nested_dict(MAX_DEPTH - 2),
     Namespace(lr=1e-3, hidden=[400, 200]), [torch.float32, "relu", None],
 ], ids=lambda v: type(v).__name__)
 def test_configuration_values_are_kept(value):

@@ -10,22 +10,7 @@ import torch
 
 from lit_dpvae.callbacks import PrivacySpend
 from lit_dpvae.strategy import PrivacyConfigError, TermwiseDPStrategy
-from tests.lightning_toys import RecordRanks, ToyData, ToyLitVAE
-
-
-def _trainer(strategy, tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, max_steps=6, logger=False,
-                    enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, default_root_dir=tmp_path)
-    defaults.update(kwargs)
-    return pl.Trainer(strategy=strategy, **defaults)
-
-
-def _strategy(**kwargs) -> TermwiseDPStrategy:
-    defaults = dict(noise_multiplier=1.0, max_grad_norm=0.5, batch_max_grad_norm=0.1,
-                    noise_seed=11)
-    defaults.update(kwargs)
-    return TermwiseDPStrategy(**defaults)
+from tests.lightning_toys import RecordRanks, ToyData, ToyLitVAE, make_strategy, make_trainer
 
 
 @pytest.mark.parametrize("mechanism", ["termwise", "pairwise"])
@@ -39,9 +24,10 @@ def test_two_processes_match_one_device_and_stay_identical(tmp_path, mechanism):
     steps = 8
     pairwise = mechanism == "pairwise"
     extra = {"mechanism": mechanism, "pair_max_grad_norm": 0.05} if pairwise else {}
-    _trainer(_strategy(**extra), one, max_steps=steps, callbacks=[RecordRanks(str(one))]).fit(
-        ToyLitVAE(pairwise=pairwise), ToyData(sample_rate=0.06))
-    _trainer(_strategy(start_method="spawn", **extra), two, devices=2, max_steps=steps,
+    make_trainer(make_strategy(**extra), one, max_steps=steps,
+                 callbacks=[RecordRanks(str(one))]).fit(ToyLitVAE(pairwise=pairwise),
+                                                        ToyData(sample_rate=0.06))
+    make_trainer(make_strategy(start_method="spawn", **extra), two, devices=2, max_steps=steps,
              callbacks=[RecordRanks(str(two))]).fit(ToyLitVAE(pairwise=pairwise),
                                                     ToyData(sample_rate=0.06))
     ref = torch.load(one / "rank0.pt")
@@ -64,7 +50,7 @@ def test_logged_epsilon_equals_the_accountant_and_sigma_is_calibrated(tmp_path):
     spend = PrivacySpend(log_every_n_steps=1)
     strategy = TermwiseDPStrategy(target_epsilon=2.0, target_delta=1e-3, max_grad_norm=0.5,
                                   noise_seed=1)
-    trainer = _trainer(strategy, tmp_path, max_steps=10, callbacks=[spend])
+    trainer = make_trainer(strategy, tmp_path, max_steps=10, callbacks=[spend])
     trainer.fit(ToyLitVAE(), ToyData(n=200, sample_rate=0.1))
     assert strategy.accountant.steps == 10
     eps = strategy.epsilon()
@@ -77,8 +63,8 @@ def test_logged_epsilon_equals_the_accountant_and_sigma_is_calibrated(tmp_path):
 
 
 def test_training_stops_before_the_budget_would_be_exceeded(tmp_path):
-    strategy = _strategy(noise_multiplier=2.0, target_epsilon=1.0, target_delta=1e-3)
-    trainer = _trainer(strategy, tmp_path, max_steps=10_000, max_epochs=None)
+    strategy = make_strategy(noise_multiplier=2.0, target_epsilon=1.0, target_delta=1e-3)
+    trainer = make_trainer(strategy, tmp_path, max_steps=10_000, max_epochs=None)
     # With σ fixed, target_epsilon is a stop rule: the run ends at the last step that fits.
     trainer.fit(ToyLitVAE(), ToyData(n=200, sample_rate=0.1))
     assert strategy.budget_exhausted
@@ -89,9 +75,9 @@ def test_training_stops_before_the_budget_would_be_exceeded(tmp_path):
     # Resuming a spent budget is refused before any step.
     ckpt = tmp_path / "spent.ckpt"
     trainer.save_checkpoint(ckpt)
-    again = _strategy(noise_multiplier=2.0, target_epsilon=1.0, target_delta=1e-3)
+    again = make_strategy(noise_multiplier=2.0, target_epsilon=1.0, target_delta=1e-3)
     with pytest.raises(PrivacyConfigError, match="already spent"):
-        _trainer(again, tmp_path, max_steps=20_000, max_epochs=None).fit(
+        make_trainer(again, tmp_path, max_steps=20_000, max_epochs=None).fit(
             ToyLitVAE(), ToyData(n=200, sample_rate=0.1), ckpt_path=str(ckpt))
 
 
@@ -102,9 +88,9 @@ def test_resume_from_a_mid_run_checkpoint_matches_an_uninterrupted_run(tmp_path)
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(epochs, folder, ckpt=None, **kwargs):
-        strategy = _strategy(noise_seed=5, **kwargs)
+        strategy = make_strategy(noise_seed=5, **kwargs)
         saver = ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, save_top_k=0)
-        trainer = _trainer(strategy, tmp_path, max_steps=-1, max_epochs=epochs,
+        trainer = make_trainer(strategy, tmp_path, max_steps=-1, max_epochs=epochs,
                            enable_checkpointing=True, callbacks=[saver])
         model = ToyLitVAE()
         trainer.fit(model, ToyData(n=40, sample_rate=0.25), ckpt_path=ckpt)
@@ -141,7 +127,7 @@ def test_unsafe_trainer_settings_are_refused_before_the_first_step(tmp_path, tra
     model = ToyLitVAE()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PrivacyConfigError, match=match):
-        _trainer(_strategy(), tmp_path, **trainer_kwargs).fit(model, ToyData())
+        make_trainer(make_strategy(), tmp_path, **trainer_kwargs).fit(model, ToyData())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -149,9 +135,9 @@ def test_batchnorm_and_non_poisson_loaders_are_refused(tmp_path):
     from lit_dpvae.privacy.grad_sample import UnsupportedModuleError
 
     with pytest.raises(UnsupportedModuleError, match="GroupNorm"):
-        _trainer(_strategy(), tmp_path).fit(ToyLitVAE(batchnorm=True), ToyData())
+        make_trainer(make_strategy(), tmp_path).fit(ToyLitVAE(batchnorm=True), ToyData())
     with pytest.raises(PrivacyConfigError, match="Poisson"):
-        _trainer(_strategy(), tmp_path).fit(ToyLitVAE(), ToyData(poisson=False))
+        make_trainer(make_strategy(), tmp_path).fit(ToyLitVAE(), ToyData(poisson=False))
 
 
 def test_bad_strategy_settings_are_refused():
@@ -166,7 +152,7 @@ def test_bad_strategy_settings_are_refused():
 def test_delta_must_be_below_one_over_n(tmp_path):
     strategy = TermwiseDPStrategy(target_epsilon=1.0, target_delta=0.05)
     with pytest.raises(ValueError, match="1/N"):
-        _trainer(strategy, tmp_path).fit(ToyLitVAE(), ToyData(n=40))
+        make_trainer(strategy, tmp_path).fit(ToyLitVAE(), ToyData(n=40))
 
 
 def test_strategy_is_registered_by_name():
@@ -182,15 +168,15 @@ def test_manual_optimization_is_refused(tmp_path):
             self.automatic_optimization = False
 
     with pytest.raises(PrivacyConfigError, match="manual optimization"):
-        _trainer(_strategy(), tmp_path).fit(Manual(), ToyData())
+        make_trainer(make_strategy(), tmp_path).fit(Manual(), ToyData())
 
 
 def test_sigma_too_small_and_unbounded_plans_are_refused(tmp_path):
     with pytest.raises(PrivacyConfigError, match="too small"):
-        _trainer(_strategy(noise_multiplier=0.3, target_epsilon=0.5, target_delta=1e-3),
+        make_trainer(make_strategy(noise_multiplier=0.3, target_epsilon=0.5, target_delta=1e-3),
                  tmp_path).fit(ToyLitVAE(), ToyData(n=200))
     with pytest.raises(PrivacyConfigError, match="unbounded"):
-        _trainer(TermwiseDPStrategy(target_epsilon=1.0, target_delta=1e-3), tmp_path,
+        make_trainer(TermwiseDPStrategy(target_epsilon=1.0, target_delta=1e-3), tmp_path,
                  max_steps=-1, max_epochs=-1).fit(ToyLitVAE(), ToyData(n=200))
 
 
@@ -200,12 +186,12 @@ def test_resuming_needs_the_privacy_state_and_the_same_mechanism(tmp_path):
     plain.fit(ToyLitVAE(), ToyData(poisson=False))
     plain.save_checkpoint(tmp_path / "plain.ckpt")
     with pytest.raises(PrivacyConfigError, match="no privacy state"):
-        _trainer(_strategy(), tmp_path, max_steps=4).fit(
+        make_trainer(make_strategy(), tmp_path, max_steps=4).fit(
             ToyLitVAE(), ToyData(), ckpt_path=str(tmp_path / "plain.ckpt"))
-    trainer = _trainer(_strategy(), tmp_path, max_steps=2)
+    trainer = make_trainer(make_strategy(), tmp_path, max_steps=2)
     trainer.fit(ToyLitVAE(), ToyData())
     trainer.save_checkpoint(tmp_path / "termwise.ckpt")
-    naive = _strategy(mechanism="naive", batch_max_grad_norm=1.0)
+    naive = make_strategy(mechanism="naive", batch_max_grad_norm=1.0)
     with pytest.raises(PrivacyConfigError, match="same mechanism"):
-        _trainer(naive, tmp_path, max_steps=4).fit(
+        make_trainer(naive, tmp_path, max_steps=4).fit(
             ToyLitVAE(), ToyData(), ckpt_path=str(tmp_path / "termwise.ckpt"))

@@ -334,7 +334,7 @@ def owner_vectors(
     n, d = zz.shape
     trace = gram.diagonal(dim1=1, dim2=2).sum(-1)  # tr G_i, [n]
     if kernel.radial:
-        phi, quad = _radial_pair_quads(z, zz, w, kernel, weight, gram, trace, gram_terms)
+        phi, quad = radial_pair_quads(z, zz, w, kernel, weight, gram, trace, gram_terms)
         pair_norms = quad.sqrt_().mul_(phi.abs())
         a = clip_factors(pair_norms, max_norm).masked_fill_(self_pairs, 0.0)
         coef = torch.where(a > 0, a.mul_(phi), 0.0)  # [n, N]; exact zeros where a = 0
@@ -398,7 +398,7 @@ def weighted_differences(coef: Tensor, z: Tensor, zz: Tensor) -> Tensor:
     return out
 
 
-def _radial_pair_quads(z: Tensor, zz: Tensor, w: Tensor, kernel: PairKernel, weight: float,
+def radial_pair_quads(z: Tensor, zz: Tensor, w: Tensor, kernel: PairKernel, weight: float,
                        gram: Tensor, trace: Tensor, gram_terms: int) -> tuple[Tensor, Tensor]:
     """For a radial kernel, ``∇₁k(a, b) = φ(‖a−b‖²)·(a − b)`` (``kernel.pair_scale``):
     ``(λφ_ij [n, N], an upper bound of D_ijᵀG_iD_ij [n, N])`` with ``D_ij = z_i − z_j``.

@@ -24,7 +24,7 @@ import torch
 _FULL = ("ieee", "none")  # "none" with no parent setting is the IEEE default
 
 
-def _ops() -> list[Any]:
+def fp32_precision_ops() -> list[Any]:
     """The per-operator float32 precision settings of every kernel family."""
     b: Any = torch.backends
     return [b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn, b.mkldnn.matmul, b.mkldnn.conv,
@@ -32,7 +32,7 @@ def _ops() -> list[Any]:
 
 
 def _new_api() -> bool:
-    return all(hasattr(op, "fp32_precision") for op in _ops())
+    return all(hasattr(op, "fp32_precision") for op in fp32_precision_ops())
 
 
 def reduced_fp32_matmul() -> bool:
@@ -62,7 +62,7 @@ def ieee_fp32() -> Iterator[None]:
             torch.set_float32_matmul_precision(before[0])
             torch.backends.cudnn.allow_tf32 = before[1]
         return
-    saved = [(op, op.fp32_precision) for op in _ops()]
+    saved = [(op, op.fp32_precision) for op in fp32_precision_ops()]
     try:
         for op, _ in saved:
             op.fp32_precision = "ieee"

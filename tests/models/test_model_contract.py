@@ -13,6 +13,7 @@ import torch
 from lit_dpvae.divergences import COMPOSITIONS, Divergence
 from lit_dpvae.privacy.terms import LossTerms
 from tests.models.conftest import PAIRINGS, model_class
+from tests.models.helpers import make_batch, record_noise
 
 SHAPES = {"mlp": (1, 8, 8), "conv": (1, 8, 8), "mlp2d": (2,)}
 
@@ -34,17 +35,6 @@ def _make(name, arch="mlp", conditional=False, group_norm=0, k=1, **kw):
     )
 
 
-def _record_noise(mu: torch.Tensor, k: int) -> torch.Tensor:
-    """Noise that depends only on the record's own (detached) posterior mean."""
-    steps = torch.arange(k, dtype=mu.dtype)[None, :, None]
-    return torch.sin(37.0 * mu.detach()[:, None, :] + 1.3 * steps + 0.5)
-
-
-def _batch(n, shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, *shape, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-
 CASES = [
     ("mlp", False, 0, 1),
     ("conv", True, 2, 3),
@@ -57,8 +47,8 @@ CASES = [
 def test_sample_terms_are_per_record(name, arch, conditional, group_norm, k, monkeypatch):
     torch.manual_seed(0)
     model = _make(name, arch, conditional, group_norm, k)
-    monkeypatch.setattr(model, "draw_noise", _record_noise)
-    x, y = _batch(6, SHAPES[arch])
+    monkeypatch.setattr(model, "draw_noise", record_noise)
+    x, y = make_batch(6, SHAPES[arch])
     terms = model.loss_terms((x, y))
     assert terms.validate() == 6
     assert set(terms.sample) == {"recon", "kl"}
@@ -66,7 +56,7 @@ def test_sample_terms_are_per_record(name, arch, conditional, group_norm, k, mon
     x2, y2 = x.clone(), y.clone()
     x2[2], y2[2] = torch.rand(SHAPES[arch]), (y[2] + 1) % 3  # change record 2
     changed = model.loss_terms((x2, y2))
-    x3, y3 = torch.cat([x, _batch(1, SHAPES[arch], 9)[0]]), torch.cat([y, y[:1]])  # add one
+    x3, y3 = torch.cat([x, make_batch(1, SHAPES[arch], 9)[0]]), torch.cat([y, y[:1]])  # add one
     added = model.loss_terms((x3, y3))
     others = [0, 1, 3, 4, 5]
     for key in terms.sample:
@@ -92,7 +82,7 @@ def test_batch_terms_go_through_gather_and_declare_composition(name, monkeypatch
         return t
 
     monkeypatch.setattr(model, "gather_for_batch_terms", spy)
-    terms = model.loss_terms(_batch(5, SHAPES["mlp"]))
+    terms = model.loss_terms(make_batch(5, SHAPES["mlp"]))
     if model.divergence_key is None:
         assert terms.batch == {} and seen == []
         return
@@ -104,13 +94,13 @@ def test_batch_terms_go_through_gather_and_declare_composition(name, monkeypatch
     assert "DP:" in (type(model).__doc__ or "")
     # λ weights the divergence, and λ = 0 declares no batch-wise term (then γ = 1 is possible)
     torch.manual_seed(1)
-    base = model.loss_terms(_batch(5, SHAPES["mlp"])).batch[model.divergence_key]
+    base = model.loss_terms(make_batch(5, SHAPES["mlp"])).batch[model.divergence_key]
     model.lam *= 2
     torch.manual_seed(1)
-    doubled = model.loss_terms(_batch(5, SHAPES["mlp"])).batch[model.divergence_key]
+    doubled = model.loss_terms(make_batch(5, SHAPES["mlp"])).batch[model.divergence_key]
     torch.testing.assert_close(doubled, 2 * base)
     model.lam = 0.0
-    assert model.loss_terms(_batch(5, SHAPES["mlp"])).batch == {}
+    assert model.loss_terms(make_batch(5, SHAPES["mlp"])).batch == {}
 
 
 @pytest.mark.parametrize("name", PAIRINGS)
@@ -118,7 +108,7 @@ def test_batch_terms_go_through_gather_and_declare_composition(name, monkeypatch
 @pytest.mark.parametrize("n", [0, 1])
 def test_tiny_and_empty_batches(name, arch, n):
     model = _make(name, arch, conditional=True, k=2)
-    x, y = _batch(n, SHAPES[arch])
+    x, y = make_batch(n, SHAPES[arch])
     terms = model.loss_terms((x, y))
     assert isinstance(terms, LossTerms) and terms.validate() == n
     for value in terms.sample.values():
@@ -138,7 +128,7 @@ def test_tiny_and_empty_batches(name, arch, n):
 @pytest.mark.parametrize("conditional", [False, True])
 def test_sample_and_reconstruct(name, arch, conditional):
     model = _make(name, arch, conditional)
-    x, y = _batch(4, SHAPES[arch])
+    x, y = make_batch(4, SHAPES[arch])
     labels = y if conditional else None
     s = model.sample(4, labels=labels)
     r = model.reconstruct(x, labels)
@@ -185,8 +175,8 @@ def test_label_prior_is_per_record_and_shifts_kl_and_samples(arch, k, monkeypatc
 
     torch.manual_seed(0)
     model = _make("VanillaVAE", arch, conditional=True, k=k, label_prior=True)
-    monkeypatch.setattr(model, "draw_noise", _record_noise)
-    x, y = _batch(6, SHAPES[arch])
+    monkeypatch.setattr(model, "draw_noise", record_noise)
+    x, y = make_batch(6, SHAPES[arch])
     terms = model.loss_terms((x, y))
     onehot = torch.nn.functional.one_hot(y, 3).float()
     mu, log_var = model.encode(x, onehot)
@@ -230,10 +220,10 @@ def test_label_prior_scale_kl_and_samples(arch, k, analytic, monkeypatch):
     model = _make("VanillaVAE", arch, conditional=True, k=k, label_prior=True,
                   label_prior_scale=True)
     monkeypatch.setattr(model, "analytic_kl", analytic)
-    monkeypatch.setattr(model, "draw_noise", _record_noise)
+    monkeypatch.setattr(model, "draw_noise", record_noise)
     with torch.no_grad():  # s_y ≠ 1 (the initial value would hide a missing scale)
         model.label_log_scales.weight.normal_(0.0, 0.5)
-    x, y = _batch(6, SHAPES[arch])
+    x, y = make_batch(6, SHAPES[arch])
     terms = model.loss_terms((x, y))
     onehot = torch.nn.functional.one_hot(y, 3).float()
     with torch.no_grad():
@@ -243,7 +233,7 @@ def test_label_prior_scale_kl_and_samples(arch, k, analytic, monkeypatch):
         if analytic:
             want = kl_divergence(q, p).sum(-1)
         else:
-            z = mu[:, None] + (0.5 * log_var).exp()[:, None] * _record_noise(mu, k)
+            z = mu[:, None] + (0.5 * log_var).exp()[:, None] * record_noise(mu, k)
             want = (Normal(mu[:, None], (0.5 * log_var).exp()[:, None]).log_prob(z)
                     - Normal(m[:, None], s[:, None]).log_prob(z)).sum(-1).mean(1)
     torch.testing.assert_close(terms.sample["kl"], want * model.beta, rtol=1e-4, atol=1e-4)

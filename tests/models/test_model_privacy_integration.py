@@ -10,7 +10,7 @@ import torch
 
 from lit_dpvae.privacy.mechanisms import TermwiseDPSGD
 from tests.models.conftest import PAIRINGS, model_class
-from tests.models.test_model_contract import _batch, _record_noise
+from tests.models.helpers import make_batch, record_noise
 
 
 @pytest.mark.parametrize("name", PAIRINGS)
@@ -70,8 +70,8 @@ def test_conv_row_blocks_keep_records_with_k_rows(keep, monkeypatch):
 
 
 def _check_against_oracle(model, backend, monkeypatch):
-    monkeypatch.setattr(model, "draw_noise", _record_noise)
-    batch = _batch(5, (1, 8, 8))
+    monkeypatch.setattr(model, "draw_noise", record_noise)
+    batch = make_batch(5, (1, 8, 8))
     clip = 1.0
     share = 1.0 if model.divergence_key is None else 0.5
     mech = TermwiseDPSGD(max_grad_norm=clip, sample_share=share, backend=backend)

@@ -115,14 +115,14 @@ def test_duplicate_codes_with_large_means_stay_within_the_pairwise_bound(d_z, di
     """Float32-identical codes far from the origin (duplicate records, a large mean): the pair
     vectors z_i − z_j are exactly 0, but (Σ_j c_ij) z_i − Σ_j c_ij z_j leaves an aligned residue
     of order ε‖z‖ per pair that grows with n."""
-    from tests.privacy.test_pairwise import PairToy, _mech
+    from tests.privacy.toys import PairToy, pairwise_mechanism
 
     model = PairToy("mlp", div, lam=30.0, d_z=d_z)
     with torch.no_grad():
         model.enc[-1].bias[:d_z] = 3e3
         model.enc[-1].bias[d_z:] = -20.0  # collapsed variances
     c_p = 1e-2
-    mech = _mech(c_p)
+    mech = pairwise_mechanism(c_p)
     rng = torch.Generator().manual_seed(7)
     record = torch.randn(1, 6, generator=rng)
     worst = 0.0

@@ -24,68 +24,15 @@ from lit_dpvae.privacy import (
     joint_noise_multiplier,
 )
 from tests.privacy.test_mechanisms import REL_TOL
-from tests.privacy.toys import coupling_divergence, diff_norms, neighbours
+from tests.privacy.toys import (
+    DIVS,
+    PairToy,
+    diff_norms,
+    neighbours,
+    pairwise_mechanism,
+)
 
 KINDS = ("mlp", "mlp-k3", "conv")
-DIVS = {
-    "mmd": lambda: MMD("imq", bandwidths=(0.5, 1.0, 2.0), n_prior_samples=16),
-    "dim_mmd": lambda: DimensionWiseMMD("imq", bandwidths=(0.05, 0.5), n_prior_samples=16),
-    "mmd_rbf": lambda: MMD("rbf", bandwidths=(0.5, 2.0), n_prior_samples=16),
-}
-
-
-class PairToy(nn.Module):
-    """Tiny VAE with a pairwise MMD on one code per record (and optionally an opaque term).
-
-    The prior samples are a fixed buffer (one realisation ω, coupled across neighbours)."""
-
-    def __init__(self, kind: str = "mlp", div: str = "mmd", lam: float = 3.0,
-                 opaque: bool = False, d_z: int = 2) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.kind, self.lam, self.opaque, self.d_z = kind, lam, opaque, d_z
-        self.samples = 3 if kind == "mlp-k3" else 1
-        if kind == "conv":
-            self.shape: tuple[int, ...] = (1, 4, 4)
-            self.enc = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.GroupNorm(1, 3), nn.ReLU(),
-                                     nn.Flatten(), nn.Linear(48, 2 * d_z))
-        else:
-            self.shape = (6,)
-            self.enc = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2 * d_z))
-        d_in = math.prod(self.shape)
-        self.dec = nn.Sequential(nn.Linear(d_z, 8), nn.Tanh(), nn.Linear(8, d_in))
-        self.div = DIVS[div]()
-        self.register_buffer("offsets",
-                             torch.linspace(-0.5, 0.5, self.samples * d_z).view(self.samples, d_z))
-        self.register_buffer("w", torch.randn(16, d_z, generator=torch.Generator().manual_seed(1)))
-
-    def codes(self, x):
-        mu, log_var = self.enc(x).chunk(2, dim=-1)
-        z = mu[:, None, :] + torch.exp(0.5 * log_var)[:, None, :] * self.offsets
-        return mu, log_var, z
-
-    def loss_terms(self, batch) -> LossTerms:
-        x = batch[0]
-        n = x.shape[0]
-        mu, log_var, z = self.codes(x)
-        x_hat = self.dec(z.reshape(n * self.samples, self.d_z)).view(n, self.samples, -1)
-        recon = (x_hat - x.flatten(1)[:, None, :]).pow(2).sum(-1).mean(1)
-        kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).sum(-1)
-        codes = z[:, 0]
-        value = self.div.value(codes, self.w) if n >= 2 else codes.sum() * 0.0
-        batch_terms = {"mmd": self.lam * value}
-        if self.opaque:
-            batch_terms["div"] = coupling_divergence(mu)
-        pair = {"mmd": PairwiseTerm(codes, self.w, self.div, self.lam)}
-        return LossTerms(sample={"recon": recon, "kl": kl}, batch=batch_terms, pairwise=pair)
-
-
-def _mech(c_p: float, opaque: bool = False, backend: str = "ghost", **kw) -> PairwiseDPSGD:
-    shares = {"sample_share": 0.5, "pairwise_share": 0.3 if opaque else None}
-    return PairwiseDPSGD(max_grad_norm=0.7, pair_max_grad_norm=c_p, batch_max_grad_norm=0.3,
-                         noise_multiplier=1.0, backend=backend, **shares, **kw)
-
-
 def _grad(model, scalar):
     params = dict(model.named_parameters())
     grads = torch.autograd.grad(scalar, list(params.values()), allow_unused=True)
@@ -98,7 +45,7 @@ def _grad(model, scalar):
 @pytest.mark.parametrize("c_p", [1e-3, 0.2])
 def test_sensitivity_holds_on_neighbouring_batches(kind, div, c_p):
     model = PairToy(kind, div, opaque=(div == "mmd"))
-    mech = _mech(c_p, opaque=(div == "mmd"))
+    mech = pairwise_mechanism(c_p, opaque=(div == "mmd"))
     rng = torch.Generator().manual_seed(hash((kind, div, c_p)) % 2**31)
     worst = {part: 0.0 for part in mech.parts}
     for s, s_plus in neighbours(model.shape, rng):
@@ -113,7 +60,7 @@ def test_sensitivity_holds_on_neighbouring_batches(kind, div, c_p):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sensitivity_with_every_sample_backend(backend):
     model = PairToy("mlp", "mmd", opaque=True)
-    mech = _mech(0.05, opaque=True, backend=backend)
+    mech = pairwise_mechanism(0.05, opaque=True, backend=backend)
     rng = torch.Generator().manual_seed(11)
     for s, s_plus in neighbours(model.shape, rng)[:7]:
         for part, d in diff_norms(mech, model, s, s_plus).items():
@@ -125,7 +72,7 @@ def test_bound_does_not_grow_with_batch_size():
     the cluster. The pairwise part stays below 8·C_p at every size (and the bound is fixed)."""
     c_p = 1e-2
     model = PairToy("mlp", "mmd", lam=10.0)
-    mech = _mech(c_p)
+    mech = pairwise_mechanism(c_p)
     rng = torch.Generator().manual_seed(5)
     observed = {}
     for n in (4, 32, 128):
@@ -148,7 +95,7 @@ def test_bound_does_not_grow_with_batch_size():
 def test_unclipped_pairwise_part_is_n_times_the_divergence_gradient(kind, div):
     model = PairToy(kind, div)
     x = torch.randn(9, *model.shape, generator=torch.Generator().manual_seed(2))
-    stats = _mech(1e9).aggregate(model, (x,))
+    stats = pairwise_mechanism(1e9).aggregate(model, (x,))
     want = _grad(model, model.loss_terms((x,)).batch["mmd"])
     for name in want:
         torch.testing.assert_close(stats["pairwise"][name], 9 * want[name], rtol=1e-4, atol=1e-6)
@@ -167,7 +114,7 @@ def test_shipped_models_declare_exact_pairs(cls_name):
     model = cls(data_shape=(6,), latent_dim=3, hidden=(8,), likelihood="gaussian", lam=5.0)
     x = torch.randn(7, 6, generator=torch.Generator().manual_seed(3))
     torch.manual_seed(1)
-    stats = _mech(1e9).aggregate(model, (x,))
+    stats = pairwise_mechanism(1e9).aggregate(model, (x,))
     torch.manual_seed(1)  # same reparameterisation noise and prior samples
     terms = model.loss_terms((x,))
     assert set(terms.pairwise) == {model.divergence_key}
@@ -218,7 +165,7 @@ def _pair_oracle(model: PairToy, x, c_p):
 def test_clipped_pairs_equal_a_brute_force_oracle(kind, c_p):
     model = PairToy(kind, "dim_mmd" if kind == "conv" else "mmd", lam=5.0)
     x = torch.randn(6, *model.shape, generator=torch.Generator().manual_seed(4))
-    got = _mech(c_p).aggregate(model, (x,))["pairwise"]
+    got = pairwise_mechanism(c_p).aggregate(model, (x,))["pairwise"]
     want = _pair_oracle(model, x, c_p)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
@@ -227,9 +174,9 @@ def test_clipped_pairs_equal_a_brute_force_oracle(kind, c_p):
 def test_small_batches_give_zero_pairwise_statistics():
     model = PairToy("mlp")
     for n in (0, 1):
-        stats = _mech(1.0).aggregate(model, (torch.randn(n, 6),))
+        stats = pairwise_mechanism(1.0).aggregate(model, (torch.randn(n, 6),))
         assert float(global_norm(stats["pairwise"])) == 0.0
-    stats = _mech(1.0).aggregate(model, (torch.zeros(0, 6),))
+    stats = pairwise_mechanism(1.0).aggregate(model, (torch.zeros(0, 6),))
     assert all(float(global_norm(v)) == 0.0 for v in stats.values())
 
 
@@ -277,13 +224,13 @@ def test_update_is_sample_and_pairwise_over_b():
 def test_refusals():
     x = (torch.randn(4, 6),)
     with pytest.raises(ValueError, match="opaque"):
-        _mech(1.0).aggregate(PairToy("mlp", opaque=True), x)
+        pairwise_mechanism(1.0).aggregate(PairToy("mlp", opaque=True), x)
     with pytest.raises(ValueError, match="only burn"):
-        _mech(1.0, opaque=True).aggregate(PairToy("mlp"), x)
+        pairwise_mechanism(1.0, opaque=True).aggregate(PairToy("mlp"), x)
     from tests.privacy.toys import ToyVAE
 
     with pytest.raises(ValueError, match="TermwiseDPSGD"):
-        _mech(1.0).aggregate(ToyVAE(), x)
+        pairwise_mechanism(1.0).aggregate(ToyVAE(), x)
     for kwargs in ({"sample_share": 1.0}, {"sample_share": 0.5, "pairwise_share": 0.6},
                    {"pair_max_grad_norm": 0.0}):
         with pytest.raises(ValueError):
@@ -293,7 +240,7 @@ def test_refusals():
         sample={"r": bad.enc(batch[0]).sum(1)},
         pairwise={"m": PairwiseTerm(bad.enc(batch[0]), bad.w, bad.div, 1.0)})
     with pytest.raises(ValueError, match="no value in LossTerms.batch"):
-        _mech(1.0).aggregate(bad, x)
+        pairwise_mechanism(1.0).aggregate(bad, x)
 
 
 def test_strategy_trains_infovae_with_the_pairwise_mechanism(tmp_path):
@@ -437,7 +384,7 @@ def test_radial_pair_norm_bound_survives_cancellation():
     ill-conditioned float32 Gram: the bound of D_ijᵀG_iD_ij is never below the exact value
     (float64 from the same backprops), while the same form from the float32 Gram without the
     Gram margin does fall below it — so both margins are needed and sufficient here."""
-    from lit_dpvae.privacy.pairwise import _radial_pair_quads
+    from lit_dpvae.privacy.pairwise import radial_pair_quads
 
     gen = torch.Generator().manual_seed(0)
     d, p, n = 4, 50, 8
@@ -460,7 +407,7 @@ def test_radial_pair_norm_bound_survives_cancellation():
         diff = z64[:, None, :] - z64[None, :, :]  # exact in float64
         exact = torch.einsum("ijk,kl,ijl->ij", diff, gram64, diff)
         trace = gram32.diagonal(dim1=1, dim2=2).sum(-1)
-        _, bound = _radial_pair_quads(z, z, z[:2], kernel, 1.0, gram32, trace, p + 2)
+        _, bound = radial_pair_quads(z, z, z[:2], kernel, 1.0, gram32, trace, p + 2)
         off = ~torch.eye(n, dtype=torch.bool)
         assert bool((bound.double()[off] >= exact[off]).all())
         plain = torch.einsum("ijk,kl,ijl->ij", diff, gram32[0].double(), diff)
@@ -478,12 +425,12 @@ def test_reduced_float32_matmul_precision_computes_pair_norms_in_float64():
 
     model = PairToy("mlp", "mmd", lam=5.0)
     x = torch.randn(6, *model.shape, generator=torch.Generator().manual_seed(4))
-    want = _mech(0.05).aggregate(model, (x,))["pairwise"]
+    want = pairwise_mechanism(0.05).aggregate(model, (x,))["pairwise"]
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")
         assert gram_dtype(torch.float32) == torch.float64
-        got = _mech(0.05).aggregate(model, (x,))["pairwise"]
+        got = pairwise_mechanism(0.05).aggregate(model, (x,))["pairwise"]
     finally:
         torch.set_float32_matmul_precision(before)
     assert gram_dtype(torch.float32) == torch.float32
@@ -510,7 +457,7 @@ def test_non_radial_pairs_in_owner_blocks_equal_the_oracle(block, monkeypatch):
     monkeypatch.setattr(pw, "_PAIR_BLOCK", block)
     model = PairToy("mlp", "dim_mmd", lam=5.0)
     x = torch.randn(6, *model.shape, generator=torch.Generator().manual_seed(4))
-    got = _mech(0.05).aggregate(model, (x,))["pairwise"]
+    got = pairwise_mechanism(0.05).aggregate(model, (x,))["pairwise"]
     want = _pair_oracle(model, x, 0.05)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
@@ -520,7 +467,6 @@ def test_owner_blocks_keep_the_global_partner_offsets(monkeypatch):
     """Multi-process form (owners = this rank's rows of the global partners, from ``offset``):
     blocks of 1, 2 or all owners give identical ū, pair norms and prior norms."""
     import lit_dpvae.privacy.pairwise as pw
-    from lit_dpvae.divergences import DimensionWiseMMD
 
     g = torch.Generator().manual_seed(5)
     partners, w = torch.randn(7, 3, generator=g), torch.randn(5, 3, generator=g)

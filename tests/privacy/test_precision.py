@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from lit_dpvae.privacy import LossTerms, NaiveDPSGD, NonPrivate, PairwiseDPSGD, TermwiseDPSGD
-from lit_dpvae.privacy.precision import _ops, ieee_fp32, reduced_fp32_matmul
+from lit_dpvae.privacy.precision import fp32_precision_ops, ieee_fp32, reduced_fp32_matmul
 from lit_dpvae.privacy.terms import PairwiseTerm
 
-OPS = _ops()  # cuda.matmul, cudnn.conv/rnn, mkldnn.matmul/conv/rnn
+OPS = fp32_precision_ops()  # cuda.matmul, cudnn.conv/rnn, mkldnn.matmul/conv/rnn
 PARENTS = (torch.backends, torch.backends.cudnn, torch.backends.mkldnn)
 
 

@@ -6,10 +6,13 @@ randomness (coupled across neighbouring batches), so the tests fix it to one rea
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
-from lit_dpvae.privacy import LossTerms, global_norm
+from lit_dpvae.divergences import MMD, DimensionWiseMMD
+from lit_dpvae.privacy import LossTerms, PairwiseDPSGD, PairwiseTerm, global_norm
 
 
 def coupling_divergence(z: Tensor) -> Tensor:
@@ -148,3 +151,64 @@ def neighbours(shape, rng: torch.Generator, n_max_records: int = 9):
         pos = int(torch.randint(0, n + 1, (1,), generator=rng))
         cases.append((s, torch.cat([s[:pos], x, s[pos:]])))
     return cases
+
+
+DIVS = {
+    "mmd": lambda: MMD("imq", bandwidths=(0.5, 1.0, 2.0), n_prior_samples=16),
+    "dim_mmd": lambda: DimensionWiseMMD("imq", bandwidths=(0.05, 0.5), n_prior_samples=16),
+    "mmd_rbf": lambda: MMD("rbf", bandwidths=(0.5, 2.0), n_prior_samples=16),
+}
+
+
+class PairToy(nn.Module):
+    """Tiny VAE with a pairwise MMD on one code per record (and optionally an opaque term).
+
+    The prior samples are a fixed buffer (one realisation ω, coupled across neighbours)."""
+
+    def __init__(self, kind: str = "mlp", div: str = "mmd", lam: float = 3.0,
+                 opaque: bool = False, d_z: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind, self.lam, self.opaque, self.d_z = kind, lam, opaque, d_z
+        self.samples = 3 if kind == "mlp-k3" else 1
+        if kind == "conv":
+            self.shape: tuple[int, ...] = (1, 4, 4)
+            self.enc = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.GroupNorm(1, 3), nn.ReLU(),
+                                     nn.Flatten(), nn.Linear(48, 2 * d_z))
+        else:
+            self.shape = (6,)
+            self.enc = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2 * d_z))
+        d_in = math.prod(self.shape)
+        self.dec = nn.Sequential(nn.Linear(d_z, 8), nn.Tanh(), nn.Linear(8, d_in))
+        self.div = DIVS[div]()
+        self.register_buffer("offsets",
+                             torch.linspace(-0.5, 0.5, self.samples * d_z).view(self.samples, d_z))
+        self.register_buffer("w", torch.randn(16, d_z, generator=torch.Generator().manual_seed(1)))
+
+    def codes(self, x):
+        mu, log_var = self.enc(x).chunk(2, dim=-1)
+        z = mu[:, None, :] + torch.exp(0.5 * log_var)[:, None, :] * self.offsets
+        return mu, log_var, z
+
+    def loss_terms(self, batch) -> LossTerms:
+        x = batch[0]
+        n = x.shape[0]
+        mu, log_var, z = self.codes(x)
+        x_hat = self.dec(z.reshape(n * self.samples, self.d_z)).view(n, self.samples, -1)
+        recon = (x_hat - x.flatten(1)[:, None, :]).pow(2).sum(-1).mean(1)
+        kl = 0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).sum(-1)
+        codes = z[:, 0]
+        value = self.div.value(codes, self.w) if n >= 2 else codes.sum() * 0.0
+        batch_terms = {"mmd": self.lam * value}
+        if self.opaque:
+            batch_terms["div"] = coupling_divergence(mu)
+        pair = {"mmd": PairwiseTerm(codes, self.w, self.div, self.lam)}
+        return LossTerms(sample={"recon": recon, "kl": kl}, batch=batch_terms, pairwise=pair)
+
+
+def pairwise_mechanism(c_p: float, opaque: bool = False, backend: str = "ghost",
+                       **kw) -> PairwiseDPSGD:
+    """A PairwiseDPSGD with the pairwise tests' settings (C = 0.7, C_b = 0.3, σ = 1)."""
+    shares = {"sample_share": 0.5, "pairwise_share": 0.3 if opaque else None}
+    return PairwiseDPSGD(max_grad_norm=0.7, pair_max_grad_norm=c_p, batch_max_grad_norm=0.3,
+                         noise_multiplier=1.0, backend=backend, **shares, **kw)
