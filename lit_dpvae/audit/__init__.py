@@ -40,7 +40,7 @@ The claimed ε is the accountant's (Opacus RDP) for **one step at q = 1** with t
 needs a secret sample, and composition over steps are outside what it can test.
 """
 
-from lit_dpvae.audit.runner import audit_main, format_result, run_audit, run_audits
+from lit_dpvae.audit.runner import format_result, run_audit, run_audits
 from lit_dpvae.audit.setups import (
     SETUPS,
     AuditConfig,
@@ -58,7 +58,7 @@ from lit_dpvae.audit.statistics import (
 )
 
 __all__ = [
-    "SETUPS", "AuditConfig", "ClaimedO1NaiveDPSGD", "CoupledLinearVAE", "audit_main",
+    "SETUPS", "AuditConfig", "ClaimedO1NaiveDPSGD", "CoupledLinearVAE",
     "audit_scores", "clopper_pearson_upper", "epsilon_from_rates", "epsilon_lower_bound",
     "format_result", "gaussian_epsilon", "make_mechanism", "make_pool", "run_audit", "run_audits",
 ]

@@ -131,12 +131,4 @@ def run_audits(values: dict[str, Any], out: str | Path | None = None) -> list[di
     return results
 
 
-def audit_main(argv: list[str]) -> None:
-    """``python -m lit_dpvae audit`` with the arguments ``argv``; its parser lives with the other
-    subcommands in ``lit_dpvae.cli``."""
-    from lit_dpvae.cli import audit_main as cli_audit_main
-
-    cli_audit_main(argv)
-
-
-__all__ = ["audit_main", "format_result", "run_audit", "run_audits"]
+__all__ = ["format_result", "run_audit", "run_audits"]
