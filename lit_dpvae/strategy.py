@@ -96,7 +96,8 @@ class DPStrategy(DDPStrategy):
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
                          process_group_backend=process_group_backend, timeout=timeout,
                          start_method=start_method)
-        self.mechanism: Mechanism = build_mechanism(mechanism, **mechanism_settings)
+        self.mechanism: Mechanism = build_mechanism(mechanism, owner=type(self),
+                                                    **mechanism_settings)
         self.mechanism_name = self.mechanism.name
         self.budget = PrivacyBudget(target_epsilon, target_delta, noise_multiplier, accountant,
                                     allow_budget_increase, private=self.mechanism.private)

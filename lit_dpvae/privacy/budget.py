@@ -49,6 +49,10 @@ class PrivacyBudget:
                 check_budget(target_epsilon, target_delta)
             if noise_multiplier is not None and not noise_multiplier > 0:
                 raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+        if not private and (target_epsilon is not None or noise_multiplier is not None):
+            warnings.warn(
+                "a non-private mechanism ignores target_epsilon and noise_multiplier: no ε holds "
+                "for this run (it is reported as inf)", stacklevel=3)
         self.target_epsilon = target_epsilon
         self.target_delta = float(target_delta)
         self.requested_noise_multiplier = noise_multiplier

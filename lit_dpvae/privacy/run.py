@@ -97,7 +97,7 @@ class PrivateRun:
         if message:
             self.warn(message)
         self.info(f"{self.mechanism!r}, q={self.sample_rate:.4g}, N={self.num_records}, "
-                  f"planned steps={planned_steps}, sensitivity={self.mechanism.sensitivity}")
+                  f"planned steps={planned_steps}")
 
     def read_sampling(self, announce: bool) -> None:
         """Read q, N and B from the current Poisson sampler; when they changed, check δ < 1/N

@@ -111,8 +111,12 @@ def test_every_registered_mechanism_trains_through_the_strategy(name, tmp_path):
 def test_registry_refuses_what_it_cannot_build():
     with pytest.raises(ValueError, match="unknown mechanism 'nope'"):
         build_mechanism("nope")
-    with pytest.raises(ValueError, match="unknown mechanism setting.*max_grad_nrom"):
+    with pytest.raises(ValueError, match="unknown setting.*max_grad_nrom.*takes.*max_grad_norm"):
         build_mechanism("termwise", max_grad_nrom=1.0)
+    with pytest.raises(ValueError, match="target_epsilion.*DPStrategy itself takes.*target_eps"):
+        DPStrategy(target_epsilion=3.0)  # a strategy keyword's typo names both lists
+    with pytest.warns(UserWarning, match="non-private mechanism ignores target_epsilon"):
+        DPStrategy(mechanism="nonprivate", target_epsilon=3.0)
     with pytest.warns(UserWarning, match="does not use \\['pair_max_grad_norm'\\]"):
         build_mechanism("termwise", pair_max_grad_norm=1.0)
     with pytest.raises(ValueError, match="already registered"):

@@ -5,9 +5,11 @@ term-wise DP-SGD with pairwise-decomposed kernel divergences. Proofs: docs/priva
 from lit_dpvae.privacy.mechanisms.base import (
     Mechanism,
     Stats,
+    check_positive,
     clip_vector,
     effective_noise_multiplier,
     global_norm,
+    grads_of,
     truncate_batch,
 )
 from lit_dpvae.privacy.mechanisms.naive import NaiveDPSGD
@@ -32,9 +34,11 @@ __all__ = [
     "Stats",
     "TermwiseDPSGD",
     "build_mechanism",
+    "check_positive",
     "clip_vector",
     "effective_noise_multiplier",
     "global_norm",
+    "grads_of",
     "mechanism_class",
     "mechanism_names",
     "register_mechanism",

@@ -7,8 +7,8 @@ subclass, registered by name::
     class Mine(Mechanism):
         ...
 
-after which ``DPStrategy(mechanism="mine", <Mine's settings>)`` builds it, the audit and the
-benchmark list it, and the registry-parametrised tests cover it.
+after which ``DPStrategy(mechanism="mine", <Mine's settings>)`` builds it, the benchmark lists
+it, and the registry-parametrised tests (tests/privacy/test_registry.py) cover it.
 """
 
 from __future__ import annotations
@@ -70,13 +70,15 @@ def settings_of(cls: type[Mechanism]) -> set[str]:
             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
-def build_mechanism(spec: str | Mechanism, **settings: Any) -> Mechanism:
+def build_mechanism(spec: str | Mechanism, owner: Any = None, **settings: Any) -> Mechanism:
     """The mechanism ``spec`` names, built with ``settings`` (σ = 0 until the budget sets it);
     a Mechanism object is returned as it is (then ``settings`` must be empty).
 
-    A setting that only *another* registered mechanism takes is ignored with a warning (a
-    strategy config that switches mechanisms keeps working); one that no mechanism takes is an
-    error naming the valid ones."""
+    A setting that only *another* registered mechanism takes is ignored with a warning (Python
+    code that switches the mechanism name keeps its other keywords; a YAML config gives the
+    mechanism as ``class_path``/``init_args``, where every key must be the class's). One that no
+    mechanism takes is an error naming the valid ones (and ``owner``'s own keywords, when the
+    settings came through a strategy's ``**mechanism_settings``)."""
     if isinstance(spec, Mechanism):
         if settings:
             raise ValueError(
@@ -88,8 +90,13 @@ def build_mechanism(spec: str | Mechanism, **settings: Any) -> Mechanism:
     known = set().union(*(settings_of(c) for c in _REGISTRY.values()))
     unknown = sorted(set(settings) - known)
     if unknown:
-        raise ValueError(f"unknown mechanism setting(s) {unknown}: mechanism={spec!r} takes "
-                         f"{sorted(own)}")
+        theirs = ""
+        if owner is not None:
+            skip = {"self", "mechanism", "mechanism_settings"}
+            keywords = set(inspect.signature(owner.__init__).parameters) - skip
+            theirs = f"; {owner.__name__} itself takes {sorted(keywords)}"
+        raise ValueError(f"unknown setting(s) {unknown}: mechanism={spec!r} takes "
+                         f"{sorted(own)}{theirs}")
     ignored = sorted(set(settings) - own)
     if ignored:
         warnings.warn(f"mechanism={spec!r} does not use {ignored}; they are ignored",
