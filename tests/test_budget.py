@@ -363,3 +363,33 @@ def test_a_resume_does_not_mark_the_initial_weights_as_trained(tmp_path):
         make_trainer(fresh, tmp_path, max_steps=2, max_epochs=None).fit(
             model(), DigitsDataModule(batch_size=200, seed=1))
     assert fresh.accountant.steps == 2
+
+
+def test_weights_loaded_into_a_module_that_already_carries_a_spend_keep_both(tmp_path):
+    """validate(ckpt_path=...) loads another run's weights into a module that already trained:
+    its spend must become that checkpoint's (composed with its own), not stay the smaller old
+    one (found by the adversarial review: the next fit dropped the checkpoint's 40 steps)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    class Validated(ToyLitVAE):
+        def validation_step(self, batch, batch_idx):
+            return self.loss_terms(batch).mean_loss()
+
+    first = _budgeted(noise_multiplier=1.5, target_delta=1e-5)
+    make_trainer(first, tmp_path, max_steps=8, max_epochs=None, enable_checkpointing=True,
+                 callbacks=[ModelCheckpoint(dirpath=tmp_path / "b", save_last=True,
+                                            save_top_k=0)]).fit(Validated(), ToyData(n=200))
+    from lit_dpvae.privacy import provenance
+
+    provenance.SPENT_WEIGHTS.clear()  # as in a new process
+    module = Validated()
+    make_trainer(_budgeted(noise_multiplier=3.0, target_delta=1e-5), tmp_path, max_steps=1,
+                 max_epochs=None).fit(module, ToyData(n=200))
+    make_trainer(_budgeted(noise_multiplier=3.0, target_delta=1e-5), tmp_path).validate(
+        module, dataloaders=DataLoader(ToyData(n=200).data, batch_size=8),
+        ckpt_path=tmp_path / "b" / "last.ckpt", verbose=False)
+    again = _budgeted(noise_multiplier=1.5, target_delta=1e-5)
+    with pytest.warns(UserWarning, match="warm start"):
+        make_trainer(again, tmp_path, max_steps=2, max_epochs=None).fit(module, ToyData(n=200))
+    assert again.accountant.steps == 1 + 8 + 2  # its own step, the checkpoint's 8, this fit's

@@ -99,12 +99,32 @@ def mark_loaded(module: Any, provenance: dict[str, Any] | None, loaded: bool = T
     values would make every fresh model of that initialisation look trained."""
     if provenance is None or not isinstance(module, torch.nn.Module):
         return
-    if getattr(module, "_lit_dpvae_provenance", None) is None:
-        module._lit_dpvae_provenance = provenance
+    module._lit_dpvae_provenance = combine_provenance(
+        getattr(module, "_lit_dpvae_provenance", None), provenance)
     accountant = provenance["accountant"]
     if loaded and accountant.steps:
         register_spent(module, {"mechanism": provenance.get("mechanism"),
                                 "accountant": accountant.state_dict()})
+
+
+def combine_provenance(existing: dict[str, Any] | None,
+                       loaded: dict[str, Any]) -> dict[str, Any]:
+    """The spend of a module that carried ``existing`` and had ``loaded``'s weights loaded into
+    it: both histories composed (a partial or non-strict load keeps some of the old weights; a
+    full one makes the old spend redundant, never unsafe). Weights trained without privacy on
+    either side make the result non-private. With two different accountants the histories cannot
+    be composed in one: the loaded weights' spend is kept (it describes the weights now there)."""
+    if existing is None or existing.get("accountant") is None:
+        return loaded
+    old, new = existing["accountant"], loaded["accountant"]
+    if old is new or old.name != new.name:
+        return loaded
+    state = new.state_dict()
+    state["history"] = merge_histories(old.history, new.history)
+    state["non_private_steps"] = max(old.non_private_steps, new.non_private_steps)
+    names = {existing.get("mechanism"), loaded.get("mechanism")}
+    return {"mechanism": "nonprivate" if "nonprivate" in names else loaded.get("mechanism"),
+            "accountant": PrivacyAccountant.from_state_dict(state)}
 
 
 def mark_trained(module: Any, mechanism: str, accountant: Any) -> None:
