@@ -98,6 +98,7 @@ class DPStrategy(DDPStrategy):
                          start_method=start_method)
         self.mechanism: Mechanism = build_mechanism(mechanism, owner=type(self),
                                                     **mechanism_settings)
+        self.mechanism.bind(self)
         self.mechanism_name = self.mechanism.name
         self.budget = PrivacyBudget(target_epsilon, target_delta, noise_multiplier, accountant,
                                     allow_budget_increase, private=self.mechanism.private)

@@ -47,8 +47,9 @@ class PrivacyBudget:
                     "calibrated) or noise_multiplier, or use mechanism='nonprivate'")
             if target_epsilon is not None:
                 check_budget(target_epsilon, target_delta)
-            if noise_multiplier is not None and not noise_multiplier > 0:
-                raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+            if noise_multiplier is not None and not 0 < noise_multiplier < math.inf:
+                raise ValueError(f"noise_multiplier must be finite and > 0, got "
+                                 f"{noise_multiplier}")
         if not private and (target_epsilon is not None or noise_multiplier is not None):
             warnings.warn(
                 "a non-private mechanism ignores target_epsilon and noise_multiplier: no ε holds "

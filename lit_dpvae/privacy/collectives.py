@@ -126,6 +126,11 @@ _ACTIVE: contextvars.ContextVar[Collectives] = contextvars.ContextVar(
     "lit_dpvae_collectives", default=LOCAL)
 
 
+def current() -> Collectives:
+    """The collectives active now (:data:`LOCAL` outside ``Mechanism.aggregate``)."""
+    return _ACTIVE.get()
+
+
 @contextlib.contextmanager
 def active(comm: Collectives) -> Iterator[Collectives]:
     """Make ``comm`` the collectives :func:`gather_for_batch_terms` uses (inside

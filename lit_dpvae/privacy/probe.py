@@ -22,7 +22,7 @@ from lit_dpvae.privacy.terms import LossTermsError, loss_terms_of
 
 
 def probe_record_contract(module: nn.Module, batch: Any, n: int, *,
-                          collective: bool = False) -> None:
+                          collective: bool = False) -> bool:
     """Probe the record-wise contract that every per-record bound rests on (docs/privacy.md
     §1) on one batch of ``n`` records. For each probed record ``i`` (all of them up to 16
     records, else the first, the last and 14 others at random), each declared sample-wise term
@@ -46,9 +46,12 @@ def probe_record_contract(module: nn.Module, batch: Any, n: int, *,
 
     Refusals: ``LossTermsError`` / ``AttributionError``. RNG-neutral. A probe, not a proof: it
     sees this batch only. ``collective``: a multi-process run, where every rank runs the same
-    forwards (they may enter collectives) and a rank with < 2 records only runs them."""
+    forwards (they may enter collectives) and a rank with < 2 records only runs them.
+
+    Returns whether the probe was complete: the replacement check (3) needs n ≥ 3 records, so
+    a smaller batch is probed again on the next batch (``Mechanism.probe_sample_terms``)."""
     if n < 2 and not collective:
-        return
+        return False
     devices = [t.device for t in _tensors(batch) if t.device.type == "cuda"][:1]
     states = _module_state(module)
     # fork_rng: the probe must not shift the model's random stream (exact resume relies on it)
@@ -112,6 +115,7 @@ def probe_record_contract(module: nn.Module, batch: Any, n: int, *,
                         "fixed shape per batch, not in a data-dependent count.)"
                     )
     _refuse_state_changes(module, states)
+    return n >= 3
 
 
 def _gradient_probe(module: nn.Module, batch: Any, n: int, inputs: list[Tensor],

@@ -81,6 +81,7 @@ class PrivateRun:
             assert self.sample_rate is not None
             sigma = self.budget.noise_multiplier_for(self.sample_rate, planned_steps)
         self.mechanism.noise_multiplier = sigma
+        self.mechanism.check_noise_composition()
         self.seeds.make_generator(self.restored, torch.device(device), self.comm)
         history = self.budget.accountant.history
         if self.restored is not None and history and self.mechanism.private \

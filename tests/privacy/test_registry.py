@@ -212,3 +212,79 @@ def test_a_mechanism_object_keeps_its_settings_in_one_place(tmp_path):
     _fit(strategy, ToyLitVAE(), tmp_path)
     assert mech.noise_multiplier > 0 and strategy.privacy_report().sensitivity == {
         "sample": 0.3, "batch": 0.1}
+
+
+class TwoParts(SampleOnlyDPSGD):
+    """A two-part toy that does not override ``noise_multipliers`` (the reviewer's case)."""
+
+    parts = ("sample", "again")
+    summed_over_records = {"sample": True, "again": True}
+
+    @property
+    def sensitivity(self) -> dict[str, float]:
+        return {"sample": self.max_grad_norm, "again": self.max_grad_norm}
+
+    def aggregate(self, module, batch, comm: Collectives = LOCAL) -> Stats:
+        stats = super().aggregate(module, batch)  # nested: keeps the caller's collectives
+        return {"sample": stats["sample"], "again": stats["sample"]}
+
+
+def test_the_default_per_part_noise_composes_to_sigma_eff():
+    """Every part gets σ_eff·√P by default, so the release is one Gaussian mechanism at the
+    σ_eff the accountant records; a mechanism whose parts compose to less is refused."""
+    mech = TwoParts(noise_multiplier=1.3)
+    assert mech.noise_multipliers == {"sample": 1.3 * math.sqrt(2), "again": 1.3 * math.sqrt(2)}
+    assert math.isclose(effective_noise_multiplier(mech), 1.3)
+
+    class UnderNoised(TwoParts):
+        @property
+        def noise_multipliers(self):
+            return {p: self.noise_multiplier for p in self.parts}
+
+    bad = UnderNoised(noise_multiplier=1.3)
+    with pytest.raises(ValueError, match="compose to σ_eff=0.919"):
+        bad.privatize(bad.zeros(ToyLitVAE()), 5.0)
+    with pytest.raises(ValueError, match="finite"):
+        bad.noise_multiplier = math.inf
+
+
+def test_a_nested_aggregate_keeps_the_callers_collectives():
+    from lit_dpvae.privacy import collectives
+
+    seen = []
+
+    class Spy(Collectives):
+        world_size = 1
+
+        def all_reduce(self, stats):
+            seen.append(collectives.current() is spy)
+            return stats
+
+    spy = Spy()
+    TwoParts(noise_multiplier=1.0).aggregate(ToyLitVAE(batch_term=False),
+                                             (torch.randn(4, 6),), spy)
+    assert seen == [True]
+
+
+def test_a_two_record_first_batch_does_not_end_the_probe():
+    """The replacement check needs ≥ 3 records: after a 2-record batch the next one is probed."""
+    mech = build_mechanism("termwise", sample_share=1.0)
+    mech.noise_multiplier = 1.0
+    model = ToyLitVAE(batch_term=False)
+    mech.aggregate(model, (torch.randn(2, 6),))
+    assert mech._probed is None
+    mech.aggregate(model, (torch.randn(3, 6),))
+    assert mech._probed is model
+
+
+def test_a_mechanism_object_belongs_to_one_strategy():
+    from lit_dpvae.privacy import TermwiseDPSGD
+
+    mech = TermwiseDPSGD()
+    first = DPStrategy(mechanism=mech, target_epsilon=1.0)
+    assert first.mechanism is mech
+    with pytest.raises(ValueError, match="already belongs to another strategy"):
+        DPStrategy(mechanism=mech, target_epsilon=1.0)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(mech)).name == "termwise"  # spawned processes

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -45,8 +46,10 @@ def _prepared(aggregate: Callable[..., Stats], ieee: bool) -> Callable[..., Stat
     which would let a clipped contribution exceed its bound; precision.py)."""
 
     @functools.wraps(aggregate)
-    def wrapped(self: Mechanism, module: nn.Module, batch: Any, comm: Collectives = LOCAL,
+    def wrapped(self: Mechanism, module: nn.Module, batch: Any, comm: Collectives | None = None,
                 **kwargs: Any) -> Stats:
+        if comm is None:  # a nested call (e.g. super().aggregate) keeps the caller's collectives
+            comm = collectives.current()
         with contextlib.ExitStack() as stack:
             if ieee:
                 stack.enter_context(ieee_fp32())
@@ -139,8 +142,8 @@ class Mechanism:
     @noise_multiplier.setter
     def noise_multiplier(self, value: float) -> None:
         value = float(value)
-        if not value >= 0 or math.isnan(value):
-            raise ValueError(f"noise_multiplier must be >= 0, got {value}")
+        if not value >= 0 or not math.isfinite(value):
+            raise ValueError(f"noise_multiplier must be finite and >= 0, got {value}")
         self._noise_multiplier = value
 
     @property
@@ -148,6 +151,20 @@ class Mechanism:
         """σ is set and positive (a private mechanism is built with σ = 0 until its budget
         calibrates it: ``private`` says what it will be)."""
         return self.noise_multiplier > 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_owner", None)  # a weak reference does not pickle (spawned processes)
+        return state
+
+    def bind(self, owner: object) -> None:
+        """Give this mechanism to one strategy: σ and the probe's state are per run, so a second
+        owner is refused (build a new mechanism object for it)."""
+        bound = getattr(self, "_owner", None)
+        if bound is not None and bound() is not None and bound() is not owner:
+            raise ValueError(f"this {type(self).__name__} object already belongs to another "
+                             "strategy (its σ is that run's): pass a new object to each strategy")
+        self._owner = weakref.ref(owner)
 
     def set_sampling(self, expected_batch_size: float) -> None:
         """Called with the public expected batch size ``q·N`` whenever the sampling changes
@@ -164,8 +181,25 @@ class Mechanism:
 
     @property
     def noise_multipliers(self) -> dict[str, float]:
-        """σ_k per part (noise std of part k is ``σ_k · sensitivity[k]``)."""
-        return {part: self.noise_multiplier for part in self.parts}
+        """σ_k per part (noise std of part k is ``σ_k · sensitivity[k]``). They must compose to
+        ``noise_multiplier``: ``(Σ_k σ_k⁻²)^(-1/2) = σ_eff`` (``check_noise_composition``).
+        Default: equal budget shares, ``σ_k = σ_eff·√P`` for P parts (override to split the
+        budget otherwise, as term-wise's ``sample_share`` does)."""
+        scale = math.sqrt(len(self.parts)) if self.parts else 1.0
+        return {part: self.noise_multiplier * scale for part in self.parts}
+
+    def check_noise_composition(self) -> None:
+        """Refuse per-part noise that does not compose to the σ_eff the accountant records (a
+        mechanism giving every part the full σ_eff would release at σ_eff/√P)."""
+        if not self.private or self.noise_multiplier == 0:
+            return
+        joint = effective_noise_multiplier(self)
+        if not math.isclose(joint, self.noise_multiplier, rel_tol=1e-9):
+            raise ValueError(
+                f"{type(self).__name__}.noise_multipliers {self.noise_multipliers} compose to "
+                f"σ_eff={joint:.6g}, but the accountant records σ_eff={self.noise_multiplier:.6g}: "
+                "the parts must satisfy (Σ_k σ_k⁻²)^(-1/2) = noise_multiplier (split the budget "
+                "in shares γ_k: σ_k = σ_eff/√γ_k with Σ γ_k = 1)")
 
     def noise_std(self) -> dict[str, float]:
         sens = self.sensitivity
@@ -196,15 +230,20 @@ class Mechanism:
 
     def probe_sample_terms(self, module: nn.Module, batch: Any, n: int,
                            comm: Collectives = LOCAL) -> None:
-        """Once per module, on its first batch of ≥ 2 records (every rank's first batch in a
-        multi-process run): the record-wise contract probe,
-        :func:`lit_dpvae.privacy.probe.probe_record_contract`."""
+        """The record-wise contract probe (:func:`lit_dpvae.privacy.probe.probe_record_contract`)
+        on every batch until one of ≥ 3 records (on every rank, in a multi-process run) made it
+        complete; once per module afterwards."""
         if self._probed is module or not self.is_private:
             return
         if n < 2 and not comm.distributed:
             return
-        probe_record_contract(module, batch, n, collective=comm.distributed)
-        self._probed = module
+        complete = probe_record_contract(module, batch, n, collective=comm.distributed)
+        if comm.distributed:  # one decision for all ranks: probed again until every rank was
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+            done = comm.all_reduce({"complete": torch.tensor([float(complete)], device=device)})
+            complete = int(done["complete"].item()) == comm.world_size
+        if complete:  # else (n = 2: no replacement check) the next batch is probed too
+            self._probed = module
 
     def forward_terms(self, module: nn.Module, batch: Any, n: int) -> LossTerms:
         """The model's validated loss terms of ``batch`` (kept in ``last_terms`` for logging)."""
@@ -298,6 +337,7 @@ class Mechanism:
         each part (``add_noise`` then ``combine``) at half the cost for two parts. With one part
         both paths draw identically (the Opacus-equivalence test relies on it).
         """
+        self.check_noise_composition()
         if len(self.parts) == 1:
             return self.combine(self.add_noise(stats, generator), expected_batch_size)
         noiseless = self.combine(stats, expected_batch_size)
