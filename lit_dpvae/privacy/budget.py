@@ -188,6 +188,12 @@ class PrivacyBudget:
                 "mechanism='nonprivate'): no ε holds for a model fine-tuned from them. Start "
                 "from fresh weights, or pass warm_start='public' if that earlier training used "
                 "public data only.")
+        if mechanism == "mixed":
+            raise PrivacyConfigError(
+                "the model's weights combine privacy spends accounted with different "
+                "accountants (weights of one run loaded into a module trained by another): they "
+                "cannot be composed in one accountant. Start from one run's weights, or pass "
+                "warm_start='public' if the other training used public data only.")
         if spent.name != self.accountant.name:
             raise PrivacyConfigError(
                 f"the model's weights carry a privacy spend accounted with {spent.name!r}; this "

@@ -107,24 +107,39 @@ def mark_loaded(module: Any, provenance: dict[str, Any] | None, loaded: bool = T
                                 "accountant": accountant.state_dict()})
 
 
+def _identity(provenance: dict[str, Any]) -> str:
+    """A name for one loaded spend (its mechanism and accountant state), so loading the same
+    checkpoint again, or the two hooks of one load, do not count it twice."""
+    accountant = provenance["accountant"]
+    text = repr((provenance.get("mechanism"), accountant.state_dict()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def combine_provenance(existing: dict[str, Any] | None,
                        loaded: dict[str, Any]) -> dict[str, Any]:
     """The spend of a module that carried ``existing`` and had ``loaded``'s weights loaded into
     it: both histories composed (a partial or non-strict load keeps some of the old weights; a
-    full one makes the old spend redundant, never unsafe). Weights trained without privacy on
-    either side make the result non-private. With two different accountants the histories cannot
-    be composed in one: the loaded weights' spend is kept (it describes the weights now there)."""
+    full one makes the old spend redundant, never unsafe); the same loaded spend is counted
+    once. Weights trained without privacy on either side make the result non-private. Two
+    different accountants cannot be composed in one: the result is marked ``"mixed"`` and a
+    later private fit refuses it (``PrivacyBudget.carry``)."""
+    ident = _identity(loaded)
     if existing is None or existing.get("accountant") is None:
-        return loaded
+        return {**loaded, "loaded": {ident}}
+    if ident in existing.get("loaded", set()) or existing["accountant"] is loaded["accountant"]:
+        return existing
     old, new = existing["accountant"], loaded["accountant"]
-    if old is new or old.name != new.name:
-        return loaded
-    state = new.state_dict()
-    state["history"] = merge_histories(old.history, new.history)
-    state["non_private_steps"] = max(old.non_private_steps, new.non_private_steps)
     names = {existing.get("mechanism"), loaded.get("mechanism")}
-    return {"mechanism": "nonprivate" if "nonprivate" in names else loaded.get("mechanism"),
-            "accountant": PrivacyAccountant.from_state_dict(state)}
+    non_private = "nonprivate" in names or old.non_private_steps or new.non_private_steps
+    state = new.state_dict()
+    state["non_private_steps"] = max(old.non_private_steps, new.non_private_steps)
+    if old.name == new.name:
+        state["history"] = merge_histories(old.history, new.history)
+        mechanism = "nonprivate" if non_private else loaded.get("mechanism")
+    else:
+        mechanism = "nonprivate" if non_private else "mixed"
+    return {"mechanism": mechanism, "accountant": PrivacyAccountant.from_state_dict(state),
+            "loaded": existing.get("loaded", set()) | {ident}}
 
 
 def mark_trained(module: Any, mechanism: str, accountant: Any) -> None:

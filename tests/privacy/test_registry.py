@@ -288,3 +288,37 @@ def test_a_mechanism_object_belongs_to_one_strategy():
     import pickle
 
     assert pickle.loads(pickle.dumps(mech)).name == "termwise"  # spawned processes
+
+
+def test_a_part_without_a_positive_finite_sensitivity_is_refused():
+    class Zero(SampleOnlyDPSGD):
+        @property
+        def sensitivity(self):
+            return {"sample": 0.0}
+
+    mech = Zero(noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="finite bound > 0"):
+        mech.privatize(mech.zeros(ToyLitVAE()), 5.0)
+
+
+def test_loading_one_checkpoint_into_a_trained_module_counts_it_once(tmp_path):
+    """The two hooks of one load (on_load_checkpoint, then the strategy's weight restore) and a
+    second load of the same checkpoint compose its spend once (second review)."""
+    from lit_dpvae.privacy.accounting import PrivacyAccountant
+    from lit_dpvae.privacy.provenance import combine_provenance
+
+    def prov(history, mechanism="termwise"):
+        acc = PrivacyAccountant("rdp")
+        acc.load_state_dict({"accountant": "rdp", "history": history, "non_private_steps": 0})
+        return {"mechanism": mechanism, "accountant": acc}
+
+    own, ckpt = prov([(3.0, 0.1, 1)]), prov([(1.5, 0.1, 8)])
+    once = combine_provenance(own, ckpt)
+    twice = combine_provenance(once, prov([(1.5, 0.1, 8)]))
+    assert once["accountant"].history == twice["accountant"].history == [(3.0, 0.1, 1),
+                                                                         (1.5, 0.1, 8)]
+    prv = prov([(1.5, 0.1, 8)])
+    prv["accountant"] = PrivacyAccountant.from_state_dict(
+        {"accountant": "prv", "history": [(1.5, 0.1, 8)], "non_private_steps": 0})
+    assert combine_provenance(own, prv)["mechanism"] == "mixed"  # refused by a private fit
+    assert combine_provenance(prov([], "nonprivate"), prv)["mechanism"] == "nonprivate"

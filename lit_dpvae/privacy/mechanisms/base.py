@@ -190,9 +190,15 @@ class Mechanism:
 
     def check_noise_composition(self) -> None:
         """Refuse per-part noise that does not compose to the σ_eff the accountant records (a
-        mechanism giving every part the full σ_eff would release at σ_eff/√P)."""
+        mechanism giving every part the full σ_eff would release at σ_eff/√P), and a part
+        without a finite positive sensitivity (its noise would be zero)."""
         if not self.private or self.noise_multiplier == 0:
             return
+        bad = {p: d for p, d in self.sensitivity.items() if not 0 < d < math.inf}
+        if bad or set(self.sensitivity) != set(self.parts):
+            raise ValueError(
+                f"{type(self).__name__}.sensitivity {self.sensitivity} must give every part "
+                f"{self.parts} a finite bound > 0 (its noise std is σ_k·Δ_k)")
         joint = effective_noise_multiplier(self)
         if not math.isclose(joint, self.noise_multiplier, rel_tol=1e-9):
             raise ValueError(
