@@ -59,3 +59,18 @@ def test_readme_states_the_test_command_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "python -m pytest" in readme and "python -m pytest" in ci
+
+
+def test_pyproject_declares_the_requirements_pins():
+    """``pip install .`` installs exactly the runtime pins of requirements.txt (the dev tools are
+    the ``dev`` extra), only the ``lit_dpvae`` package, and the ``lit-dpvae`` console script."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = [ln.strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")]
+    dev = project["project"]["optional-dependencies"]["dev"]
+    assert sorted(project["project"]["dependencies"] + dev) == sorted(pins)
+    assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["lit_dpvae*"]
+    assert project["project"]["scripts"]["lit-dpvae"] == "lit_dpvae.cli:main"
+    assert "build-system" in project
