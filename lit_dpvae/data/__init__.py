@@ -6,6 +6,7 @@ batches allowed), sequential val/test loaders, and load-time checks of every spl
 - :class:`FashionMNISTDataModule`, :class:`MNISTDataModule`: 28×28 IDX folders on disk.
 """
 
+from lit_dpvae.data.arrays import ArrayDataModule, load_arrays
 from lit_dpvae.data.base import VAEDataModule
 from lit_dpvae.data.checks import DataError, check_split
 from lit_dpvae.data.digits import DigitsDataModule
@@ -19,6 +20,7 @@ from lit_dpvae.data.mnist import (
 from lit_dpvae.data.pinwheel import PinwheelDataModule, make_pinwheel
 
 __all__ = [
+    "ArrayDataModule",
     "FASHION_MNIST_DIR",
     "DataError",
     "DigitsDataModule",
@@ -30,6 +32,7 @@ __all__ = [
     "VAEDataModule",
     "check_split",
     "find_idx_file",
+    "load_arrays",
     "make_pinwheel",
     "read_idx",
     "read_idx_split",

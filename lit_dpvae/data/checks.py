@@ -64,16 +64,17 @@ def check_split(
             f"{name} split: {int(bad.sum())} NaN/Inf values in the records "
             f"(first at record {first})"
         )
-    if unit_interval and (lo < 0.0 or hi > 1.0):
+    if unit_interval and (lo < 0.0 or hi > 1.0):  # counts only: no record value in errors
+        outside = int(((x < 0.0) | (x > 1.0)).reshape(len(x), -1).any(1).sum())
         raise DataError(
-            f"{name} split: values out of [0, 1] after scaling (min {lo:g}, max {hi:g})"
+            f"{name} split: {outside} records have values out of [0, 1] after scaling"
         )
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise DataError(f"{name} split: labels must be integers, got {y.dtype}")
     y = y.to(torch.int64)
-    lo_y, hi_y = int(y.min()), int(y.max())
-    if lo_y < 0 or hi_y >= num_classes:
+    outside = int(((y < 0) | (y >= num_classes)).sum())
+    if outside:
         raise DataError(
-            f"{name} split: labels out of range [0, {num_classes}) (min {lo_y}, max {hi_y})"
+            f"{name} split: {outside} labels out of range [0, {num_classes})"
         )
     return x.contiguous(), y.contiguous()
