@@ -18,6 +18,7 @@ from lit_dpvae.data.mnist import (
     MNISTDataModule,
 )
 from lit_dpvae.data.pinwheel import PinwheelDataModule, make_pinwheel
+from lit_dpvae.data.wrap import PrivateDataModule
 
 __all__ = [
     "ArrayDataModule",
@@ -29,6 +30,7 @@ __all__ = [
     "IDXFormatError",
     "MNISTDataModule",
     "PinwheelDataModule",
+    "PrivateDataModule",
     "VAEDataModule",
     "check_split",
     "find_idx_file",

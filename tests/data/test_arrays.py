@@ -76,3 +76,38 @@ def test_a_vae_trains_privately_on_an_array_data_module(tmp_path):
                enable_model_summary=False, limit_val_batches=0,
                default_root_dir=tmp_path).fit(model, dm)
     assert strategy.accountant.steps == 5 and 0 < strategy.epsilon() <= 3.0 * (1 + 1e-6)
+
+
+def test_any_map_style_dataset_becomes_a_private_data_module(tmp_path):
+    """PrivateDataModule: Poisson batches (q = B/N) from a user's Dataset; the dataset is not a
+    hyper-parameter; the strategy accepts the loader and accounts q."""
+    import lightning.pytorch as pl
+    from torch.utils.data import Dataset
+
+    from lit_dpvae.data import PrivateDataModule
+    from lit_dpvae.models import VanillaVAE
+    from lit_dpvae.strategy import DPStrategy
+
+    class Records(Dataset):
+        def __init__(self, n):
+            self.x = torch.rand(n, 10)
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i], 0
+
+    with pytest.raises(TypeError, match="map-style"):
+        PrivateDataModule(iter(range(3)))
+    dm = PrivateDataModule(Records(200), val=Records(20), batch_size=25)
+    assert dm.sample_rate == 25 / 200 and "train" not in dm.hparams
+    assert is_poisson_loader(dm.train_dataloader())
+    model = VanillaVAE(data_shape=(10,), latent_dim=2, hidden=(16,))
+    strategy = DPStrategy(target_epsilon=3.0, sample_share=1.0, noise_seed=2)
+    pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=4, logger=False,
+               enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=1,
+               default_root_dir=tmp_path).fit(model, dm)
+    assert strategy.accountant.steps == 4
+    assert strategy.privacy_report().sample_rate == 25 / 200
