@@ -90,7 +90,7 @@ class Divergence(nn.Module):
 
     def forward(self, codes: Tensor, prior: Prior) -> Tensor:
         """D (a scalar) of the batch's gathered codes ``[N, c]`` against ``prior``."""
-        raise NotImplementedError
+        raise NotImplementedError  # pragma: no cover - abstract: every subclass defines it
 
 
 class PairwiseDivergence(Divergence):
@@ -129,19 +129,19 @@ class PairwiseDivergence(Divergence):
 
     def draw(self, prior: Prior) -> Tensor:
         """The M prior samples ``w [M, c]`` that ``forward`` uses."""
-        raise NotImplementedError
+        raise NotImplementedError  # pragma: no cover - abstract (checked at instantiation)
 
     def value(self, codes: Tensor, w: Tensor) -> Tensor:
         """D for codes ``[N, c]`` (N ≥ 2) and given prior samples ``w [M, c]``."""
-        raise NotImplementedError
+        raise NotImplementedError  # pragma: no cover - abstract (checked at instantiation)
 
     def pair_grad(self, a: Tensor, b: Tensor) -> Tensor:
         """∇₁k(a, b), broadcast ``[..., c] -> [..., c]``."""
-        raise NotImplementedError
+        raise NotImplementedError  # pragma: no cover - abstract (checked at instantiation)
 
     def pair_scale(self, r2: Tensor, d: int) -> Tensor:
         """φ with ∇₁k(a, b) = φ(‖a − b‖²)·(a − b) for d-dimensional inputs (radial kernels)."""
-        raise NotImplementedError
+        raise NotImplementedError  # pragma: no cover - abstract (checked at instantiation)
 
     def estimate(self, codes: Tensor, prior: Prior) -> tuple[Tensor, Tensor]:
         """``(D, w)``: the divergence of the gathered codes ``[N, c]`` and the prior samples it

@@ -132,7 +132,7 @@ def test_unsafe_trainer_settings_are_refused_before_the_first_step(tmp_path, tra
 
 
 def test_batchnorm_and_non_poisson_loaders_are_refused(tmp_path):
-    from lit_dpvae.privacy.grad_sample import UnsupportedModuleError
+    from lit_dpvae.privacy.capture import UnsupportedModuleError
 
     with pytest.raises(UnsupportedModuleError, match="GroupNorm"):
         make_trainer(make_strategy(), tmp_path).fit(ToyLitVAE(batchnorm=True), ToyData())

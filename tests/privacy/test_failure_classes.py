@@ -20,7 +20,7 @@ from lit_dpvae.privacy import (
     TermwiseDPSGD,
     global_norm,
 )
-from lit_dpvae.privacy.grad_sample import UnsupportedModuleError
+from lit_dpvae.privacy.capture import UnsupportedModuleError
 from tests.privacy.adversarial_toys import (
     CentredCodesVAE,
     GridLinear,

@@ -18,7 +18,7 @@ from lit_dpvae.privacy import (
     TermwiseDPSGD,
     global_norm,
 )
-from lit_dpvae.privacy.grad_sample import UnsupportedModuleError
+from lit_dpvae.privacy.capture import UnsupportedModuleError
 from tests.privacy.toys import (
     MeanCoupled,
     ToyVAE,
@@ -344,7 +344,7 @@ def test_budget_share_must_match_the_model():
 
 def test_a_record_with_non_finite_gradient_contributes_exactly_zero():
     from lit_dpvae.privacy import clip_vector
-    from lit_dpvae.privacy.grad_sample import clip_factors, weighted_sum
+    from lit_dpvae.privacy.clipping import clip_factors, weighted_sum
 
     grads = torch.tensor([[3.0, 4.0], [math.inf, 1.0], [math.nan, 0.0]])
     factors = clip_factors(grads.norm(dim=1), 1.0)

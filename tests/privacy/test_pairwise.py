@@ -344,7 +344,7 @@ SHAPES = ("relu-chunk", "two-heads", "groupnorm", "deep", "linear-linear", "skip
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fast_latent_backprops_equal_the_batched_vjp(shape, monkeypatch):
     from lit_dpvae.privacy import pairwise as pw
-    from lit_dpvae.privacy.grad_sample import capture_layers
+    from lit_dpvae.privacy.capture import capture_layers
 
     enc = _Encoder(shape)
     n = 5
