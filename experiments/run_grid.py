@@ -312,7 +312,7 @@ def evaluate(spec: dict[str, Any], model, dm, extractor, real_feats) -> dict[str
             fake, _ = balanced_samples(model, n, dm.num_classes, seed=1)
         else:
             torch.manual_seed(1)
-            fake = model.sample(n).clamp(0, 1)
+            fake = model.sample(n, mean=True).clamp(0, 1)
         out["_samples"] = fake[:64]  # type: ignore[assignment]
         guard("fid", lambda: fid_kid(x_test[:n], fake, extractor))
         guard("prdc", lambda: prdc(real_feats[:n], extract_features(extractor, fake)))

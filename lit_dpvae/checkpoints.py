@@ -10,9 +10,11 @@ privacy spend.
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 from lit_dpvae.hparams import scrub_mapping
 from lit_dpvae.privacy.accounting import CHECKPOINT_KEY, provenance_from_checkpoint
@@ -21,6 +23,11 @@ from lit_dpvae.privacy.provenance import mark_loaded, weights_provenance
 from lit_dpvae.privacy.rng import rng_state
 
 MODEL_CLASS_KEY = "lit_dpvae_model_class"
+
+# A data module's file path (``ArrayDataModule("x.npz")``) is a hyper-parameter: checkpoints that
+# hold one load with ``weights_only=True`` (a path object runs no code).
+torch.serialization.add_safe_globals([pathlib.Path, pathlib.PosixPath, pathlib.PurePosixPath,
+                                      pathlib.WindowsPath, pathlib.PureWindowsPath])
 
 __all__ = ["CHECKPOINT_KEY", "MODEL_CLASS_KEY", "add_privacy", "mark_loaded_checkpoint",
            "restored_privacy", "spend_of_weights"]

@@ -58,6 +58,7 @@ class DPVAECLI(LightningCLI):
                               apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes",
                               apply_on="instantiate")
+        parser.link_arguments("data.schema", "model.init_args.schema", apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="run the test split after fit and print the test loss")
 
@@ -162,36 +163,107 @@ def export_main(argv: list[str]) -> Path:
 
 
 def sample_main(argv: list[str]) -> Path:
-    """``sample``: write ``num`` synthetic records (and labels in conditional mode) as npz."""
+    """``sample``: write ``num`` synthetic records drawn from the model's likelihood (``--mean``:
+    the decoder means) as npz (``x``, and ``y`` for conditional models), a CSV/parquet table
+    with the schema's column names and categories (tabular models), or a folder of PNG images
+    (``--out`` a folder; one sub-folder per label for conditional models)."""
     parser = argparse.ArgumentParser(prog="python -m lit_dpvae sample",
                                      description=SUBCOMMANDS["sample"])
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by fit")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by fit, or export")
     parser.add_argument("--num", type=int, default=10000, help="number of records")
-    parser.add_argument("--out", required=True, help="output .npz (keys: x, and y if labelled)")
+    parser.add_argument("--out", required=True,
+                        help="output: .npz (keys x, and y if labelled), .csv/.parquet (tabular "
+                             "models), or a folder for PNG images (ends with / or has no suffix)")
+    parser.add_argument("--mean", action="store_true",
+                        help="write the decoder means instead of draws of the likelihood")
+    parser.add_argument("--label-weights", default=None,
+                        help="conditional models: comma-separated public class weights for "
+                             "the labels (default: balanced classes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=1000)
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error("--num must be >= 1")
+    out = Path(args.out)
+    kind = sample_format(out)
     torch.manual_seed(args.seed)
     model = load_model(args.ckpt)
-    xs, ys = [], []
+    schema = model.hparams.get("schema")
+    if kind == "table" and schema is None:
+        parser.error(f"{out.suffix} output needs a tabular model (trained with a schema); write "
+                     ".npz or a PNG folder")
+    if kind == "png" and len(model.data_shape) != 3:
+        parser.error(f"a PNG folder needs image records [C, H, W], this model's are "
+                     f"{list(model.data_shape)}: write .npz" + (" or .csv" if schema else ""))
+    labels_all = sample_labels(model, args.num, args.label_weights, parser)
+    xs = []
     with torch.no_grad():
         for start in range(0, args.num, args.batch):
             n = min(args.batch, args.num - start)
-            labels = None
-            if model.conditional:  # balanced labels
-                labels = torch.arange(start, start + n) % model.num_classes
-                ys.append(labels.numpy())
-            xs.append(model.sample(n, labels=labels).cpu().numpy())
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, Any] = {"x": np.concatenate(xs)}
-    if ys:
-        arrays["y"] = np.concatenate(ys)
-    np.savez_compressed(out, **arrays)
-    print(f"wrote {arrays['x'].shape[0]} records to {out}", flush=True)
+            labels = None if labels_all is None else labels_all[start : start + n]
+            xs.append(model.sample(n, labels=labels, mean=args.mean).cpu().numpy())
+    x = np.concatenate(xs)
+    y = None if labels_all is None else labels_all.numpy()
+    if kind == "table":
+        from lit_dpvae.data.schema import write_table
+
+        write_table(schema.decode(x, y if schema.label is not None else None), out)
+    elif kind == "png":
+        write_png_folder(out, x, y)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out, **({"x": x} if y is None else {"x": x, "y": y}))
+    print(f"wrote {x.shape[0]} {'mean' if args.mean else 'sampled'} records to {out}", flush=True)
     return out
+
+
+def sample_format(out: Path) -> str:
+    """``npz``, ``table`` (.csv/.parquet) or ``png`` (a folder) from an output path."""
+    if out.suffix == ".npz":
+        return "npz"
+    if out.suffix in (".csv", ".parquet", ".pq"):
+        return "table"
+    if out.suffix == "" or str(out).endswith("/") or out.is_dir():
+        return "png"
+    raise ValueError(f"--out {out}: write .npz, .csv, .parquet or a folder (PNG images)")
+
+
+def sample_labels(model: BaseVAE, num: int, weights: str | None,
+                  parser: argparse.ArgumentParser) -> torch.Tensor | None:
+    """Labels of a conditional model's records: balanced (each class ⌊num/K⌋ or one more), or
+    in the proportions of public ``weights`` (rounded to counts, largest remainders)."""
+    if not model.conditional:
+        if weights is not None:
+            parser.error("--label-weights is for conditional models")
+        return None
+    k = model.num_classes
+    if weights is None:
+        return torch.arange(num) % k
+    try:
+        w = np.array([float(v) for v in weights.split(",")])
+    except ValueError:
+        parser.error(f"--label-weights must be {k} comma-separated numbers")
+    if w.shape != (k,) or not np.all(w >= 0) or not w.sum() > 0:
+        parser.error(f"--label-weights needs {k} non-negative weights with a positive sum")
+    exact = w / w.sum() * num
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(counts - exact)[: num - counts.sum()]] += 1
+    return torch.from_numpy(np.repeat(np.arange(k), counts))
+
+
+def write_png_folder(out: Path, x: np.ndarray, y: np.ndarray | None) -> None:
+    """PNG images ``out/<label>/<index>.png`` (``out/<index>.png`` without labels); labels are
+    zero-padded so that their sorted order is their numeric order (ImageFolderDataModule)."""
+    from PIL import Image
+
+    pixels = np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
+    width = len(str(int(y.max()))) if y is not None and len(y) else 1
+    digits = len(str(len(x) - 1))
+    for i, img in enumerate(pixels):
+        folder = out if y is None else out / f"{int(y[i]):0{width}d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        Image.fromarray(arr).save(folder / f"{i:0{digits}d}.png")
 
 
 def audit_parser() -> argparse.ArgumentParser:

@@ -269,7 +269,12 @@ class ScrubbedHyperparametersMixin:
     """Put before ``LightningModule`` / ``LightningDataModule`` in the bases: its
     ``save_hyperparameters`` is Lightning's followed by :func:`scrub_hparams`. Data-like
     ``__init__`` arguments (of the class or any subclass) are also passed to Lightning as
-    ``ignore``, so they are never stored, not even in the deep copy behind ``hparams_initial``."""
+    ``ignore``, so they are never stored, not even in the deep copy behind ``hparams_initial``.
+    A class lists the arguments that are meant to carry records (a data module's arrays or
+    table) in ``data_arguments``: they are left out the same way, without a warning."""
+
+    #: ``__init__`` arguments that carry records by design (left out of hparams silently).
+    data_arguments: tuple[str, ...] = ()
 
     def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None,
                              frame: Any = None, logger: bool = True) -> None:
@@ -284,7 +289,8 @@ class ScrubbedHyperparametersMixin:
                 for key, reason in _data_like_init_args(frame).items():
                     if key not in ignore:
                         ignore.append(key)
-                        _warn(type(self).__name__, key, reason)
+                        if key not in self.data_arguments:
+                            _warn(type(self).__name__, key, reason)
             super().save_hyperparameters(  # type: ignore[misc]
                 *args, ignore=ignore, frame=frame, logger=logger
             )

@@ -30,7 +30,7 @@ from lit_dpvae.checkpoints import (
 )
 from lit_dpvae.hparams import scrub_hparams
 from lit_dpvae.optim import DPAdamBC
-from lit_dpvae.privacy import is_poisson_loader
+from lit_dpvae.privacy import from_opacus_loader, is_poisson_loader
 from lit_dpvae.privacy.budget import PrivacyBudget, PrivacyConfigError
 from lit_dpvae.privacy.capture import check_module
 from lit_dpvae.privacy.collectives import TorchDistributed
@@ -166,6 +166,12 @@ class DPStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module else None
         if trainer is None or not trainer.training or dataloader is None:
             return dataloader
+        opacus = from_opacus_loader(dataloader, num_replicas=self.world_size,
+                                    rank=self.global_rank)
+        if opacus is not None:  # same dataset, q and steps; a secret, rank-synchronised sampler
+            dataloader = opacus
+            rank_zero_info("Opacus DPDataLoader: its batches are drawn by the rank-synchronised "
+                           "lit_dpvae Poisson sampler with the same q")
         if not is_poisson_loader(dataloader):
             if self.is_private:
                 raise PrivacyConfigError(

@@ -64,7 +64,7 @@ def test_sample_temperature_and_a_grid_file_given_by_path(tmp_path):
     model = grid.make_model(dict(spec, sample_temperature=0.0), "vanilla_cond", dm).eval()
     assert model.sample_temperature == 0.0  # a model option now, not a patched method
     labels = torch.tensor([0, 0, 1, 1])
-    x = model.sample(4, labels)  # τ = 0: z = 0, one image per label
+    x = model.sample(4, labels, mean=True)  # τ = 0: z = 0, one image per label
     torch.testing.assert_close(x[0], x[1])
     assert not torch.allclose(x[0], x[2])
     with pytest.raises(ValueError, match="standard-normal prior"):
@@ -137,7 +137,7 @@ def test_label_prior_scale_and_channels_keys_reach_the_model():
     torch.manual_seed(0)
     eps = model.prior.sample(2)
     torch.manual_seed(0)
-    got = model.sample(2, labels)
+    got = model.sample(2, labels, mean=True)
     onehot = torch.nn.functional.one_hot(labels, 3).float()
     with torch.no_grad():
         z = model.label_means(onehot) + model.label_log_scales(onehot).exp() * 0.5 * eps

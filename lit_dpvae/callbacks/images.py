@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,11 @@ class ImageLogger(Callback):
         labels = None
         if getattr(pl_module, "conditional", False):
             labels = torch.arange(self.num_images) % pl_module.num_classes
+        # decoder means make readable grids; a custom module's sample may not take ``mean``
+        kwargs = {"mean": True} if "mean" in inspect.signature(pl_module.sample).parameters \
+            else {}
         with torch.no_grad():
-            return pl_module.sample(self.num_images, labels=labels).cpu()
+            return pl_module.sample(self.num_images, labels=labels, **kwargs).cpu()
 
     def _held_out(self, trainer: pl.Trainer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         loaders = trainer.val_dataloaders

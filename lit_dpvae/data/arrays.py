@@ -67,10 +67,13 @@ class ArrayDataModule(VAEDataModule):
     checkpoints, :mod:`lit_dpvae.hparams`); a path is.
     """
 
+    data_arguments = ("x", "y")
+
     def __init__(self, x: Any, y: Any = None, *, value_range: tuple[float, float],
                  num_classes: int | None = None, rescale: bool = True,
                  test_size: int | float = 0.2, batch_size: int = 64, **kwargs: Any) -> None:
-        super().__init__(batch_size, **kwargs)
+        declared, num_classes = num_classes, 1 if num_classes is None else num_classes
+        super().__init__(batch_size, **kwargs)  # hparams: num_classes as the model gets it
         if isinstance(x, (str, Path)):
             x, stored_y = load_arrays(x)
             y = stored_y if y is None else y
@@ -79,12 +82,12 @@ class ArrayDataModule(VAEDataModule):
             raise DataError(f"x must be [N, *shape] with N >= 3 records, got shape "
                             f"{tuple(self._x.shape)}")
         if y is None:
-            if num_classes not in (None, 1):
+            if declared not in (None, 1):
                 raise DataError("num_classes without labels: pass y, or leave num_classes unset")
             self._y = torch.zeros(self._x.shape[0], dtype=torch.int64)
             self._num_classes = 1
         else:
-            if num_classes is None:
+            if declared is None:
                 raise DataError(
                     "labels need a declared num_classes (public; counting the classes in the "
                     "private labels would leak them): pass num_classes=K")

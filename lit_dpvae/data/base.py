@@ -12,6 +12,8 @@ differ only in their training seed are evaluated on the same records.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
@@ -92,6 +94,12 @@ class VAEDataModule(ScrubbedHyperparametersMixin, LightningDataModule):
     def num_classes(self) -> int:
         """Labels lie in ``[0, num_classes)``."""
         raise NotImplementedError
+
+    @property
+    def schema(self) -> Any:
+        """The public schema of a table's records (:class:`lit_dpvae.data.Schema`), or None for
+        arrays and images; the CLI passes it to the model (``BaseVAE(schema=...)``)."""
+        return None
 
     def _load(self) -> dict[str, Split]:
         """Return ``{"train": (x, y), "test": (x, y)}``, the training pool and the test set, with

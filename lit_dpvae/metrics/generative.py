@@ -357,7 +357,8 @@ def balanced_samples(model: BaseVAE, n: int, num_classes: int, seed: int = 0,
     torch.manual_seed(seed)
     try:
         model.eval()
-        x = torch.cat([model.sample(len(y[i : i + batch_size]), y[i : i + batch_size]).cpu()
+        x = torch.cat([model.sample(len(y[i : i + batch_size]), y[i : i + batch_size],
+                                    mean=True).cpu()
                        for i in range(0, n, batch_size)])
     finally:
         torch.random.set_rng_state(state)

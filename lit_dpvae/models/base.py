@@ -65,8 +65,18 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
             one-hot label (initialised to 0, i.e. s_y = 1): the prior can narrow to where the
             class's codes are, and ``sample`` draws ``z = μ_y + s_y ⊙ ε``. The KL uses
             KL(N(μ, σ²) ‖ N(m, s²)) = KL(N((μ − m)/s, σ²/s²) ‖ N(0, I)); still sample-wise.
-        likelihood: ``"bernoulli"`` | ``"gaussian"`` | ``"laplace"`` or a ``Likelihood``.
-        likelihood_scale: fixed scale of the Gaussian/Laplace likelihood.
+        likelihood: ``"auto"`` (default: Bernoulli, or the schema's mixed-type likelihood when
+            ``schema`` is set) | ``"bernoulli"`` | ``"gaussian"`` | ``"laplace"`` or a
+            ``Likelihood``. With a schema, ``"gaussian"``/``"laplace"`` choose the family of
+            its numeric columns.
+        likelihood_scale: fixed scale of the Gaussian/Laplace likelihood (of numeric columns,
+            on their [0, 1] scale, with a schema).
+        schema: a table's public schema (:class:`lit_dpvae.data.Schema`, a ``{name: spec}``
+            mapping or a JSON/YAML path; ``TabularDataModule.schema`` links it in the CLI):
+            the decoder then outputs one parameter per encoded entry and the likelihood is
+            :class:`lit_dpvae.likelihoods.Tabular` (sample-wise); ``sample`` draws valid rows
+            that ``schema.decode`` turns into a table. Kept in ``hparams`` as a ``Schema``
+            (public metadata: names, bounds, categories).
         beta: weight β of the per-record KL. lam: weight λ of the divergence.
         n_samples: K reparameterisation samples per record (averaged inside the record's terms).
         lr: Adam learning rate.
@@ -96,8 +106,9 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         conditional: bool = False,
         label_prior: bool = False,
         label_prior_scale: bool = False,
-        likelihood: str | Likelihood = "bernoulli",
+        likelihood: str | Likelihood = "auto",
         likelihood_scale: float = 0.1,
+        schema: Any = None,
         beta: float = 1.0,
         lam: float = 0.0,
         n_samples: int = 1,
@@ -112,6 +123,10 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         lr_schedule_steps: int | None = None,
         sample_temperature: float | None = None,
     ) -> None:
+        if schema is not None:  # hparams keep the Schema object (public; not a data container)
+            from lit_dpvae.data.schema import Schema
+
+            schema = Schema.coerce(schema)
         super().__init__()
         ignore = ["encoder", "decoder"]
         if isinstance(likelihood, nn.Module):
@@ -168,7 +183,7 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
             )
         assert decoder is not None  # injected together with encoder, or built above
         self.encoder, self.decoder = encoder, decoder
-        self.likelihood = make_likelihood(likelihood, likelihood_scale)
+        self.likelihood = make_likelihood(likelihood, likelihood_scale, schema)
         self.prior: Prior = StandardNormal(latent_dim)
         self.label_means: nn.Linear | None = None
         self.label_log_scales: nn.Linear | None = None
@@ -393,9 +408,13 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         mark_loaded(self, provenance_from_checkpoint(checkpoint), loaded=False)
 
     @torch.no_grad()
-    def sample(self, n: int, labels: Tensor | Sequence[int] | None = None) -> Tensor:
-        """n draws of the likelihood mean at z ~ p(z): ``[n, *data_shape]``. Labels ``[n]`` are
-        required in conditional mode and refused otherwise.
+    def sample(self, n: int, labels: Tensor | Sequence[int] | None = None, *,
+               mean: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """n synthetic records ``[n, *data_shape]``: z ~ p(z), then x ~ p(x | z), a draw of the
+        likelihood (binary pixels for Bernoulli, μ + s·ε for Gaussian, one category per column
+        of a table); ``mean=True`` returns the likelihood's mean at z instead (smooth images,
+        expected encodings). Labels ``[n]`` are required in conditional mode and refused
+        otherwise. ``generator`` seeds the likelihood draw (z uses the global RNG).
 
         With ``sample_temperature`` τ (an attribute, also a constructor option; None or 1: off)
         the draws are at τ·ε, ε ~ N(0, I), mapped by a class-conditional prior to
@@ -413,7 +432,10 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
             if not float(tau) >= 0:
                 raise ValueError(f"sample_temperature must be >= 0 (or None), got {tau}")
             z = float(tau) * z
-        return self.likelihood.mean(self.decode(self.prior_shift(z, onehot), onehot))
+        params = self.decode(self.prior_shift(z, onehot), onehot)
+        if mean:
+            return self.likelihood.mean(params)
+        return self.likelihood.sample(params, generator=generator)
 
     def prior_shift(self, eps: Tensor, onehot: Tensor | None) -> Tensor:
         """Map prior draws ``eps ~ p(ε)`` to the class-conditional prior's ``μ_y + s_y ⊙ ε``

@@ -22,6 +22,7 @@ from lit_dpvae.privacy.mechanisms import (
 from lit_dpvae.privacy.sampling import (
     EmptySafeCollate,
     PoissonBatchSampler,
+    from_opacus_loader,
     is_poisson_loader,
     poisson_dataloader,
 )
@@ -56,5 +57,6 @@ __all__ = [
     "batch_size_of",
     "is_poisson_loader",
     "loss_terms_of",
+    "from_opacus_loader",
     "poisson_dataloader",
 ]

@@ -187,3 +187,38 @@ def poisson_dataloader(
 def is_poisson_loader(loader: Any) -> bool:
     """True if ``loader`` draws its batches with :class:`PoissonBatchSampler`."""
     return isinstance(getattr(loader, "batch_sampler", None), PoissonBatchSampler)
+
+
+def from_opacus_loader(loader: Any, *, num_replicas: int = 1, rank: int = 0) -> DataLoader | None:
+    """The rank-synchronised Poisson loader equivalent to an Opacus ``DPDataLoader`` (same
+    dataset, sample rate q, steps per epoch and collate function), or None when ``loader`` is
+    not one. Opacus' samplers draw Poisson batches with the same q, but per rank and from a
+    generator the strategy cannot checkpoint or keep secret across ranks; the replacement draws
+    one global Poisson batch per step from a fresh secret seed (kept in checkpoints) and gives
+    each rank its share, so the accountant's q and an exact resume hold (docs/privacy.md §1)."""
+    from opacus.utils.uniform_sampler import (
+        DistributedUniformWithReplacementSampler,
+        UniformWithReplacementSampler,
+    )
+
+    sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(sampler, UniformWithReplacementSampler):
+        num_samples, steps = int(sampler.num_samples), int(sampler.steps)
+    elif isinstance(sampler, DistributedUniformWithReplacementSampler):
+        num_samples, steps = int(sampler.total_size), int(sampler.num_batches)
+    else:
+        return None
+    dataset = loader.dataset
+    if not isinstance(dataset, Sized) or len(dataset) != num_samples:
+        raise ValueError("the Opacus DPDataLoader's sampler does not cover its dataset: build it "
+                         "with DPDataLoader.from_data_loader(loader) over the training set")
+    batches = PoissonBatchSampler(num_samples, float(sampler.sample_rate), seed=None,
+                                  num_replicas=num_replicas, rank=rank, steps_per_epoch=steps)
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=loader.collate_fn,  # Opacus' collate already turns [] into empty tensors
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        generator=torch.Generator().manual_seed(batches.seed ^ 0x5EED),
+    )
