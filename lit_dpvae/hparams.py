@@ -65,6 +65,7 @@ from __future__ import annotations
 import array
 import dataclasses
 import inspect
+import os
 from argparse import Namespace
 from collections.abc import Mapping, MutableMapping, Sequence, Set
 from types import FunctionType, MethodType, ModuleType, SimpleNamespace
@@ -255,11 +256,17 @@ def scrub_hparams(obj: Any) -> list[str]:
     if obj is None:
         return []
     dropped: dict[str, str] = {}
+    declared = tuple(getattr(obj, "data_arguments", ()))
     for attr in ("_hparams", "_hparams_initial"):
         hp = getattr(obj, attr, None)
         if isinstance(hp, MutableMapping):
             for key, reason in scrub_mapping(hp, warn=False).items():
                 dropped.setdefault(key, reason)
+            for key in [k for k in declared if k in hp]:
+                reason = declared_data(hp[key])
+                if reason is not None:
+                    del hp[key]
+                    dropped.setdefault(key, reason)
     for key, reason in dropped.items():
         _warn(type(obj).__name__, key, reason)
     return sorted(dropped)
@@ -286,7 +293,7 @@ class ScrubbedHyperparametersMixin:
         try:
             ignore = [ignore] if isinstance(ignore, str) else list(ignore or [])
             if not args:  # all __init__ arguments: leave the data-like ones out from the start
-                for key, reason in _data_like_init_args(frame).items():
+                for key, reason in _data_like_init_args(frame, self.data_arguments).items():
                     if key not in ignore:
                         ignore.append(key)
                         if key not in self.data_arguments:
@@ -299,8 +306,9 @@ class ScrubbedHyperparametersMixin:
         scrub_hparams(self)
 
 
-def _data_like_init_args(frame: Any) -> dict[str, str]:
-    """``{argument: reason}`` for the data-like ``__init__`` arguments Lightning would capture."""
+def _data_like_init_args(frame: Any, declared: Sequence[str] = ()) -> dict[str, str]:
+    """``{argument: reason}`` for the data-like ``__init__`` arguments Lightning would capture
+    (``declared``: the class's ``data_arguments``, data unless a path)."""
     from lightning.pytorch.core.mixins import HyperparametersMixin
     from lightning.pytorch.utilities.parsing import collect_init_args
 
@@ -319,4 +327,16 @@ def _data_like_init_args(frame: Any) -> dict[str, str]:
         for local_args in collect_init_args(frame, [], classes=(HyperparametersMixin,)):
             init_args.update(local_args)
     return {key: reason for key, value in init_args.items()
-            if (reason := data_like(value)) is not None}
+            if (reason := data_like(value)) is not None
+            or (key in declared and (reason := declared_data(value)) is not None)}
+
+
+def declared_data(value: Any) -> str | None:
+    """Why a value of an argument that a class declares record-carrying (``data_arguments``)
+    must stay out of hparams: anything but None, a path or a short string (a file name). Short
+    label lists and small tables are records too, whatever :func:`data_like` says of them."""
+    if value is None or isinstance(value, os.PathLike):
+        return None
+    if isinstance(value, str) and len(value) <= MAX_CHARS:
+        return None
+    return f"a declared data argument holding a {_type_name(value)}, not a path"

@@ -49,10 +49,13 @@ class Bernoulli(Likelihood):
     def check_support(self, x: Tensor) -> None:
         super().check_support(x)
         x = x.detach()
-        if x.numel() and (float(x.min()) < 0.0 or float(x.max()) > 1.0):
+        outside = (x < 0.0) | (x > 1.0)
+        if bool(outside.any()):  # a count, never a value: the records are private
+            records = int(outside.reshape(len(x), -1).any(1).sum()) if x.dim() else 1
             raise ValueError(
-                f"Bernoulli likelihood needs data in [0, 1], got range [{float(x.min()):.3g}, "
-                f"{float(x.max()):.3g}]; scale the data (e.g. pixels / 255) or use Gaussian"
+                f"Bernoulli likelihood needs data in [0, 1], but {records} records have values "
+                "outside it; scale the data (e.g. pixels / 255, ArrayDataModule's rescale=True) "
+                "or use likelihood='gaussian'"
             )
 
     def log_prob(self, x: Tensor, params: Tensor) -> Tensor:

@@ -184,7 +184,7 @@ def test_the_records_would_leak_without_the_scrub(tmp_path, monkeypatch):
     import lit_dpvae.hparams as hp
 
     monkeypatch.setattr(hp, "scrub_hparams", lambda obj: [])
-    monkeypatch.setattr(hp, "_data_like_init_args", lambda frame: {})
+    monkeypatch.setattr(hp, "_data_like_init_args", lambda frame, declared=(): {})
     data = _data("tensor")
     assert "records" in data.hparams and "records" in data.hparams_initial
     saved = tmp_path / "leak.ckpt"

@@ -58,11 +58,11 @@ def check_split(
     lo_t, hi_t = torch.aminmax(x)  # NaN propagates, so both are finite iff every value is
     lo, hi = float(lo_t), float(hi_t)
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        bad = ~torch.isfinite(x)
-        first = int(bad.reshape(len(bad), -1).any(1).nonzero()[0])
+        bad = ~torch.isfinite(x)  # counts only: which record has them is about that record
         raise DataError(
-            f"{name} split: {int(bad.sum())} NaN/Inf values in the records "
-            f"(first at record {first})"
+            f"{name} split: {int(bad.sum())} NaN/Inf values in "
+            f"{int(bad.reshape(len(bad), -1).any(1).sum())} records; find them with "
+            "numpy.isfinite on your data and fix or drop them"
         )
     if unit_interval and (lo < 0.0 or hi > 1.0):  # counts only: no record value in errors
         outside = int(((x < 0.0) | (x > 1.0)).reshape(len(x), -1).any(1).sum())

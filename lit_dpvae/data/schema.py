@@ -55,9 +55,10 @@ class Column:
                     f"numeric column {name!r} needs public bounds [low, high] (from a data "
                     "dictionary or the measurement's range, never the records' min/max)")
             low, high = float(bounds[0]), float(bounds[1])
-            if not (np.isfinite(low) and np.isfinite(high) and low < high):
-                raise DataError(f"column {name!r}: bounds must be finite with low < high, "
-                                f"got {list(bounds)}")
+            if not (np.isfinite(low) and np.isfinite(high) and low < high
+                    and np.isfinite(high - low)):
+                raise DataError(f"column {name!r}: bounds must be finite with low < high and "
+                                f"a finite span high - low, got {list(bounds)}")
             self.bounds = (low, high)
         else:
             if bounds is not None:
@@ -230,10 +231,15 @@ class Schema:
             raise DataError(f"expected a pandas DataFrame, got {type(frame).__name__}")
         missing = [c.name for c in self.columns if c.name not in frame.columns]
         if missing:
-            raise DataError(f"the table has no column(s) {missing} declared in the schema "
-                            f"(its columns: {list(map(str, frame.columns))[:20]})")
+            raise DataError(  # not the table's own column names: a header-less CSV's are a record
+                f"the table lacks {len(missing)} of the schema's columns: {missing} (it has "
+                f"{len(frame.columns)} columns; is its header row missing or spelled "
+                "differently?)")
         parts = [self._encode_column(col, frame[col.name]) for col in self.features]
-        x = torch.from_numpy(np.concatenate(parts, axis=1).astype(np.float32))
+        encoded = np.concatenate(parts, axis=1).astype(np.float32)
+        if not bool(np.isfinite(encoded).all()):  # bounds are checked: cannot happen
+            raise DataError("the encoded table has non-finite values: check the schema's bounds")
+        x = torch.from_numpy(np.clip(encoded, 0.0, 1.0))  # float32 rounding of (v−lo)/(hi−lo)
         y = None
         if self.label_column is not None:
             y = torch.from_numpy(self._codes(self.label_column, frame[self.label]))

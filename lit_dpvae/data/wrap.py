@@ -21,7 +21,8 @@ class PrivateDataModule(ScrubbedHyperparametersMixin, LightningDataModule):
     Args:
         train: the training records (``__len__`` and ``__getitem__``); each item is what your
             model's ``loss_terms`` reads from one record (a batch is their default collation).
-        val, test: optional held-out datasets (ordinary sequential loaders).
+        val, test: optional held-out datasets (ordinary sequential loaders; without one,
+            validation or testing has no batches and is skipped).
         batch_size: the *expected* global batch size B (q = B / len(train)).
         seed: the Poisson sampler's seed; None (default) draws a secret one. Keep it secret.
         eval_batch_size: batch size of the val/test loaders (default ``batch_size``).
@@ -63,15 +64,15 @@ class PrivateDataModule(ScrubbedHyperparametersMixin, LightningDataModule):
             rank=int(trainer.global_rank) if trainer else 0,
             num_workers=self.num_workers, **kwargs)
 
-    def _eval(self, dataset: Dataset | None, name: str) -> DataLoader:
-        if dataset is None:
-            raise ValueError(f"no {name} dataset was given to PrivateDataModule({name}=...)")
+    def _eval(self, dataset: Dataset | None, name: str) -> DataLoader | list:
+        if dataset is None:  # no batches: Lightning skips the loop (and the sanity check)
+            return []
         kwargs = {} if self.collate_fn is None else {"collate_fn": self.collate_fn}
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False,
                           num_workers=self.num_workers, **kwargs)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
         return self._eval(self.val_set, "val")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | list:
         return self._eval(self.test_set, "test")

@@ -102,10 +102,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
         (Lightning's ``batch_progress.current.ready``), ``epochs_done`` epochs finished. A run
         that stopped mid-epoch continues with the step after the last completed one; one that
         took every batch of its epoch continues with the next epoch, never with a replay of
-        this one's Poisson draws (after an end-of-epoch checkpoint Lightning still reports that
-        epoch as current)."""
+        this one's Poisson draws (after an end-of-epoch checkpoint, and after a step checkpoint
+        on an epoch's last batch, Lightning still reports that epoch as current)."""
         if batches_done >= len(self):
-            epoch = max(epoch, epochs_done)
+            epoch = max(epoch + 1, epochs_done)  # the epoch is done, whatever Lightning says
         self.set_epoch(epoch)
         self.start_step = batches_done if 0 < batches_done < len(self) else 0
 
@@ -214,10 +214,13 @@ def from_opacus_loader(loader: Any, *, num_replicas: int = 1, rank: int = 0) -> 
                          "with DPDataLoader.from_data_loader(loader) over the training set")
     batches = PoissonBatchSampler(num_samples, float(sampler.sample_rate), seed=None,
                                   num_replicas=num_replicas, rank=rank, steps_per_epoch=steps)
+    # Empty batches as zero-length tensors of the records' shapes (not Opacus' optional random
+    # stand-in record, nor an IndexError from a plain collate): the user's own collate inside.
+    collate = getattr(loader.collate_fn, "wrapped_collator_fn", loader.collate_fn)
     return DataLoader(
         dataset,
         batch_sampler=batches,
-        collate_fn=loader.collate_fn,  # Opacus' collate already turns [] into empty tensors
+        collate_fn=EmptySafeCollate(dataset, collate or default_collate),
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
         generator=torch.Generator().manual_seed(batches.seed ^ 0x5EED),

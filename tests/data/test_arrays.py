@@ -111,3 +111,53 @@ def test_any_map_style_dataset_becomes_a_private_data_module(tmp_path):
                default_root_dir=tmp_path).fit(model, dm)
     assert strategy.accountant.steps == 4
     assert strategy.privacy_report().sample_rate == 25 / 200
+
+
+def test_a_resume_from_a_checkpoint_on_an_epochs_last_batch_replays_no_batch(tmp_path):
+    """A step checkpoint written on the last batch of an epoch (Lightning still calls that
+    epoch current, with every batch done and no epoch finished): the resumed run must continue
+    with the next epoch's Poisson draws, never replay this epoch's (a replay of T batches is
+    each record's data used twice under one step's accounting)."""
+    import warnings
+
+    import lightning.pytorch as pl
+
+    from lit_dpvae.models import VanillaVAE
+    from lit_dpvae.strategy import DPStrategy
+
+    n = 125
+    x = np.random.default_rng(0).uniform(0, 1, (n, 4))
+    x[:, 0] = np.arange(n) / n  # record ids in column 0
+
+    class Batches(pl.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, module, batch, index):
+            ids = tuple(sorted(round(v * n) for v in batch[0][:, 0].tolist()))
+            self.seen.append((trainer.global_step, ids))
+
+    def fit(folder, ckpt=None, every=None):
+        dm = ArrayDataModule(x, value_range=(0, 1), batch_size=10, val_size=10, test_size=25)
+        model = VanillaVAE(data_shape=(4,), latent_dim=2, hidden=(8,))
+        strategy = DPStrategy(target_epsilon=5.0, sample_share=1.0, noise_seed=3,
+                              exact_resume=True)
+        record = Batches()
+        saver = [pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=every,
+                                              save_top_k=-1, filename="{step}")] if every else []
+        trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=27,
+                             logger=False, enable_checkpointing=bool(every),
+                             callbacks=[record, *saver], enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(model, dm, ckpt_path=ckpt)
+        return record.seen, trainer
+
+    full, trainer = fit(tmp_path / "a", every=9)
+    assert trainer.num_training_batches == 9  # 90 training records, q = 1/9
+    resumed, _ = fit(tmp_path / "b", ckpt=tmp_path / "a" / "step=9.ckpt")
+    first_epoch = {ids for step, ids in full if step < 9}
+    assert len(resumed) == 18
+    assert not [ids for _, ids in resumed if ids in first_epoch and ids]
+    assert [ids for _, ids in resumed] == [ids for step, ids in full if step >= 9]  # exact

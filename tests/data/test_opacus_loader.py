@@ -42,3 +42,19 @@ def test_a_private_fit_accepts_an_opacus_dp_data_loader(tmp_path):
     report = strategy.privacy_report()
     assert strategy.accountant.steps == 5 and report.sample_rate == 1 / 10
     assert 0 < strategy.epsilon() <= 2.0 * (1 + 1e-6)
+
+
+def test_empty_batches_are_zero_length_whatever_the_opacus_collate():
+    """A plain DataLoader over Opacus' sampler (default collate) and a DPDataLoader with
+    rand_on_empty=True (a random stand-in record) both give zero-length empty batches."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    data = TensorDataset(torch.rand(50, 3), torch.zeros(50, dtype=torch.int64))
+    plain = DataLoader(data, batch_sampler=UniformWithReplacementSampler(num_samples=50,
+                                                                         sample_rate=0.1))
+    stand_in = DPDataLoader(data, sample_rate=0.1, rand_on_empty=True)
+    for loader in (plain, stand_in):
+        converted = from_opacus_loader(loader)
+        converted.batch_sampler.sample_rate = 1e-12
+        x, y = next(iter(converted))
+        assert x.shape == (0, 3) and y.shape == (0,)

@@ -6,6 +6,7 @@ records. The schema and paths (public) may be there; the records may not."""
 from __future__ import annotations
 
 import struct
+import time
 import warnings
 
 import lightning.pytorch as pl
@@ -74,9 +75,14 @@ def test_own_data_reaches_no_log_config_or_checkpoint(tmp_path, monkeypatch, kin
     assert strategy.accountant.steps == 3
     run_dirs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1, "the offline W&B run wrote no files"
+    run_log = list(run_dirs[0].glob("*.wandb"))  # offline: the config is in here
+    assert run_log
+    for _ in range(100):  # wandb's service may still be flushing the run log after finish()
+        if b"batch_size" in run_log[0].read_bytes():
+            break
+        time.sleep(0.1)
+    assert b"batch_size" in run_log[0].read_bytes()  # the config was recorded
     files = [p for p in run_dirs[0].rglob("*") if p.is_file()]
-    run_log = [p for p in files if p.suffix == ".wandb"]  # offline: the config is in here
-    assert run_log and b"batch_size" in run_log[0].read_bytes()  # the config was recorded
     checkpoint = tmp_path / "ckpt" / "last.ckpt"
     for path in [*files, checkpoint]:
         raw = path.read_bytes()
