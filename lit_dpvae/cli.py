@@ -185,7 +185,13 @@ def sample_main(argv: list[str]) -> Path:
     if args.num < 1:
         parser.error("--num must be >= 1")
     out = Path(args.out)
-    kind = sample_format(out)
+    try:
+        kind = sample_format(out)
+    except ValueError as error:
+        parser.error(str(error))
+    if kind == "png" and out.is_dir() and any(out.iterdir()):
+        parser.error(f"--out {out} is a folder that is not empty: choose a new folder (images "
+                     "from two draws would mix)")
     torch.manual_seed(args.seed)
     model = load_model(args.ckpt)
     schema = model.hparams.get("schema")

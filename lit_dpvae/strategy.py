@@ -176,8 +176,8 @@ class DPStrategy(DDPStrategy):
             if self.is_private:
                 raise PrivacyConfigError(
                     "the train dataloader does not use Poisson sampling, which the accountant "
-                    "assumes. Build it with lit_dpvae.privacy.poisson_dataloader (the lit_dpvae "
-                    "data modules do) and pass Trainer(use_distributed_sampler=False).")
+                    "assumes. Use a lit_dpvae data module (PrivateDataModule wraps any Dataset),"
+                    " an Opacus DPDataLoader or lit_dpvae.privacy.poisson_dataloader.")
             return dataloader
         sampler = dataloader.batch_sampler  # type: ignore[attr-defined]
         if (sampler.num_replicas, sampler.rank) != (self.world_size, self.global_rank):
@@ -188,9 +188,10 @@ class DPStrategy(DDPStrategy):
         run = self.run
         sampler.seed = run.seeds.sampler_seed_for(sampler.seed, run.restored, run.comm)
         loop = trainer.fit_loop  # continue with the batches of the epoch where the run stopped
+        epochs = loop.epoch_progress.current
         sampler.resume_at(int(trainer.current_epoch),
                           int(loop.epoch_loop.batch_progress.current.ready),
-                          int(loop.epoch_progress.current.processed))
+                          int(epochs.processed), epochs.started > epochs.completed)
         warnings.filterwarnings(  # the Poisson sampler resumes mid-epoch exactly
             "ignore", message="You're resuming from a checkpoint that ended before the epoch")
         run.attach(sampler, planned_steps(trainer, len(sampler)), trainer.lightning_module,

@@ -263,10 +263,12 @@ class Schema:
                 code = -1
             codes[i] = code
         if bad:
-            raise DataError(
+            shown = ", ".join(repr(c) for c in cats[:8]) + (", ..." if len(cats) > 8 else "")
+            raise DataError(  # the declared categories are public; the offending values are not
                 f"column {col.name!r}: {bad} values are missing or not among its {len(cats)} "
-                "declared categories: add the category to the schema (e.g. 'missing' for empty "
-                "cells, filled in before training) or drop those rows")
+                f"declared categories [{shown}]: add the category to the schema (e.g. "
+                "'missing' for empty cells, filled in before training) or drop those rows "
+                "(in YAML, quote yes/no/on/off: unquoted they are read as True/False)")
         return codes
 
     def _encode_column(self, col: Column, series: Any) -> np.ndarray:
@@ -275,12 +277,24 @@ class Schema:
 
             values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
             low, high = col.bounds  # type: ignore[misc]
-            bad = ~((values >= low) & (values <= high))  # NaN and non-numbers count as bad
-            if bad.any():
+            missing = np.isnan(values)  # empty cells and non-numbers
+            outside = ~missing & ~((values >= low) & (values <= high))
+            fractional = ~missing & ~outside & (values != np.round(values)) if col.integer \
+                else np.zeros_like(missing)
+            if missing.any():
                 raise DataError(
-                    f"column {col.name!r}: {int(bad.sum())} values are missing, not numbers or "
-                    f"outside the declared bounds [{low:g}, {high:g}]: declare the public "
-                    "bounds the data really has, or clip/drop those rows before training")
+                    f"column {col.name!r}: {int(missing.sum())} values are missing or not "
+                    "numbers: fill them (e.g. with a value inside the bounds plus a binary "
+                    "'was missing' column) or drop those rows before training")
+            if outside.any():
+                raise DataError(
+                    f"column {col.name!r}: {int(outside.sum())} values are outside the "
+                    f"declared bounds [{low:g}, {high:g}]: declare the public bounds the data "
+                    "really has, or clip/drop those rows before training")
+            if fractional.any():
+                raise DataError(
+                    f"column {col.name!r}: {int(fractional.sum())} values are not integers but "
+                    "the schema says integer: true; round them, or drop 'integer'")
             return ((values - low) / (high - low))[:, None]
         codes = self._codes(col, series)
         if col.kind == "binary":

@@ -46,6 +46,10 @@ class TabularDataModule(VAEDataModule):
                  test_size: int | float = 0.2, batch_size: int = 64, **kwargs: Any) -> None:
         schema = Schema.coerce(schema, label)  # hparams keep the Schema object
         super().__init__(batch_size, **kwargs)
+        for attr in ("_hparams", "_hparams_initial"):  # LightningCLI passes the raw spec
+            hp = getattr(self, attr, None)
+            if hp is not None and "schema" in hp:
+                hp["schema"] = schema  # the same Schema the model gets (merged by loggers)
         self._schema = schema
         self._data = data
         self.test_size = test_size

@@ -133,7 +133,8 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
             ignore.append("likelihood")
         self.save_hyperparameters(ignore=ignore)
         if conditional and num_classes < 1:
-            raise ValueError("conditional=True needs num_classes >= 1")
+            raise ValueError("conditional=True needs num_classes >= 1 (pass the data module's: "
+                             "num_classes=data.num_classes)")
         if label_prior and not conditional:
             raise ValueError("label_prior=True needs conditional=True (the prior reads the label)")
         if label_prior_scale and not label_prior:
@@ -194,6 +195,20 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
             object.__setattr__(self, "_label_shift", shift)  # its layers are registered above
         self.divergence: Divergence | None = None  # a pairing sets it after this __init__
         self._val_latents: list[tuple[Tensor, Tensor | None]] = []
+
+    def setup(self, stage: str) -> None:
+        """Refuse a data module whose classes do not match the model's (a conditional model on
+        unlabelled data would train on one class and sample from classes it never saw)."""
+        super().setup(stage)
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        classes = getattr(data, "num_classes", None)
+        if self.conditional and isinstance(classes, int) and classes != self.num_classes:
+            hint = (" (the data have no labels: pass label=... to a TabularDataModule, y to an "
+                    "ArrayDataModule, class sub-folders to an ImageFolderDataModule)"
+                    if classes == 1 else "")
+            raise ValueError(
+                f"the model is conditional with num_classes={self.num_classes} but the data "
+                f"module has num_classes={classes}{hint}: pass num_classes=data.num_classes")
 
     # ---- hooks for pairings and the strategy -------------------------------------------------
     def gather_for_batch_terms(self, t: Tensor) -> Tensor:

@@ -97,15 +97,20 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def resume_at(self, epoch: int, batches_done: int, epochs_done: int) -> None:
+    def resume_at(self, epoch: int, batches_done: int, epochs_done: int,
+                  in_progress: bool = True) -> None:
         """Continue where a run stopped: ``batches_done`` of the current ``epoch`` were taken
-        (Lightning's ``batch_progress.current.ready``), ``epochs_done`` epochs finished. A run
-        that stopped mid-epoch continues with the step after the last completed one; one that
-        took every batch of its epoch continues with the next epoch, never with a replay of
-        this one's Poisson draws (after an end-of-epoch checkpoint, and after a step checkpoint
-        on an epoch's last batch, Lightning still reports that epoch as current)."""
+        (Lightning's ``batch_progress.current.ready``), ``epochs_done`` epochs finished, and
+        ``in_progress``: that epoch was started but not completed (``epoch_progress``'s
+        ``started > completed``). A run that stopped mid-epoch continues with the step after the
+        last completed one. One that took every batch of its epoch continues with the next
+        epoch, never with a replay of this one's Poisson draws: after a step checkpoint on an
+        epoch's last batch Lightning still calls that epoch current (in progress), after an
+        end-of-fit checkpoint it already counts the next one (and the batch counter is stale).
+        The default ``in_progress=True`` errs towards skipping an epoch's draws, never towards
+        replaying them."""
         if batches_done >= len(self):
-            epoch = max(epoch + 1, epochs_done)  # the epoch is done, whatever Lightning says
+            epoch = max(epoch + 1 if in_progress else epoch, epochs_done)
         self.set_epoch(epoch)
         self.start_step = batches_done if 0 < batches_done < len(self) else 0
 

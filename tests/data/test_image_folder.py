@@ -80,6 +80,11 @@ def test_a_vae_trains_privately_on_a_png_folder_and_samples_back_to_one(tmp_path
     assert sorted(p.name for p in (tmp_path / "synthetic").iterdir()) == ["0", "1"]
     counts = [len(list((tmp_path / "synthetic" / k).glob("*.png"))) for k in ("0", "1")]
     assert counts == [8, 2]  # public weights 3:1, rounded to counts
+    with pytest.raises(SystemExit):  # a second draw into the same folder would mix the two
+        sample_main(["--ckpt", str(tmp_path / "run.ckpt"), "--num", "4", "--out",
+                     str(tmp_path / "synthetic")])
+    with pytest.raises(SystemExit):
+        sample_main(["--ckpt", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "x.txt")])
     back = ImageFolderDataModule(tmp_path / "synthetic", size=8, test_size=2, val_size=1)
     back.setup()
     x = torch.cat([v[0] for v in back.splits.values()])

@@ -191,7 +191,9 @@ def test_the_cli_fits_a_csv_with_a_schema_file_and_samples_a_csv(tmp_path, monke
     main(["fit", "--model", "lit_dpvae.models.VanillaVAE", "--model.latent_dim", "2",
           "--model.hidden", "[16]", "--data", "lit_dpvae.data.TabularDataModule",
           "--data.data", "records.csv", "--data.schema", "schema.yaml",
-          "--data.batch_size", "30", "--trainer.logger=false", "--trainer.max_steps=3",
+          "--data.batch_size", "30", "--trainer.max_steps=3",
+          "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+          "--trainer.logger.save_dir", "logs",  # a logger merges the two modules' hparams
           "--trainer.enable_progress_bar=false",
           "--trainer.strategy", "lit_dpvae.strategy.DPStrategy",
           "--trainer.strategy.target_epsilon", "3.0",
@@ -200,6 +202,8 @@ def test_the_cli_fits_a_csv_with_a_schema_file_and_samples_a_csv(tmp_path, monke
           "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
           "--trainer.callbacks.dirpath", "ckpt", "--trainer.callbacks.save_last=true"])
     assert "lit_dpvae result: epsilon=" in capsys.readouterr().out
+    logged = next((tmp_path / "logs").rglob("hparams.yaml")).read_text()
+    assert "schema:" in logged and "records.csv" in logged  # public: the schema and the path
     main(["sample", "--ckpt", "ckpt/last.ckpt", "--num", "30", "--out", "synthetic.csv"])
     synthetic = read_table(tmp_path / "synthetic.csv")
     assert list(synthetic.columns) == list(SCHEMA) and len(synthetic) == 30
@@ -256,3 +260,29 @@ def test_the_bernoulli_check_reports_a_count_never_the_records_range():
     with pytest.raises(ValueError, match="1 records have values outside") as info:
         Bernoulli().check_support(x)
     assert "3.14" not in str(info.value)
+
+
+def test_a_conditional_model_on_unlabelled_data_is_refused_before_training(tmp_path):
+    import lightning.pytorch as pl
+
+    from lit_dpvae.models import VanillaVAE
+    from lit_dpvae.strategy import DPStrategy
+
+    dm = TabularDataModule(table(n=120), SCHEMA, batch_size=12)
+    model = VanillaVAE(data_shape=dm.data_shape, latent_dim=2, hidden=(8,), schema=dm.schema,
+                       conditional=True, num_classes=2)
+    trainer = pl.Trainer(strategy=DPStrategy(target_epsilon=3.0, sample_share=1.0),
+                         accelerator="cpu", devices=1, max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="the data have no labels: pass label="):
+        trainer.fit(model, dm)
+    with pytest.raises(DataError, match=r"not integers but the schema says integer"):
+        frame = table(n=10)
+        frame["age"] = frame["age"].astype(float)
+        frame.loc[0, "age"] = 40.5
+        Schema.coerce(SCHEMA).encode(frame)
+    with pytest.raises(DataError, match=r"declared categories \['no', 'yes'\].*quote yes/no"):
+        frame = table(n=10)
+        frame["smoker"] = True
+        Schema.coerce(SCHEMA).encode(frame)
