@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lit_dpvae.data import VAEDataModule
@@ -78,6 +78,38 @@ class DPVAECLI(LightningCLI):
             rank_zero_only(print)("lit_dpvae result: " + " ".join(parts), flush=True)
 
 
+class ScrubbedSaveConfig(SaveConfigCallback):
+    """LightningCLI's resolved config, written next to the run, without record values: a data
+    module's declared record-carrying arguments (``data_arguments``, :mod:`lit_dpvae.hparams`)
+    that are not paths (e.g. labels listed in the YAML) are replaced by a marker."""
+
+    def __init__(self, parser: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(parser, scrub_config(config), *args, **kwargs)
+
+
+def scrub_config(config: Any) -> Any:
+    """A copy of a parsed config with the data module's declared data arguments that hold
+    records (anything but a path or None) replaced by ``"<left out - record values>"``."""
+    import copy
+
+    from lit_dpvae.hparams import declared_data, declared_data_arguments
+
+    class_path = config.get("data.class_path") if "data.class_path" in config else None
+    if not class_path:
+        return config
+    module_name, _, class_name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return config
+    config = copy.deepcopy(config)
+    for name in declared_data_arguments(cls):
+        key = f"data.init_args.{name}"
+        if key in config and declared_data(config[key]) is not None:
+            config[key] = "<left out - record values>"
+    return config
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> DPVAECLI:
     return DPVAECLI(
         BaseVAE,
@@ -85,6 +117,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> DPVAECLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults={"logger": DEFAULT_LOGGER, "use_distributed_sampler": False},
+        save_config_callback=ScrubbedSaveConfig,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"epilog": SUBCOMMANDS_EPILOG, "formatter_class": _HelpFormatter},
         args=args,

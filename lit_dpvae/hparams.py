@@ -256,7 +256,7 @@ def scrub_hparams(obj: Any) -> list[str]:
     if obj is None:
         return []
     dropped: dict[str, str] = {}
-    declared = tuple(getattr(obj, "data_arguments", ()))
+    declared = declared_data_arguments(obj)
     for attr in ("_hparams", "_hparams_initial"):
         hp = getattr(obj, attr, None)
         if isinstance(hp, MutableMapping):
@@ -293,10 +293,11 @@ class ScrubbedHyperparametersMixin:
         try:
             ignore = [ignore] if isinstance(ignore, str) else list(ignore or [])
             if not args:  # all __init__ arguments: leave the data-like ones out from the start
-                for key, reason in _data_like_init_args(frame, self.data_arguments).items():
+                declared = declared_data_arguments(self)
+                for key, reason in _data_like_init_args(frame, declared).items():
                     if key not in ignore:
                         ignore.append(key)
-                        if key not in self.data_arguments:
+                        if key not in declared:
                             _warn(type(self).__name__, key, reason)
             super().save_hyperparameters(  # type: ignore[misc]
                 *args, ignore=ignore, frame=frame, logger=logger
@@ -329,6 +330,16 @@ def _data_like_init_args(frame: Any, declared: Sequence[str] = ()) -> dict[str, 
     return {key: reason for key, value in init_args.items()
             if (reason := data_like(value)) is not None
             or (key in declared and (reason := declared_data(value)) is not None)}
+
+
+def declared_data_arguments(obj: Any) -> tuple[str, ...]:
+    """The ``data_arguments`` of ``obj``'s class and of every base class (a subclass that
+    declares its own does not drop its parents')."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    names: list[str] = []
+    for klass in cls.__mro__:
+        names += [n for n in vars(klass).get("data_arguments", ()) if n not in names]
+    return tuple(names)
 
 
 def declared_data(value: Any) -> str | None:

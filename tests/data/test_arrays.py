@@ -161,3 +161,49 @@ def test_a_resume_from_a_checkpoint_on_an_epochs_last_batch_replays_no_batch(tmp
     assert len(resumed) == 18
     assert not [ids for _, ids in resumed if ids in first_epoch and ids]
     assert [ids for _, ids in resumed] == [ids for step, ids in full if step >= 9]  # exact
+
+
+def test_labels_listed_in_a_cli_config_are_not_copied_into_the_run_folder(tmp_path,
+                                                                         monkeypatch):
+    """LightningCLI writes the resolved config next to the run: a data module's record-carrying
+    arguments given as values (labels listed in the YAML) are left out of it and of the
+    checkpoints; a path stays."""
+    import yaml
+
+    from lit_dpvae.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    x, _ = _records(n=60)
+    labels = [int(v) for v in np.random.default_rng(5).integers(0, 4, 60)]
+    np.save("x.npy", x)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"data": {
+        "class_path": "lit_dpvae.data.ArrayDataModule",
+        "init_args": {"x": "x.npy", "y": labels, "value_range": [-3, 3], "num_classes": 4,
+                      "batch_size": 10}}}))
+    main(["fit", "--config", "cfg.yaml", "--model", "lit_dpvae.models.VanillaVAE",
+          "--model.hidden", "[8]", "--model.latent_dim", "2", "--trainer.max_steps", "2",
+          "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+          "--trainer.logger.save_dir", "logs", "--trainer.enable_progress_bar=false",
+          "--test_after_fit=false", "--trainer.strategy", "lit_dpvae.strategy.DPStrategy",
+          "--trainer.strategy.target_epsilon", "3",
+          "--trainer.strategy.mechanism", "lit_dpvae.privacy.TermwiseDPSGD",
+          "--trainer.strategy.mechanism.sample_share", "1"])
+    saved = next((tmp_path / "logs").rglob("config.yaml"))
+    config = yaml.safe_load(saved.read_text())
+    assert config["data"]["init_args"]["y"] == "<left out - record values>"
+    assert config["data"]["init_args"]["x"] == "x.npy"
+    hparams = yaml.unsafe_load(next((tmp_path / "logs").rglob("hparams.yaml")).read_text())
+    assert "y" not in hparams and hparams["x"] == "x.npy"
+
+
+def test_a_subclass_declaring_its_own_data_arguments_keeps_its_parents():
+    class Weighted(ArrayDataModule):
+        data_arguments = ("weights",)
+
+        def __init__(self, x, y=None, weights=None, **kwargs):
+            super().__init__(x, y, **kwargs)
+
+    x, y = _records(n=30)
+    dm = Weighted(x, [int(v) for v in y], weights=[0.5] * 30, value_range=(-3, 3),
+                  num_classes=4)
+    assert not {"x", "y", "weights"} & set(dm.hparams)
