@@ -15,6 +15,9 @@ as many rows as the train split. Runs go MST first (all ε, seeds), then AIM see
 every ε, then seed 1, ...), and the JSON is rewritten after every run, so an interrupted grid
 leaves every finished run in it; ``--resume`` skips the runs already there.
 
+Synthetic records are drawn with mbi's ``method="sample"`` (the worker's docstring says why: mbi
+1.1.0's default ``round`` sampler creates spurious correlations between sibling columns).
+
 AIM settings: smartnoise-synth's defaults (rounds = 16 * 14 = 224, max_model_size = 80 MB,
 mirror descent 1000 iterations per round, hard-coded) take well over 30 minutes per run on one
 CPU core (probe: 10 rounds of ~224 in 126 s at ε=1, rounds slowing down as the model grows), so
@@ -135,6 +138,8 @@ def main(argv=None) -> None:
         "aim_settings": {"rounds": args.aim_rounds, "max_model_size": args.aim_max_model_size,
                          "max_cells": args.aim_max_cells, "degree": 2},
         "mst_settings": "defaults",
+        "sample_method": "sample: i.i.d. draws (mbi 1.1.0's default 'round' sampler makes "
+                         "children of the same parents comonotone; see snsynth_worker.py)",
         "preprocessing": "all columns categorical with the public domain (a pre-fit "
                          "TableTransformer); 0 epsilon spent on preprocessing",
         "note": "seeds seed numpy (selection, sampling); OpenDP's Gaussian noise is unseeded",
@@ -160,7 +165,8 @@ def main(argv=None) -> None:
             info, syn, wall = run_one(args, synth, eps, seed, train_csv, domain_json, workdir)
             row = {"seed": seed, **evaluate(syn, train, test, domain),
                    "seconds": info["seconds"], "wall_seconds": wall,
-                   "preprocessor_eps_spent": info["preprocessor_eps_spent"]}
+                   "preprocessor_eps_spent": info["preprocessor_eps_spent"],
+                   "sample_method": info["sample_method"]}
             done.append(row)
             done.sort(key=lambda r: r["seed"])
             results.setdefault(key, {})[synth] = aggregate(done)

@@ -17,6 +17,16 @@ cardinality that misses unseen codes) nor spends any of ε on preprocessing. The
 that the odometer spent 0, that the cardinalities equal the public domain and that the
 transform is the identity on the codes.
 
+Sampling (``--sample-method``, default ``sample``): mbi 1.1.0's default ``round`` sampler of
+``MarkovRandomField.synthetic_data`` ranks the rows of each parent group by row index, without
+shuffling, when it draws a child column, so two children of the same parents come out
+comonotone: MST at ε=1 gave a Spearman correlation of 0.80 between ``fnlwgt`` and
+``hours-per-week`` (real: -0.02) and a mean 2-way TVD (0.136) worse than independent columns
+(mbi 2.0.0 fixes this by shuffling within each group, but smartnoise-synth 1.0.8 pins mbi<2 and
+fails on mbi 2's Dataset API). The worker therefore makes ``method="sample"`` (i.i.d. draws from
+the fitted model's conditionals, unaffected) the default of ``synthetic_data`` before calling
+snsynth's own ``sample()``. This is post-processing of the DP model: no privacy cost.
+
 Randomness: ``--seed`` seeds numpy's global generator, which snsynth/mbi use for the
 exponential mechanism (AIM's/MST's selection) and for sampling the synthetic records. The
 Gaussian measurement noise comes from OpenDP's ``make_gaussian`` (a system CSPRNG) and cannot be
@@ -62,10 +72,14 @@ def main(argv=None) -> None:
     ap.add_argument("--aim-max-model-size", type=float, default=80.0)
     ap.add_argument("--aim-rounds", type=int, default=None)
     ap.add_argument("--aim-max-cells", type=int, default=10000)
+    ap.add_argument("--sample-method", choices=["sample", "round"], default="sample")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
 
+    import functools
+
     import snsynth
+    from mbi.markov_random_field import MarkovRandomField
     from snsynth.aim import AIMSynthesizer
     from snsynth.mst import MSTSynthesizer
 
@@ -78,6 +92,11 @@ def main(argv=None) -> None:
         if codes[:, j].min() < 0 or codes[:, j].max() >= domain[c]:
             raise ValueError(f"column {c} has codes outside its public domain 0..{domain[c] - 1}")
 
+    if not hasattr(MarkovRandomField, "_unpatched_synthetic_data"):
+        MarkovRandomField._unpatched_synthetic_data = MarkovRandomField.synthetic_data
+    MarkovRandomField.synthetic_data = functools.partialmethod(
+        MarkovRandomField._unpatched_synthetic_data, method=args.sample_method
+    )
     np.random.seed(args.seed)
     tt = public_transformer(columns, domain)
     if args.synth == "aim":
@@ -103,7 +122,8 @@ def main(argv=None) -> None:
         "settings": settings, "preprocessor_eps_spent": float(tt.odometer.spent[0]),
         "epsilon_left_for_training": float(synth.epsilon),
         "rho": float(getattr(synth, "rho", float("nan"))),
-        "fit_seconds": t_fit, "seconds": seconds, "n_rows": len(syn),
+        "sample_method": args.sample_method, "fit_seconds": t_fit, "seconds": seconds,
+        "n_rows": len(syn),
         "snsynth_version": getattr(snsynth, "__version__", None),
     }
     with open(args.info, "w") as f:
