@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-nonprivate", action="store_true")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--validate", action="store_true",
-                        help="score on a 10%% validation split of the training records instead "
+                        help="score on a 20%% validation split of the training records instead "
                              "of the test split (for choosing settings)")
     parser.add_argument("--settings", default="{}", help="JSON overrides of vae.DEFAULTS")
     args = parser.parse_args(argv)
