@@ -200,7 +200,7 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         """Refuse a data module whose classes do not match the model's (a conditional model on
         unlabelled data would train on one class and sample from classes it never saw)."""
         super().setup(stage)
-        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data = getattr(self.trainer, "datamodule", None)  # Lightning calls setup with a trainer
         classes = getattr(data, "num_classes", None)
         if self.conditional and isinstance(classes, int) and classes != self.num_classes:
             hint = (" (the data have no labels: pass label=... to a TabularDataModule, y to an "
