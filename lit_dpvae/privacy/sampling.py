@@ -217,16 +217,10 @@ def from_opacus_loader(loader: Any, *, num_replicas: int = 1, rank: int = 0) -> 
     if not isinstance(dataset, Sized) or len(dataset) != num_samples:
         raise ValueError("the Opacus DPDataLoader's sampler does not cover its dataset: build it "
                          "with DPDataLoader.from_data_loader(loader) over the training set")
-    batches = PoissonBatchSampler(num_samples, float(sampler.sample_rate), seed=None,
-                                  num_replicas=num_replicas, rank=rank, steps_per_epoch=steps)
     # Empty batches as zero-length tensors of the records' shapes (not Opacus' optional random
     # stand-in record, nor an IndexError from a plain collate): the user's own collate inside.
     collate = getattr(loader.collate_fn, "wrapped_collator_fn", loader.collate_fn)
-    return DataLoader(
-        dataset,
-        batch_sampler=batches,
-        collate_fn=EmptySafeCollate(dataset, collate or default_collate),
-        num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory,
-        generator=torch.Generator().manual_seed(batches.seed ^ 0x5EED),
-    )
+    return poisson_dataloader(dataset, float(sampler.sample_rate), seed=None,
+                              num_replicas=num_replicas, rank=rank, steps_per_epoch=steps,
+                              num_workers=loader.num_workers,
+                              collate_fn=collate or default_collate)
