@@ -49,9 +49,11 @@ class DPStrategy(DDPStrategy):
     """Differentially private training of ``loss_terms`` models.
 
     Args:
-        mechanism: a registered name (``"termwise"``, default, arXiv 2006.11204; ``"pairwise"``,
-            MMD-type divergences clipped pair by pair; ``"naive"``; ``"nonprivate"``) or a
-            ``Mechanism`` object (LightningCLI: ``class_path``/``init_args``).
+        mechanism: a registered name (``"auto"``, default: chosen from the model's declared
+            terms when the model connects, see ``privacy.mechanisms.auto``; ``"termwise"``,
+            arXiv 2006.11204; ``"pairwise"``, kernel divergences clipped pair by pair;
+            ``"naive"``; ``"nonprivate"``) or a ``Mechanism`` object (LightningCLI:
+            ``class_path``/``init_args``).
         target_epsilon, target_delta: the budget. With ``noise_multiplier=None``, σ_eff is
             calibrated so the planned steps (``max_steps``, else ``max_epochs`` × steps per
             epoch) spend exactly ``target_epsilon``; training stops before a step would exceed
@@ -60,8 +62,8 @@ class DPStrategy(DDPStrategy):
         accountant: ``"rdp"`` or ``"prv"``.
         noise_seed: seed of the Gaussian noise. Keep it secret: whoever knows it can subtract
             the noise. ``None`` (default) draws a secret seed on rank 0.
-        log_train_terms: log ``train/<term>`` means of each private batch: exact statistics of
-            private records (not noised), so treat the dashboard as private data.
+        log_train_terms: log ``train/<term>`` means of each private batch: exact (not noised)
+            statistics of private records, so treat the dashboard as private data.
         exact_resume: a resume restores the noise generator and sampler seed and replays the
             uninterrupted run bit for bit. **Testing only** (two continuations of one
             checkpoint then differ by a noise-free function of the data).
@@ -80,7 +82,7 @@ class DPStrategy(DDPStrategy):
     strategy_name = "dp"
 
     def __init__(
-        self, mechanism: str | Mechanism = "termwise", target_epsilon: float | None = None,
+        self, mechanism: str | Mechanism = "auto", target_epsilon: float | None = None,
         target_delta: float = 1e-5, noise_multiplier: float | None = None,
         accountant: Literal["rdp", "prv"] = "rdp", noise_seed: int | None = None,
         log_train_terms: bool = True, exact_resume: bool = False,
@@ -99,7 +101,6 @@ class DPStrategy(DDPStrategy):
         self.mechanism: Mechanism = build_mechanism(mechanism, owner=type(self),
                                                     **mechanism_settings)
         self.mechanism.bind(self)
-        self.mechanism_name = self.mechanism.name
         self.budget = PrivacyBudget(target_epsilon, target_delta, noise_multiplier, accountant,
                                     allow_budget_increase, private=self.mechanism.private)
         self.run = PrivateRun(self.mechanism, self.budget, SecretSeeds(noise_seed, exact_resume),
@@ -107,12 +108,11 @@ class DPStrategy(DDPStrategy):
         self.log_train_terms = log_train_terms
         self._pending_update: dict[str, Tensor] | None = None
 
-    # the budget's settings, read by callbacks, the CLI and tests
+    mechanism_name = property(lambda self: self.mechanism.name)
     accountant = property(lambda self: self.budget.accountant)
     target_epsilon = property(lambda self: self.budget.target_epsilon)
     target_delta = property(lambda self: self.budget.target_delta)
     is_private = property(lambda self: self.mechanism.private)
-    # the run's state
     noise_generator = property(lambda self: self.run.seeds.generator)
     restored = property(lambda self: self.run.restored)
     budget_exhausted = property(lambda self: self.run.budget_exhausted)
@@ -126,6 +126,10 @@ class DPStrategy(DDPStrategy):
         return self.budget.epsilon()
 
     # -- setup ----------------------------------------------------------------------------
+    def connect(self, model: pl.LightningModule) -> None:
+        super().connect(model)  # mechanism="auto" is chosen for the model (before a restore)
+        self.mechanism = self.run.choose_mechanism(model, owner=self)
+
     def setup_distributed(self) -> None:
         if self.world_size > 1:
             super().setup_distributed()
@@ -192,8 +196,8 @@ class DPStrategy(DDPStrategy):
         sampler.resume_at(int(trainer.current_epoch),
                           int(loop.epoch_loop.batch_progress.current.ready),
                           int(epochs.processed), epochs.started > epochs.completed)
-        warnings.filterwarnings(  # the Poisson sampler resumes mid-epoch exactly
-            "ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended "
+                                "before the epoch")  # the Poisson sampler resumes mid-epoch
         run.attach(sampler, planned_steps(trainer, len(sampler)), trainer.lightning_module,
                    self.root_device)
         return dataloader
@@ -274,6 +278,8 @@ class DPStrategy(DDPStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
+        if self.lightning_module is not None:  # "auto" is checked as what it chooses
+            self.mechanism = self.run.choose_mechanism(self.lightning_module, owner=self)
         state = restored_privacy(checkpoint, checkpoint_path, self.mechanism_name,
                                  self.is_private)
         self.run.restored = state if state is not None else self.run.restored
@@ -290,6 +296,5 @@ class DPStrategy(DDPStrategy):
                                        override=True)
 
 
-#: The name the library first shipped under (term-wise is the default mechanism).
-TermwiseDPStrategy = DPStrategy
+TermwiseDPStrategy = DPStrategy  #: the name the library first shipped under
 DPStrategy.register_strategies(StrategyRegistry)

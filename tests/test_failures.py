@@ -78,8 +78,10 @@ def test_disk_full_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeyp
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("--trainer.strategy.init_args.mechanism.init_args.max_grad_norm=-1", "max_grad_norm"),
-        ("--trainer.strategy.init_args.mechanism.init_args.sample_share=1.5", "sample_share"),
+        ("--trainer.strategy.init_args.mechanism=lit_dpvae.privacy.mechanisms.AutoMechanism "
+         "--trainer.strategy.init_args.mechanism.init_args.max_grad_norm=-1", "max_grad_norm"),
+        ("--trainer.strategy.init_args.mechanism=lit_dpvae.privacy.TermwiseDPSGD "
+         "--trainer.strategy.init_args.mechanism.init_args.sample_share=1.5", "sample_share"),
         ("--trainer.strategy.init_args.target_delta=0.5", "1/N"),
     ],
 )
@@ -87,7 +89,7 @@ def test_corrupt_config_values_are_refused(tmp_path, monkeypatch, override, matc
     monkeypatch.chdir(tmp_path)
     with pytest.raises(Exception, match=match):
         cli_main(["fit", "--config", str(ROOT / "experiments/configs/quickstart.yaml"),
-                  "--trainer.logger=false", "--trainer.max_steps=2", override])
+                  "--trainer.logger=false", "--trainer.max_steps=2", *override.split()])
 
 
 def test_missing_dataset_names_the_fix(tmp_path, monkeypatch):

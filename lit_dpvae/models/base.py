@@ -194,7 +194,9 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
             self.label_means, self.label_log_scales = shift.means, shift.log_scales
             object.__setattr__(self, "_label_shift", shift)  # its layers are registered above
         self.divergence: Divergence | None = None  # a pairing sets it after this __init__
-        self._val_latents: list[tuple[Tensor, Tensor | None]] = []
+        self._val_latents: list[tuple[Tensor, Tensor | None, Tensor]] = []
+        #: The latest ``latent_metrics`` (validation or test epoch), for reports.
+        self.last_latent_metrics: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
         """Refuse a data module whose classes do not match the model's (a conditional model on
@@ -234,6 +236,13 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
             )
         return div
 
+    def batch_term_compositions(self) -> dict[str, str]:
+        """``{divergence_key: "pairwise" | "batch-wise"}``, or ``{}`` when the loss has no
+        batch-wise term (no divergence or λ = 0): what ``mechanism="auto"`` chooses from."""
+        if self.divergence_key is None or self.lam == 0.0:
+            return {}
+        return {self.divergence_key: self.declared_divergence().composition}
+
     def divergence_codes(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
         """The per-record codes ``[n, c]`` the divergence reads, from ``z [n, K, d]`` and
         ``mu, log_var [n, d]`` (row i from record i only): the divergence's ``codes``."""
@@ -256,8 +265,10 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         value, w = div.estimate(self.gather_for_batch_terms(codes), self.prior)
         return value, PairwiseTerm(codes, w, div, self.lam)
 
-    def latent_metrics(self, mu: Tensor, y: Tensor | None) -> dict[str, float]:
-        """Validation metrics of the posterior means of the whole validation epoch."""
+    def latent_metrics(self, mu: Tensor, y: Tensor | None,
+                       z: Tensor | None = None) -> dict[str, float]:
+        """Metrics of the latent space over a whole validation/test epoch, from the posterior
+        means ``mu``, labels ``y`` (or None) and one posterior sample per record ``z``."""
         return {}
 
     def draw_noise(self, mu: Tensor, k: int) -> Tensor:
@@ -301,7 +312,8 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         x, y = batch[0], (batch[1] if len(batch) > 1 else None)
         return x, y
 
-    def _terms(self, batch: Any) -> tuple[LossTerms, Tensor, Tensor | None]:
+    def _terms(self, batch: Any) -> tuple[LossTerms, Tensor, Tensor | None, Tensor]:
+        """``(terms, mu, y, z)``: z ``[n, d]`` the first reparameterised sample per record."""
         x, y = self._split(batch)
         n, k = x.shape[0], self.n_samples
         onehot = self._onehot(y if self.conditional else None, n, "loss_terms")
@@ -325,29 +337,31 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
             else:
                 d, pairwise[self.divergence_key] = pair
             batch_terms[self.divergence_key] = self.lam * d
-        return LossTerms(sample=sample, batch=batch_terms, pairwise=pairwise), mu, y
+        return LossTerms(sample=sample, batch=batch_terms, pairwise=pairwise), mu, y, z[:, 0]
 
     def loss_terms(self, batch: Any) -> LossTerms:
         """Named sample-wise (``[n]``) and batch-wise (scalar) loss terms of a batch."""
         return self._terms(batch)[0]
 
     # ---- Lightning -----------------------------------------------------------------------------
-    def _common_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor | None]:
-        terms, mu, y = self._terms(batch)
+    def _common_step(self, batch: Any, stage: str) -> Tensor:
+        terms, mu, y, z = self._terms(batch)
         loss = terms.mean_loss()
         n = mu.shape[0]
         if n > 0:
             for name, value in terms.detached().items():
                 self.log(f"{stage}/{name}", value, batch_size=n)
             self.log(f"{stage}/loss", loss.detach(), batch_size=n, prog_bar=stage == "train")
-        return loss, mu, y
+        if stage != "train":  # the epoch's latents, for latent_metrics (evaluation only)
+            self._val_latents.append(tuple(None if t is None else t.detach().cpu()
+                                           for t in (mu, y, z)))
+        return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._common_step(batch, "train")[0]
+        return self._common_step(batch, "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        _, mu, y = self._common_step(batch, "val")
-        self._val_latents.append((mu.detach().cpu(), None if y is None else y.detach().cpu()))
+        self._common_step(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._common_step(batch, "test")
@@ -355,17 +369,28 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_latents = []
 
-    def on_validation_epoch_end(self) -> None:
-        if not self._val_latents:
-            return
-        mu = torch.cat([m for m, _ in self._val_latents])
-        ys = [y for _, y in self._val_latents]
-        y = None if any(t is None for t in ys) else torch.cat(ys)  # type: ignore[arg-type]
+    def on_test_epoch_start(self) -> None:
         self._val_latents = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_latent_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_latent_metrics("test")
+
+    def _log_latent_metrics(self, stage: str) -> None:
+        """``<stage>/<metric>`` of ``latent_metrics`` over the epoch's records."""
+        latents, self._val_latents = self._val_latents, []
+        if not latents:
+            return
+        mu, z = torch.cat([t[0] for t in latents]), torch.cat([t[2] for t in latents])
+        ys = [t[1] for t in latents]
+        y = None if any(t is None for t in ys) else torch.cat(ys)  # type: ignore[arg-type]
         if mu.shape[0] == 0:
             return
-        for name, value in self.latent_metrics(mu, y).items():
-            self.log(f"val/{name}", value, sync_dist=True)
+        self.last_latent_metrics = self.latent_metrics(mu, y, z)
+        for name, value in self.last_latent_metrics.items():
+            self.log(f"{stage}/{name}", value, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         """The optimizer of all parameters, from the model options (learning rate ``lr``):

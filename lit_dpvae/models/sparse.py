@@ -51,7 +51,8 @@ class SparseVAE(BaseVAE):
         self.prior = SpikeAndSlab(self.latent_dim, gamma, spike_scale, slab_scale)
         self.divergence = DimensionWiseMMD(kernel, bandwidths, n_prior_samples)
 
-    def latent_metrics(self, mu: Tensor, y: Tensor | None) -> dict[str, float]:
+    def latent_metrics(self, mu: Tensor, y: Tensor | None,
+                       z: Tensor | None = None) -> dict[str, float]:
         if self.latent_dim < 2:
             return {}
         return {

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lit_dpvae.privacy.budget import PrivacyBudget
 from lit_dpvae.privacy.collectives import LOCAL, Collectives
-from lit_dpvae.privacy.mechanisms import Mechanism
+from lit_dpvae.privacy.mechanisms import AutoMechanism, Mechanism
 from lit_dpvae.privacy.provenance import (
     fingerprint,
     mark_trained,
@@ -63,6 +63,16 @@ class PrivateRun:
         return self.seeds.generator is not None
 
     # -- before the steps -----------------------------------------------------------------
+    def choose_mechanism(self, module: nn.Module, owner: object) -> Mechanism:
+        """``mechanism="auto"``: replace it by the mechanism ``module``'s declared terms need
+        (bound to ``owner``); any other mechanism is kept."""
+        if isinstance(self.mechanism, AutoMechanism):
+            chosen, why = self.mechanism.resolve(module)
+            chosen.bind(owner)
+            self.mechanism = chosen
+            self.info(f"mechanism='auto': {chosen.name} ({why})")
+        return self.mechanism
+
     def attach(self, sampler: Any, planned_steps: int, module: nn.Module | None,
                device: torch.device | str = "cpu") -> None:
         """A (new) train loader's Poisson sampler: re-read the sampling and re-plan; the first

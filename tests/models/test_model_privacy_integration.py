@@ -74,7 +74,8 @@ def _check_against_oracle(model, backend, monkeypatch):
     batch = make_batch(5, (1, 8, 8))
     clip = 1.0
     share = 1.0 if model.divergence_key is None else 0.5
-    mech = TermwiseDPSGD(max_grad_norm=clip, sample_share=share, backend=backend)
+    mech = TermwiseDPSGD(
+        batch_max_grad_norm=1.0, max_grad_norm=clip, sample_share=share, backend=backend)
     stats = mech.aggregate(model, batch)["sample"]
 
     params = dict(model.named_parameters())

@@ -70,7 +70,8 @@ def test_joint_sigma_and_split():
     assert split_noise_multiplier(2.0, 1.0) == (2.0, math.inf)
     assert joint_noise_multiplier([2.0, math.inf]) == 2.0
     assert joint_noise_multiplier([2.0, 0.0]) == 0.0  # a noiseless part is not private
-    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.3, sample_share=0.3)
+    mech = TermwiseDPSGD(
+        batch_max_grad_norm=1.0, max_grad_norm=1.0, noise_multiplier=1.3, sample_share=0.3)
     sigmas = mech.noise_multipliers
     assert math.isclose(joint_noise_multiplier(list(sigmas.values())), 1.3)
     # Whitened joint sensitivity sqrt(Σ (Δ_k/(σ_k Δ_k))²) = 1/σ_eff.

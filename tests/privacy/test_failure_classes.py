@@ -412,7 +412,8 @@ class _PermutedDiscriminator(ParentVAE):
 
 @pytest.mark.parametrize("backend", ["ghost", "functorch"])
 def test_batch_terms_may_mix_records_in_layers_no_sample_term_reaches(backend):
-    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=0.5,
+    mech = TermwiseDPSGD(
+        batch_max_grad_norm=1.0, max_grad_norm=1.0, noise_multiplier=1.0, sample_share=0.5,
                          backend=backend)
     stats = mech.aggregate(_PermutedDiscriminator(), (torch.randn(7, 6),))
     assert float(stats["batch"]["disc.weight"].abs().sum()) > 0

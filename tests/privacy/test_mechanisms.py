@@ -70,7 +70,8 @@ def test_sensitivity_holds_on_neighbouring_batches(kind, backend, mech_name):
 def test_sample_part_equals_one_record_at_a_time(kind, backend, max_norm):
     model, shape = make_toy(kind)
     x = torch.randn(7, *shape, generator=torch.Generator().manual_seed(1))
-    mech = TermwiseDPSGD(max_grad_norm=max_norm, noise_multiplier=1.0, backend=backend)
+    mech = TermwiseDPSGD(
+        batch_max_grad_norm=1.0, max_grad_norm=max_norm, noise_multiplier=1.0, backend=backend)
     got = mech.aggregate(model, (x,))["sample"]
     want = per_record_oracle(model, x, max_norm)
     for name in want:
@@ -281,14 +282,16 @@ def test_bad_loss_terms_are_refused(make, error, match):
 
 def test_module_without_loss_terms_is_refused():
     with pytest.raises(TypeError, match="loss_terms"):
-        TermwiseDPSGD(max_grad_norm=1.0).aggregate(nn.Linear(3, 1), (torch.randn(2, 3),))
+        TermwiseDPSGD(
+            batch_max_grad_norm=1.0, max_grad_norm=1.0).aggregate(
+            nn.Linear(3, 1), (torch.randn(2, 3),))
 
 
 def test_batchnorm_is_refused_with_a_replacement():
     model = ToyVAE()
     model.enc[1] = nn.BatchNorm1d(8)
     with pytest.raises(UnsupportedModuleError, match="GroupNorm"):
-        TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0).aggregate(
+        TermwiseDPSGD(batch_max_grad_norm=1.0, max_grad_norm=1.0, noise_multiplier=1.0).aggregate(
             model, (torch.randn(4, 6),)
         )
 
@@ -324,7 +327,7 @@ def test_parameter_outside_a_layer_is_refused():
 )
 def test_bad_mechanism_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        TermwiseDPSGD(**kwargs)
+        TermwiseDPSGD(**{"batch_max_grad_norm": 1.0, **kwargs})
 
 
 def test_naive_settings_are_checked():
@@ -339,7 +342,9 @@ def test_budget_share_must_match_the_model():
     with pytest.raises(ValueError, match="sample_share < 1"):
         TermwiseDPSGD(max_grad_norm=1.0, sample_share=1.0).aggregate(ToyVAE(), x)
     with pytest.raises(ValueError, match="sample_share=1"):
-        TermwiseDPSGD(max_grad_norm=1.0, sample_share=0.5).aggregate(ToyVAE(batch_term=False), x)
+        TermwiseDPSGD(
+            batch_max_grad_norm=1.0, max_grad_norm=1.0, sample_share=0.5).aggregate(
+            ToyVAE(batch_term=False), x)
 
 
 def test_a_record_with_non_finite_gradient_contributes_exactly_zero():
@@ -364,11 +369,12 @@ def test_a_sample_term_that_reads_other_records_is_refused():
             terms.sample["kl"] = (mu - mu.mean(0)).pow(2).sum(-1)
             return terms
 
-    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0)
+    mech = TermwiseDPSGD(batch_max_grad_norm=1.0, max_grad_norm=1.0, noise_multiplier=1.0)
     with pytest.raises(LossTermsError, match="'kl' of record 0 depends on record"):
         mech.aggregate(Leaky(), (torch.randn(5, 6),))
     # The honest model passes the same probe, and the probe leaves the RNG stream untouched.
-    honest, probe = ToyVAE(), TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0)
+    honest, probe = ToyVAE(), TermwiseDPSGD(
+        batch_max_grad_norm=1.0, max_grad_norm=1.0, noise_multiplier=1.0)
     before = torch.get_rng_state()
     probe.probe_sample_terms(honest, (torch.ones(5, 6),), 5)
     assert torch.equal(before, torch.get_rng_state())
@@ -391,7 +397,7 @@ def test_conv_per_sample_grads_in_row_blocks_equal_the_oracle(backend, keep, blo
         monkeypatch.setattr(gs, "_MATERIALISE_LIMIT", 0)
     model, shape = make_toy("conv")
     x = torch.randn(7, *shape, generator=torch.Generator().manual_seed(1))
-    got = TermwiseDPSGD(max_grad_norm=0.5, noise_multiplier=1.0,
+    got = TermwiseDPSGD(batch_max_grad_norm=1.0, max_grad_norm=0.5, noise_multiplier=1.0,
                         backend=backend).aggregate(model, (x,))["sample"]
     want = per_record_oracle(model, x, 0.5)
     for name in want:
@@ -471,5 +477,6 @@ def test_conv_sampler_calls_are_blocked(limit, monkeypatch):
     monkeypatch.setattr(gs, "_MATERIALISE_LIMIT", limit)
     model, shape = make_toy("conv")
     x = torch.randn(7, *shape, generator=torch.Generator().manual_seed(1))
-    TermwiseDPSGD(max_grad_norm=0.5, noise_multiplier=1.0).aggregate(model, (x,))
+    TermwiseDPSGD(
+        batch_max_grad_norm=1.0, max_grad_norm=0.5, noise_multiplier=1.0).aggregate(model, (x,))
     assert max(rows_seen) <= 2 and sum(rows_seen) == (7 if limit else 14)

@@ -100,7 +100,9 @@ def test_unclipped_pairwise_part_is_n_times_the_divergence_gradient(kind, div):
     for name in want:
         torch.testing.assert_close(stats["pairwise"][name], 9 * want[name], rtol=1e-4, atol=1e-6)
     # The sample part is the term-wise sample part.
-    tw = TermwiseDPSGD(max_grad_norm=0.7, sample_share=0.5).aggregate(model, (x,))["sample"]
+    tw = TermwiseDPSGD(
+        batch_max_grad_norm=1.0, max_grad_norm=0.7, sample_share=0.5).aggregate(
+        model, (x,))["sample"]
     for name in tw:
         torch.testing.assert_close(stats["sample"][name], tw[name])
 

@@ -13,6 +13,7 @@ import torch
 from lit_dpvae.privacy import LossTerms, global_norm
 from lit_dpvae.privacy.collectives import LOCAL, Collectives
 from lit_dpvae.privacy.mechanisms import (
+    AutoMechanism,
     Mechanism,
     Stats,
     build_mechanism,
@@ -35,9 +36,13 @@ def _candidate_models():
 
 
 def _compatible(mechanism: Mechanism):
-    """The first candidate model the mechanism accepts, with a batch of it."""
+    """The first candidate model the mechanism accepts, with a batch of it ("auto": the first
+    candidate, whatever it chooses for it)."""
     x = torch.randn(7, 6, generator=torch.Generator().manual_seed(0))
+    mechanism.set_sampling(7.0)  # the strategy does this before the first step
     for model in _candidate_models():
+        if isinstance(mechanism, AutoMechanism):
+            return model
         try:
             mechanism.aggregate(model, (x,))
         except ValueError:
@@ -51,6 +56,12 @@ def check_mechanism_contract(name: str) -> None:
     cls = mechanism_class(name)
     mech = build_mechanism(name)
     assert mech.name == name and isinstance(mech, cls)
+    if isinstance(mech, AutoMechanism):  # a placeholder: what it chooses meets the contract
+        for model in _candidate_models():
+            chosen, why = mech.resolve(model)
+            assert chosen.name in mechanism_names() and chosen.name != "auto" and why
+        return
+    mech.set_sampling(5.0)  # before the first step, as the strategy does
     assert mech.noise_multiplier == 0.0  # σ belongs to the budget until it sets it
     if mech.private:
         mech.noise_multiplier = 1.3
@@ -103,7 +114,8 @@ def test_every_registered_mechanism_trains_through_the_strategy(name, tmp_path):
     _fit(strategy, model, tmp_path)
     assert strategy.run.budget.steps == 4
     report = strategy.privacy_report()
-    assert report.mechanism == name and report.steps == 4
+    assert report.mechanism == (name if name != "auto" else strategy.mechanism_name)
+    assert report.steps == 4 and strategy.mechanism_name != "auto"
     assert report.epsilon <= 4.0 * (1 + 1e-6) if strategy.is_private else math.isinf(
         report.epsilon)
 
@@ -112,17 +124,17 @@ def test_registry_refuses_what_it_cannot_build():
     with pytest.raises(ValueError, match="unknown mechanism 'nope'"):
         build_mechanism("nope")
     with pytest.raises(ValueError, match="unknown setting.*max_grad_nrom.*takes.*max_grad_norm"):
-        build_mechanism("termwise", max_grad_nrom=1.0)
+        build_mechanism("termwise", batch_max_grad_norm=1.0, max_grad_nrom=1.0)
     with pytest.raises(ValueError, match="target_epsilion.*DPStrategy itself takes.*target_eps"):
         DPStrategy(target_epsilion=3.0)  # a strategy keyword's typo names both lists
     with pytest.warns(UserWarning, match="non-private mechanism ignores target_epsilon"):
         DPStrategy(mechanism="nonprivate", target_epsilon=3.0)
     with pytest.warns(UserWarning, match="does not use \\['pair_max_grad_norm'\\]"):
-        build_mechanism("termwise", pair_max_grad_norm=1.0)
+        build_mechanism("termwise", batch_max_grad_norm=1.0, pair_max_grad_norm=1.0)
     with pytest.raises(ValueError, match="already registered"):
         register_mechanism("termwise")(type("Other", (Mechanism,), {}))
     with pytest.raises(ValueError, match="its settings are its own"):
-        build_mechanism(build_mechanism("termwise"), max_grad_norm=2.0)
+        build_mechanism(build_mechanism("termwise", batch_max_grad_norm=1.0), max_grad_norm=2.0)
     with pytest.raises(TypeError, match="not a Mechanism"):
         register_mechanism("plain")(object)
 
@@ -280,7 +292,7 @@ def test_a_two_record_first_batch_does_not_end_the_probe():
 def test_a_mechanism_object_belongs_to_one_strategy():
     from lit_dpvae.privacy import TermwiseDPSGD
 
-    mech = TermwiseDPSGD()
+    mech = TermwiseDPSGD(batch_max_grad_norm=1.0, )
     first = DPStrategy(mechanism=mech, target_epsilon=1.0)
     assert first.mechanism is mech
     with pytest.raises(ValueError, match="already belongs to another strategy"):

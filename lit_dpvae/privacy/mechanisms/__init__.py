@@ -2,6 +2,7 @@
 registry (``registry``): non-private, naive DP-SGD, term-wise DP-SGD (arXiv 2006.11204) and
 term-wise DP-SGD with pairwise-decomposed kernel divergences. Proofs: docs/privacy.md."""
 
+from lit_dpvae.privacy.mechanisms.auto import AutoMechanism, choose  # noqa: I001
 from lit_dpvae.privacy.mechanisms.base import (
     Mechanism,
     Stats,
@@ -27,6 +28,7 @@ from lit_dpvae.privacy.mechanisms.registry import (
 from lit_dpvae.privacy.mechanisms.termwise import TermwiseDPSGD  # noqa: I001
 
 __all__ = [
+    "AutoMechanism",
     "Mechanism",
     "NaiveDPSGD",
     "NonPrivate",
@@ -35,6 +37,7 @@ __all__ = [
     "TermwiseDPSGD",
     "build_mechanism",
     "check_positive",
+    "choose",
     "clip_vector",
     "effective_noise_multiplier",
     "global_norm",

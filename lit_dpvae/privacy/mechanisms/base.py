@@ -221,9 +221,29 @@ class Mechanism:
         the result is the statistic of the global batch on every rank."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def part_parameters(self, part: str) -> tuple[str, ...] | None:
+        """Name prefixes of the parameters ``part`` is computed and noised on (None: every
+        trainable parameter). Fixed before training (data-independent); a part's released
+        statistic is 0, without noise, on the other parameters."""
+        return None
+
+    def select(self, params: dict[str, Any], part: str) -> dict[str, Any]:
+        """The entries of ``params`` (name -> anything) that ``part`` covers; a subset that
+        matches no trainable parameter is refused."""
+        prefixes = self.part_parameters(part)
+        if prefixes is None:
+            return params
+        chosen = {n: p for n, p in params.items() if n.startswith(prefixes)}
+        if not chosen:
+            raise ValueError(
+                f"the {part} part's parameter prefixes {list(prefixes)} match no trainable "
+                f"parameter (they are named like {list(params)[:4]})")
+        return chosen
+
     def zeros(self, module: nn.Module) -> Stats:
         params = named_trainable(module)
-        return {part: {n: torch.zeros_like(p) for n, p in params.items()} for part in self.parts}
+        return {part: {n: torch.zeros_like(p) for n, p in self.select(params, part).items()}
+                for part in self.parts}
 
     def check(self, module: nn.Module) -> None:
         """Refuse a module this mechanism cannot train (once per module; cheap afterwards)."""
@@ -313,9 +333,11 @@ class Mechanism:
                 update[name] = value if name not in update else update[name] + value
         return update
 
-    def update_noise_std(self, expected_batch_size: float) -> float:
+    def update_noise_std(self, expected_batch_size: float, name: str | None = None) -> float:
         """Std of the Gaussian noise in each coordinate of the released update (``privatize``):
-        ``sqrt(Σ_k (s_k σ_k Δ_k)²)``, ``s_k`` = 1/B for parts summed over records, else 1.
+        ``sqrt(Σ_k (s_k σ_k Δ_k)²)`` over the parts ``k`` that cover parameter ``name``
+        (``part_parameters``; all parts when ``name`` is None: the largest std of any
+        coordinate), ``s_k`` = 1/B for parts summed over records, else 1.
 
         Public (σ_k, Δ_k and B are public), so an optimizer may use it freely, e.g. to remove the
         noise's share from Adam's second moment (``lit_dpvae.optim.DPAdamBC``).
@@ -325,9 +347,15 @@ class Mechanism:
                 f"expected_batch_size must be > 0 (q·N, public), got {expected_batch_size}"
             )
         std = self.noise_std()
+        parts = [p for p in self.parts if name is None or self.covers(p, name)]
         return math.sqrt(sum(
             ((1.0 / expected_batch_size if self.summed_over_records[p] else 1.0) * std[p]) ** 2
-            for p in self.parts))
+            for p in parts))
+
+    def covers(self, part: str, name: str) -> bool:
+        """Whether ``part`` is computed and noised on parameter ``name``."""
+        prefixes = self.part_parameters(part)
+        return prefixes is None or name.startswith(prefixes)
 
     def privatize(
         self,
@@ -347,19 +375,22 @@ class Mechanism:
         if len(self.parts) == 1:
             return self.combine(self.add_noise(stats, generator), expected_batch_size)
         noiseless = self.combine(stats, expected_batch_size)
-        total_std = self.update_noise_std(expected_batch_size)
-        if total_std == 0:
+        if self.update_noise_std(expected_batch_size) == 0:
             return noiseless
         return {
-            name: value + torch.normal(mean=0, std=total_std, size=value.shape,
-                                       device=value.device, generator=generator)
+            name: value + torch.normal(mean=0, std=self.update_noise_std(expected_batch_size, name),
+                                       size=value.shape, device=value.device, generator=generator)
             for name, value in noiseless.items()
         }
 
     def __repr__(self) -> str:
+        try:
+            sensitivity: Any = self.sensitivity
+        except RuntimeError:  # a bound set from the sampling, before set_sampling
+            sensitivity = "<set with the sampling>"
         return (
             f"{type(self).__name__}(noise_multiplier={self.noise_multiplier:.4g}, "
-            f"sensitivity={self.sensitivity}, backend={self.backend!r})"
+            f"sensitivity={sensitivity}, backend={self.backend!r})"
         )
 
 

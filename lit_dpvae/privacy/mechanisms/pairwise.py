@@ -52,17 +52,35 @@ class PairwiseDPSGD(Mechanism):
         self,
         *,
         max_grad_norm: float = 1.0,
-        pair_max_grad_norm: float = 1.0,
+        pair_max_grad_norm: float | None = None,
         batch_max_grad_norm: float = 1.0,
         noise_multiplier: float = 0.0,
-        sample_share: float = 0.5,
+        sample_share: float | None = None,
         pairwise_share: float | None = None,
+        num_pairwise_terms: int = 1,
         backend: str = "ghost",
     ) -> None:
         self.max_grad_norm = check_positive("max_grad_norm (C)", max_grad_norm)
-        self.pair_max_grad_norm = check_positive("pair_max_grad_norm (C_p)", pair_max_grad_norm)
+        #: C_p; default C/8, so that one pairwise divergence's sensitivity 8·C_p equals the
+        #: sample part's C (data-independent, docs/privacy.md §8.5).
+        self.pair_max_grad_norm = check_positive(
+            "pair_max_grad_norm (C_p)",
+            self.max_grad_norm / 8.0 if pair_max_grad_norm is None else pair_max_grad_norm)
         self.batch_max_grad_norm = check_positive("batch_max_grad_norm (C_b)", batch_max_grad_norm)
-        gs = float(sample_share)
+        if int(num_pairwise_terms) < 1:
+            raise ValueError(f"num_pairwise_terms must be >= 1, got {num_pairwise_terms}")
+        #: How many pairwise divergences the model declares (each adds 8·C_p); a model that
+        #: declares another number is refused.
+        self.num_pairwise_terms = int(num_pairwise_terms)
+        if sample_share is None and pairwise_share is None:
+            # Both parts are sums over records divided by B: shares proportional to their
+            # sensitivities minimise the update's noise, std σ_eff·(C + 8·C_p·T)/B.
+            sens_p = 8.0 * self.pair_max_grad_norm * self.num_pairwise_terms
+            gs = self.max_grad_norm / (self.max_grad_norm + sens_p)
+        elif sample_share is None:
+            gs = 1.0 - float(pairwise_share)  # type: ignore[arg-type]
+        else:
+            gs = float(sample_share)
         gp = 1.0 - gs if pairwise_share is None else float(pairwise_share)
         if not (0.0 < gs < 1.0 and 0.0 < gp < 1.0 and gs + gp <= 1.0 + 1e-12):
             raise ValueError(
@@ -75,9 +93,6 @@ class PairwiseDPSGD(Mechanism):
         self.sample_share, self.pairwise_share = gs, pairwise_share
         self.shares = {"sample": gs, "pairwise": gp, "batch": gb}
         self.parts = ("sample", "pairwise") + (("batch",) if gb > 0 else ())
-        #: How many pairwise divergences the model declares (each adds 8·C_p); set on the first
-        #: batch, and a model that changes it later is refused.
-        self.num_pairwise_terms = 1
         #: Scratch memory the latent-Gram pass reuses from step to step (no state).
         self._workspace: dict = {}
         super().__init__(noise_multiplier=noise_multiplier, backend=backend)
@@ -131,8 +146,9 @@ class PairwiseDPSGD(Mechanism):
             if len(terms.pairwise) != self.num_pairwise_terms:
                 raise ValueError(
                     f"the model declares {len(terms.pairwise)} pairwise divergences; this "
-                    f"mechanism is calibrated for {self.num_pairwise_terms} (set "
-                    "num_pairwise_terms before training: each adds 8·C_p to the sensitivity)"
+                    f"mechanism is calibrated for {self.num_pairwise_terms} (pass "
+                    "num_pairwise_terms=... to the mechanism: each adds 8·C_p to the "
+                    "sensitivity)"
                 )
             per_record = terms.per_record()
             if per_record is None:

@@ -86,8 +86,8 @@ def build_mechanism(spec: str | Mechanism, owner: Any = None, **settings: Any) -
                 f"set {sorted(settings)} on the object, not on the strategy")
         return spec
     cls = mechanism_class(spec)
-    own = settings_of(cls)
     known = set().union(*(settings_of(c) for c in _REGISTRY.values()))
+    own = settings_of(cls)
     unknown = sorted(set(settings) - known)
     if unknown:
         theirs = ""

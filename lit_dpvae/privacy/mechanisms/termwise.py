@@ -4,6 +4,7 @@ mechanism (docs/privacy.md §2)."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -45,27 +46,69 @@ class TermwiseDPSGD(Mechanism):
         self,
         *,
         max_grad_norm: float = 1.0,
-        batch_max_grad_norm: float = 1.0,
+        batch_max_grad_norm: float | None = None,
         noise_multiplier: float = 0.0,
-        sample_share: float = 0.5,
+        sample_share: float | None = None,
+        batch_params: Sequence[str] | None = None,
         backend: str = "ghost",
     ) -> None:
         self.max_grad_norm = check_positive("max_grad_norm (C)", max_grad_norm)
-        self.batch_max_grad_norm = check_positive("batch_max_grad_norm (C_b)", batch_max_grad_norm)
-        share = float(sample_share)
+        #: C_b as given (None: C/(2B), set from the public expected batch size B).
+        self.batch_clip_setting = (None if batch_max_grad_norm is None else
+                                   check_positive("batch_max_grad_norm (C_b)",
+                                                  batch_max_grad_norm))
+        self._expected_batch_size: float | None = None
+        share = 0.5 if sample_share is None else float(sample_share)
         if not 0.0 < share <= 1.0:
             raise ValueError(
                 f"sample_share γ must be in (0, 1], got {sample_share}: it is the share of the "
                 "privacy budget spent on the sample-wise part (1 = no batch-wise terms)"
             )
-        self.sample_share = share
+        #: γ as given (None: 1/2).
+        self.share_setting = None if sample_share is None else share
         self.parts = ("sample",) if share == 1.0 else ("sample", "batch")
+        if batch_params is not None:
+            if isinstance(batch_params, str) or not batch_params or not all(
+                    isinstance(b, str) and b for b in batch_params):
+                raise ValueError("batch_params must be a non-empty list of parameter-name "
+                                 f"prefixes (e.g. ['encoder.head.']), got {batch_params!r}")
+            batch_params = tuple(batch_params)
+        #: The batch part is computed, clipped and noised on these parameters only (name
+        #: prefixes; None: every trainable parameter). Fixed before training: data-independent.
+        self.batch_params = batch_params
         super().__init__(noise_multiplier=noise_multiplier, backend=backend)
+
+    def set_sampling(self, expected_batch_size: float) -> None:
+        self._expected_batch_size = float(expected_batch_size)
+
+    @property
+    def batch_max_grad_norm(self) -> float:
+        """C_b: as set, or by default ``C/(2B)`` (B the public expected batch size), so the
+        batch part's sensitivity 2C_b equals the sample part's C/B at the scale of the update."""
+        if self.batch_clip_setting is not None:
+            return self.batch_clip_setting
+        if self._expected_batch_size is None:
+            raise RuntimeError(
+                "batch_max_grad_norm=None means C/(2B) with B the expected batch size, which is "
+                "known once the sampling is set (set_sampling, done by DPStrategy before the "
+                "first step): call set_sampling(B) or pass batch_max_grad_norm")
+        return self.max_grad_norm / (2.0 * self._expected_batch_size)
+
+    @property
+    def sample_share(self) -> float:
+        """γ: as set, else 1/2 (with the default C_b = C/(2B) the two parts' released
+        sensitivities are equal, C/B and 2C_b, so 1/2 is also the least noisy split)."""
+        return 0.5 if self.share_setting is None else self.share_setting
+
+    def part_parameters(self, part: str) -> tuple[str, ...] | None:
+        return self.batch_params if part == "batch" else None
 
     @property
     def sensitivity(self) -> dict[str, float]:
-        sens = {"sample": self.max_grad_norm, "batch": 2.0 * self.batch_max_grad_norm}
-        return {part: sens[part] for part in self.parts}
+        sens = {"sample": self.max_grad_norm}
+        if "batch" in self.parts:
+            sens["batch"] = 2.0 * self.batch_max_grad_norm
+        return sens
 
     @property
     def noise_multipliers(self) -> dict[str, float]:
@@ -93,6 +136,7 @@ class TermwiseDPSGD(Mechanism):
         if self.skip(n, comm):
             return {part: comm.all_reduce(v) for part, v in self.zeros(module).items()}
         params = named_trainable(module)
+        batch_params = self.select(params, "batch")
 
         def run() -> tuple[Tensor, LossTerms]:
             terms = self.forward_terms(module, batch, n)
@@ -116,6 +160,6 @@ class TermwiseDPSGD(Mechanism):
         if "batch" in self.parts:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                h = grads_of(terms.batch_total(), params, retain=False)
+                h = grads_of(terms.batch_total(), batch_params, retain=False)
             stats["batch"] = clip_vector(comm.all_reduce(h), self.batch_max_grad_norm)
         return stats
