@@ -208,7 +208,8 @@ BENCH_BACKENDS: dict[str, tuple[str, ...]] = {"naive": BACKENDS, "termwise": BAC
 
 def _registered() -> dict[str, str]:
     """Configuration prefix (class name) -> registry name, for every registered mechanism."""
-    names = sorted(mechanism_names(), key=lambda n: mechanism_class(n).private)  # stable
+    names = sorted((n for n in mechanism_names() if n != "auto"),  # auto: a placeholder
+                   key=lambda n: mechanism_class(n).private)  # stable
     return {mechanism_class(name).__name__: name for name in names}
 
 
@@ -261,6 +262,7 @@ def make_step(name: str, model: BenchVAE, batch: Tensor, expected_batch_size: in
         return _opacus_step(name.rsplit("-", 1)[1], model, batch, expected_batch_size, generator)
 
     mechanism = make_mechanism(name)
+    mechanism.set_sampling(float(expected_batch_size))  # as the strategy does (C_b = C/(2B))
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
 

@@ -74,7 +74,8 @@ class DPVAECLI(LightningCLI):
                 report["test_loss"] = results[0].get("test/loss", math.nan)
                 # the pairing's latent property (ClusterVAE nmi, SparseVAE hoyer, InfoVAE
                 # latent_mmd) on the test split, next to the ε it was trained under
-                report.update(getattr(self.model, "last_latent_metrics", {}))
+                report.update({f"test_{k}": v for k, v in
+                               getattr(self.model, "last_latent_metrics", {}).items()})
         if report:
             parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in report.items()]

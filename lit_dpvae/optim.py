@@ -57,6 +57,16 @@ class DPAdamBC(torch.optim.Optimizer):
             )
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, floor=floor))
         self.noise_std = noise_std
+        #: φ of single parameters where it differs from ``noise_std`` (a mechanism whose parts
+        #: cover different parameters, e.g. term-wise ``batch_params``); set by ``set_noise``.
+        self.param_noise_std: dict[Any, float] = {}
+
+    def set_noise(self, mechanism: Any, expected_batch_size: float, module: Any) -> None:
+        """φ of every parameter of ``module`` from ``mechanism.update_noise_std(B, name)``
+        (public: σ_k, Δ_k and B are), as ``DPStrategy`` does before every step."""
+        self.noise_std = mechanism.update_noise_std(expected_batch_size)
+        self.param_noise_std = {p: mechanism.update_noise_std(expected_batch_size, name)
+                                for name, p in module.named_parameters()}
 
     @property
     def noise_std(self) -> float | None:
@@ -81,12 +91,12 @@ class DPAdamBC(torch.optim.Optimizer):
                 "DPAdamBC has no noise_std: train it with TermwiseDPStrategy (which sets it to "
                 "the update's noise std before every step) or set optimizer.noise_std = φ"
             )
-        phi2 = self.noise_std**2
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                phi2 = self.param_noise_std.get(p, self.noise_std) ** 2
                 state = self.state[p]
                 if not state:
                     state["step"] = 0

@@ -236,8 +236,8 @@ class DPStrategy(DDPStrategy):
         for name, p in self.lightning_module.named_parameters():
             if name in update:
                 p.grad = update[name].to(p.dtype)
-        if isinstance(getattr(optimizer, "optimizer", optimizer), DPAdamBC):
-            getattr(optimizer, "optimizer", optimizer).noise_std = self.update_noise_std
+        if isinstance(opt := getattr(optimizer, "optimizer", optimizer), DPAdamBC):
+            opt.set_noise(self.mechanism, self.expected_batch_size, self.lightning_module)
         return closure_loss
 
     @property

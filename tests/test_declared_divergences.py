@@ -100,9 +100,16 @@ def test_shipped_pairings_only_declare_their_divergence():
             assert getattr(cls, hook) is getattr(BaseVAE, hook), (cls.__name__, hook)
     info = InfoVAE(data_shape=(6,), latent_dim=3, hidden=(8,), likelihood="gaussian")
     cluster = ClusterVAE(data_shape=(6,), latent_dim=3, hidden=(8,), likelihood="gaussian")
+    kl = ClusterVAE(data_shape=(6,), latent_dim=3, hidden=(8,), likelihood="gaussian",
+                    divergence="aggregate_kl")
     assert isinstance(info.divergence, PairwiseDivergence)
-    assert isinstance(cluster.divergence, Divergence)
-    assert not isinstance(cluster.divergence, PairwiseDivergence)
+    assert isinstance(cluster.divergence, PairwiseDivergence) and cluster.lam == 10.0  # MMD
+    assert isinstance(kl.divergence, Divergence) and kl.lam == 1.0
+    assert not isinstance(kl.divergence, PairwiseDivergence)
+    assert cluster.batch_term_compositions() == {"kl_agg": "pairwise"}
+    assert kl.batch_term_compositions() == {"kl_agg": "batch-wise"}
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        ClusterVAE(data_shape=(6,), latent_dim=3, divergence="kl")
     assert VanillaVAE(data_shape=(6,), hidden=(8,), likelihood="gaussian").divergence is None
 
 

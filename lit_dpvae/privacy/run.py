@@ -186,6 +186,9 @@ class PrivateRun:
         report = PrivacyReport.from_state(state or self.public_state())
         report.sample_rate, report.num_records = self.sample_rate, self.num_records
         report.expected_batch_size = self.expected_batch_size
-        report.sensitivity = dict(self.mechanism.sensitivity)
-        report.noise_multipliers = dict(self.mechanism.noise_multipliers)
+        try:
+            report.sensitivity = dict(self.mechanism.sensitivity)
+            report.noise_multipliers = dict(self.mechanism.noise_multipliers)
+        except RuntimeError:  # a bound set from the sampling, and this run never sampled
+            pass
         return report

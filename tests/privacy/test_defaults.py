@@ -198,3 +198,36 @@ def test_subset_must_match_a_parameter():
         mech.aggregate(ToyVAE(d_in=16), (torch.randn(3, 16),))
     with pytest.raises(ValueError, match="prefixes"):
         TermwiseDPSGD(batch_params="encoder.")
+
+
+def test_privatize_refuses_a_statistic_outside_its_parts_coverage():
+    model = ToyVAE(d_in=16)
+    mech = subset_mech()
+    stats = mech.aggregate(model, (torch.randn(5, 16),))
+    stats["batch"]["dec.0.weight"] = torch.zeros_like(model.dec[0].weight)  # not covered
+    with pytest.raises(ValueError, match="outside the parameters it covers"):
+        mech.privatize(stats, 8.0, torch.Generator().manual_seed(0))
+
+
+def test_dp_adam_gets_each_parameters_noise_std():
+    from lit_dpvae.optim import DPAdamBC
+
+    model = ToyVAE(d_in=16)
+    mech = subset_mech()
+    opt = DPAdamBC(model.parameters(), lr=1e-3)
+    opt.set_noise(mech, 8.0, model)
+    assert opt.param_noise_std[model.enc[2].weight] == pytest.approx(
+        mech.update_noise_std(8.0, "enc.2.weight"))
+    assert opt.param_noise_std[model.dec[0].weight] == pytest.approx(
+        mech.update_noise_std(8.0, "dec.0.weight"))
+    assert opt.param_noise_std[model.dec[0].weight] < opt.noise_std
+
+
+def test_report_of_a_strategy_that_never_sampled(tmp_path):
+    """validate/test only: the default C_b = C/(2B) is unknown, the report still works."""
+    strategy = DPStrategy(target_epsilon=3.0, target_delta=1e-3)
+    model = small(ClusterVAE, divergence="aggregate_kl")
+    strategy.connect(model)
+    assert strategy.mechanism_name == "termwise"
+    report = strategy.privacy_report()
+    assert report.mechanism == "termwise" and report.steps == 0

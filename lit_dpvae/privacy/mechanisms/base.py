@@ -372,6 +372,12 @@ class Mechanism:
         both paths draw identically (the Opacus-equivalence test relies on it).
         """
         self.check_noise_composition()
+        for part in self.parts:  # a statistic outside its part's coverage would miss its noise
+            stray = [n for n in stats[part] if not self.covers(part, n)]
+            if stray:
+                raise ValueError(f"the {part} part's statistic has entries {stray[:3]} outside "
+                                 "the parameters it covers (part_parameters): refusing to "
+                                 "release them without that part's noise")
         if len(self.parts) == 1:
             return self.combine(self.add_noise(stats, generator), expected_batch_size)
         noiseless = self.combine(stats, expected_batch_size)

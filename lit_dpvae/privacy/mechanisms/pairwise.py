@@ -40,8 +40,11 @@ class PairwiseDPSGD(Mechanism):
     3. ``batch``: the remaining (opaque) batch-wise terms, ``clip_{C_b}(∇ Σ D_k)``,
        sensitivity ``2C_b`` — only when ``sample_share + pairwise_share < 1``.
 
-    ``σ_eff = (σ_s⁻² + σ_p⁻² + σ_b⁻²)^(-1/2)`` with ``σ_k = σ_eff/√γ_k``; ``pairwise_share``
-    defaults to ``1 − sample_share`` (no opaque batch part). Multi-process: ``aggregate``
+    ``σ_eff = (σ_s⁻² + σ_p⁻² + σ_b⁻²)^(-1/2)`` with ``σ_k = σ_eff/√γ_k``. Defaults
+    (docs/privacy.md §8.5): ``C_p = C/8`` and, with neither share set, shares proportional to
+    the sensitivities, ``γ_s = C/(C + 8·C_p·T)`` (T = ``num_pairwise_terms``), the least noisy
+    split; ``pairwise_share`` alone gives ``γ_s = 1 − pairwise_share``, ``sample_share`` alone
+    ``γ_p = 1 − sample_share`` (no opaque batch part). Multi-process: ``aggregate``
     gathers the global partners without gradient and takes rank 0's prior samples (``comm``), so the
     all-reduced statistic equals the single-process one of the global batch.
     """

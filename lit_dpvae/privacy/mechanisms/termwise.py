@@ -38,6 +38,12 @@ class TermwiseDPSGD(Mechanism):
     The pair is one Gaussian mechanism with ``σ_eff = (σ_s⁻² + σ_b⁻²)^(-1/2)``; the share ``γ``
     (``sample_share``) of the budget spent on the sample part sets ``σ_s = σ_eff/√γ`` and
     ``σ_b = σ_eff/√(1−γ)``. With ``γ = 1`` there is no batch part and this is exactly DP-SGD.
+
+    Defaults (data-independent, docs/privacy.md §3.3 *Defaults*): ``batch_max_grad_norm=None``
+    is ``C_b = C/(2B)`` with B the public expected batch size (``set_sampling``), so the batch
+    part's noise equals the sample part's in the update; ``sample_share=None`` is γ = 1/2.
+    ``batch_params`` (name prefixes, e.g. ``["encoder.head."]``) confines the batch part —
+    gradient, clipping and noise — to those parameters (*Parameter subset*).
     """
 
     summed_over_records = {"sample": True, "batch": False}
