@@ -6,6 +6,7 @@ on neighbouring batches, the released zeros outside the subset and the per-coord
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -231,3 +232,17 @@ def test_report_of_a_strategy_that_never_sampled(tmp_path):
     assert strategy.mechanism_name == "termwise"
     report = strategy.privacy_report()
     assert report.mechanism == "termwise" and report.steps == 0
+
+
+def test_subset_prefix_that_spans_modules_warns_and_bad_batch_sizes_are_refused():
+    mech = TermwiseDPSGD(batch_params=["enc."], batch_max_grad_norm=0.1)
+    params = dict(ToyVAE(d_in=16).named_parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mech.select(params, "batch")  # ends with '.': no warning
+    loose = TermwiseDPSGD(batch_params=["enc.2"], batch_max_grad_norm=0.1)
+    with pytest.warns(UserWarning, match="end a module prefix with"):  # 'enc.2' spans modules
+        loose.select({**params, "enc.20.weight": params["enc.2.weight"]}, "batch")
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="expected_batch_size"):
+            TermwiseDPSGD().set_sampling(bad)

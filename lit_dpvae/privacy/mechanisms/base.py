@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
@@ -234,6 +235,12 @@ class Mechanism:
         if prefixes is None:
             return params
         chosen = {n: p for n, p in params.items() if n.startswith(prefixes)}
+        loose = sorted({pre for pre in prefixes for n in chosen if n.startswith(pre)
+                        and n != pre and not pre.endswith(".") and n[len(pre)] != "."})
+        if loose:
+            warnings.warn(f"the {part} part's prefixes {loose} also match parameters of other "
+                          "modules (e.g. 'encoder.head' matches 'encoder.head2.weight'): end a "
+                          "module prefix with '.'", stacklevel=2)
         if not chosen:
             raise ValueError(
                 f"the {part} part's parameter prefixes {list(prefixes)} match no trainable "

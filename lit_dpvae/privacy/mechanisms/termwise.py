@@ -3,6 +3,7 @@ mechanism (docs/privacy.md §2)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -85,7 +86,10 @@ class TermwiseDPSGD(Mechanism):
         super().__init__(noise_multiplier=noise_multiplier, backend=backend)
 
     def set_sampling(self, expected_batch_size: float) -> None:
-        self._expected_batch_size = float(expected_batch_size)
+        b = float(expected_batch_size)
+        if not (b > 0 and math.isfinite(b)):
+            raise ValueError(f"expected_batch_size must be finite and > 0 (q·N, public), got {b}")
+        self._expected_batch_size = b
 
     @property
     def batch_max_grad_norm(self) -> float:
