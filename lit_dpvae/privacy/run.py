@@ -186,9 +186,7 @@ class PrivateRun:
         report = PrivacyReport.from_state(state or self.public_state())
         report.sample_rate, report.num_records = self.sample_rate, self.num_records
         report.expected_batch_size = self.expected_batch_size
-        try:
-            report.sensitivity = dict(self.mechanism.sensitivity)
-            report.noise_multipliers = dict(self.mechanism.noise_multipliers)
-        except RuntimeError:  # a bound set from the sampling, and this run never sampled
-            pass
+        bounds = self.mechanism.bounds()  # None: set from a sampling this run never had
+        if bounds is not None:
+            report.sensitivity, report.noise_multipliers = bounds
         return report

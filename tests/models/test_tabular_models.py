@@ -13,7 +13,7 @@ import torch
 from lit_dpvae.data import Schema
 from lit_dpvae.divergences import PairwiseDivergence
 from lit_dpvae.likelihoods import Tabular
-from lit_dpvae.privacy.mechanisms import build_mechanism
+from lit_dpvae.privacy.mechanisms import AutoMechanism, build_mechanism
 from tests.models.conftest import PAIRINGS, model_class
 from tests.models.helpers import record_noise
 
@@ -106,6 +106,9 @@ def test_neighbouring_tables_move_each_part_by_at_most_its_sensitivity(name, mon
     elif isinstance(model.divergence, PairwiseDivergence):
         mechanisms.append(build_mechanism("pairwise", max_grad_norm=0.5,
                                           pair_max_grad_norm=0.05))
+    if model.divergence_key is not None:  # term-wise's default C_b = C/(2B)
+        mechanisms.append(build_mechanism("termwise"))
+    mechanisms.append(AutoMechanism().resolve(model)[0])  # what a user gets by default
     for mech in mechanisms:
         mech.noise_multiplier = 1.0
         mech.set_sampling(8.0)

@@ -396,11 +396,17 @@ class Mechanism:
             for name, value in noiseless.items()
         }
 
-    def __repr__(self) -> str:
+    def bounds(self) -> tuple[dict[str, float], dict[str, float]] | None:
+        """``(sensitivity, noise_multipliers)``, or None while a bound still waits for the
+        sampling (term-wise's default C_b = C/(2B) before ``set_sampling``)."""
         try:
-            sensitivity: Any = self.sensitivity
-        except RuntimeError:  # a bound set from the sampling, before set_sampling
-            sensitivity = "<set with the sampling>"
+            return dict(self.sensitivity), dict(self.noise_multipliers)
+        except RuntimeError:
+            return None
+
+    def __repr__(self) -> str:
+        bounds = self.bounds()
+        sensitivity: Any = "<set with the sampling>" if bounds is None else bounds[0]
         return (
             f"{type(self).__name__}(noise_multiplier={self.noise_multiplier:.4g}, "
             f"sensitivity={sensitivity}, backend={self.backend!r})"

@@ -71,8 +71,9 @@ class TermwiseDPSGD(Mechanism):
                 f"sample_share γ must be in (0, 1], got {sample_share}: it is the share of the "
                 "privacy budget spent on the sample-wise part (1 = no batch-wise terms)"
             )
-        #: γ as given (None: 1/2).
-        self.share_setting = None if sample_share is None else share
+        #: γ (default 1/2: with the default C_b = C/(2B) both parts' released sensitivities are
+        #: equal, C/B and 2C_b, and 1/2 is the least noisy split).
+        self.sample_share = share
         self.parts = ("sample",) if share == 1.0 else ("sample", "batch")
         if batch_params is not None:
             if isinstance(batch_params, str) or not batch_params or not all(
@@ -103,12 +104,6 @@ class TermwiseDPSGD(Mechanism):
                 "known once the sampling is set (set_sampling, done by DPStrategy before the "
                 "first step): call set_sampling(B) or pass batch_max_grad_norm")
         return self.max_grad_norm / (2.0 * self._expected_batch_size)
-
-    @property
-    def sample_share(self) -> float:
-        """γ: as set, else 1/2 (with the default C_b = C/(2B) the two parts' released
-        sensitivities are equal, C/B and 2C_b, so 1/2 is also the least noisy split)."""
-        return 0.5 if self.share_setting is None else self.share_setting
 
     def part_parameters(self, part: str) -> tuple[str, ...] | None:
         return self.batch_params if part == "batch" else None
