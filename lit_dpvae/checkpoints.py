@@ -20,6 +20,7 @@ from lit_dpvae.hparams import scrub_mapping
 from lit_dpvae.privacy.accounting import CHECKPOINT_KEY, provenance_from_checkpoint
 from lit_dpvae.privacy.budget import PrivacyConfigError
 from lit_dpvae.privacy.provenance import mark_loaded, weights_provenance
+from lit_dpvae.privacy.report import REPORT_KEY, PrivacyReport
 from lit_dpvae.privacy.rng import rng_state
 
 MODEL_CLASS_KEY = "lit_dpvae_model_class"
@@ -29,8 +30,8 @@ MODEL_CLASS_KEY = "lit_dpvae_model_class"
 torch.serialization.add_safe_globals([pathlib.Path, pathlib.PosixPath, pathlib.PurePosixPath,
                                       pathlib.WindowsPath, pathlib.PureWindowsPath])
 
-__all__ = ["CHECKPOINT_KEY", "MODEL_CLASS_KEY", "add_privacy", "mark_loaded_checkpoint",
-           "restored_privacy", "spend_of_weights"]
+__all__ = ["CHECKPOINT_KEY", "MODEL_CLASS_KEY", "REPORT_KEY", "add_privacy", "describe_optimizer",
+           "mark_loaded_checkpoint", "restored_privacy", "spend_of_weights"]
 
 
 def restored_privacy(checkpoint: dict[str, Any], path: Any, mechanism: str,
@@ -71,15 +72,36 @@ def spend_of_weights(module: Any, budget_state: dict[str, Any]) -> dict[str, Any
 
 
 def add_privacy(checkpoint: dict[str, Any], state: dict[str, Any],
-                module: pl.LightningModule | None) -> None:
-    """Write the privacy state and model class into ``checkpoint``; scrub its
-    hyper-parameters (set after setup, e.g. in on_fit_start)."""
+                module: pl.LightningModule | None, report: PrivacyReport | None = None) -> None:
+    """Write the privacy state, the public report (``REPORT_KEY``) and the model class into
+    ``checkpoint``; scrub its hyper-parameters (set after setup, e.g. in on_fit_start)."""
     checkpoint[CHECKPOINT_KEY] = state
+    if report is not None:
+        checkpoint[REPORT_KEY] = report.to_dict()
     for key in ("hyper_parameters", "datamodule_hyper_parameters"):
         if isinstance(checkpoint.get(key), dict):
             scrub_mapping(checkpoint[key], owner=key)
     if module is not None:
         checkpoint[MODEL_CLASS_KEY] = f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def describe_optimizer(optimizers: list[Any]) -> dict[str, Any]:
+    """The optimizer that runs the private updates (class and its first group's plain
+    hyper-parameters, e.g. ``lr``): what the report shows instead of a model's unused ``lr``."""
+    if not optimizers:
+        return {}
+    optimizer = getattr(optimizers[0], "optimizer", optimizers[0])
+    group = optimizer.param_groups[0] if getattr(optimizer, "param_groups", None) else {}
+    plain = (bool, int, float, str)
+    out: dict[str, Any] = {"class": f"{type(optimizer).__module__}.{type(optimizer).__name__}"}
+    for key, value in group.items():
+        if value is False or value is None:  # flags left off (amsgrad, foreach, …)
+            continue
+        if isinstance(value, plain):
+            out[key] = value
+        elif isinstance(value, tuple) and all(isinstance(v, plain) for v in value):
+            out[key] = list(value)
+    return out
 
 
 def mark_loaded_checkpoint(module: Any, checkpoint: Any) -> None:

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import math
+import os
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,8 @@ SUBCOMMANDS = {
     "sample": "Write a synthetic dataset from a checkpoint.",
     "export": "Write a releasable model file (no secrets).",
     "audit": "Canary-based one-step white-box audit: a lower bound on epsilon.",
+    "report": "Print the privacy report of a checkpoint or an exported model.",
+    "plan": "Plan a config's privacy budget (sigma, steps, epsilon per epoch) before training.",
 }
 
 
@@ -51,7 +56,50 @@ DEFAULT_LOGGER = {
 
 
 class DPVAECLI(LightningCLI):
-    """LightningCLI with the data→model links and a privacy report after ``fit``."""
+    """LightningCLI with the data→model links, a run folder per command (``lit_dpvae.runs``:
+    config, ``checkpoints/last.ckpt``, privacy report, images) and a privacy report after
+    ``fit``."""
+
+    run_dir: Path | None = None
+
+    def before_instantiate_classes(self) -> None:
+        """Give the command its run folder: ``trainer.default_root_dir``, and the W&B run id
+        of the folder (a resumed fit continues its run)."""
+        if self.subcommand not in ("fit", "validate", "test"):
+            return
+        from lit_dpvae.runs import choose_run_folder, read_run_file
+
+        config = self.config[self.subcommand]
+        self.run_dir, _ = choose_run_folder(config.trainer.get("default_root_dir"),
+                                            self.subcommand, config.get("ckpt_path"))
+        config.trainer.default_root_dir = str(self.run_dir)
+        wandb_id = read_run_file(self.run_dir).get("wandb_id")
+        loggers = config.trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if str(getattr(logger, "class_path", "")).endswith("WandbLogger") and wandb_id:
+                init = logger.init_args
+                if init.get("id") is None and init.get("version") is None:
+                    init.id = wandb_id
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The run folder's checkpoints (``last.ckpt`` on by default) and, for a DP fit, the
+        privacy report (``PrivacyReporter``) unless the config lists its own."""
+        from lit_dpvae.callbacks import PrivacyReporter
+
+        trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers:  # Lightning passes anonymous=None, which W&B 0.31
+            getattr(logger, "_wandb_init", {}).pop("anonymous", None)  # warns about
+        if self.run_dir is None:
+            return trainer
+        for callback in trainer.checkpoint_callbacks:
+            if callback.dirpath is None:
+                callback.dirpath = str(self.run_dir / "checkpoints")
+            if callback.save_last is None:
+                callback.save_last = True
+        if self.subcommand == "fit" and hasattr(trainer.strategy, "privacy_report") \
+                and not any(isinstance(c, PrivacyReporter) for c in trainer.callbacks):
+            trainer.callbacks.append(PrivacyReporter(verbose=False))
+        return trainer
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.data_shape", "model.init_args.data_shape",
@@ -80,15 +128,48 @@ class DPVAECLI(LightningCLI):
             parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in report.items()]
             rank_zero_only(print)("lit_dpvae result: " + " ".join(parts), flush=True)
+        rank_zero_only(self._print_run_files)()
+
+    def _print_run_files(self) -> None:
+        """The report table and where the run's files went."""
+        from lit_dpvae.callbacks import PrivacyReporter
+
+        reporter = next((c for c in self.trainer.callbacks if isinstance(c, PrivacyReporter)),
+                        None)
+        if reporter is not None and reporter.report is not None and not reporter.verbose:
+            print(reporter.report.table(), flush=True)
+        if self.run_dir is None:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        last = Path(getattr(checkpoint, "dirpath", None) or self.run_dir / "checkpoints")
+        lines = [f"run folder: {self.run_dir}"]
+        for label, path in (("config", self.run_dir / "config.yaml"),
+                            ("checkpoint", last / "last.ckpt"),
+                            ("privacy report", self.run_dir / "privacy_report.md"),
+                            ("images", self.run_dir / "images")):
+            if path.exists():
+                lines.append(f"  {label:<15}{path}")
+        print("\n".join(lines), flush=True)
 
 
 class ScrubbedSaveConfig(SaveConfigCallback):
-    """LightningCLI's resolved config, written next to the run, without record values: a data
-    module's declared record-carrying arguments (``data_arguments``, :mod:`lit_dpvae.hparams`)
-    that are not paths (e.g. labels listed in the YAML) are replaced by a marker."""
+    """LightningCLI's resolved config, written into the run folder (``config.yaml``; a resume
+    adds ``config-2.yaml``, …) without record values: a data module's declared record-carrying
+    arguments (``data_arguments``, :mod:`lit_dpvae.hparams`) that are not paths (e.g. labels
+    listed in the YAML) are replaced by a marker."""
 
     def __init__(self, parser: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["save_to_log_dir"] = False  # the run folder instead of the logger's shared one
         super().__init__(parser, scrub_config(config), *args, **kwargs)
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        from lit_dpvae.runs import config_file
+
+        if trainer.is_global_zero:
+            run = Path(trainer.default_root_dir)
+            run.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, config_file(run), skip_none=False, overwrite=False,
+                             multifile=self.multifile)
 
 
 def scrub_config(config: Any) -> Any:
@@ -115,6 +196,44 @@ def scrub_config(config: Any) -> Any:
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> DPVAECLI:
+    from lit_dpvae.runs import RUN_DIR_ENV
+
+    launcher = RUN_DIR_ENV not in os.environ  # this process chooses the run folder
+    try:
+        return build_cli(args, run)
+    finally:
+        if launcher:  # the next command in this process gets its own folder
+            os.environ.pop(RUN_DIR_ENV, None)
+
+
+class _DropTips(logging.Filter):
+    """Lightning's advertisement lines ("💡 Tip: … litlogger / litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip")
+
+
+#: Warnings that every command printed and that say nothing about the user's run.
+QUIET_WARNINGS = (
+    "LightningCLI's args parameter is intended",  # main() passes argv on purpose
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning vs torch 2.13
+)
+
+
+def quiet_defaults() -> None:
+    """Silence the default path's spurious messages (nothing about privacy is hidden: the
+    library's own warnings and every warning about the user's config still show)."""
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in log.filters):
+            log.addFilter(_DropTips())
+
+
+def build_cli(args: list[str] | None, run: bool) -> DPVAECLI:
+    """The LightningCLI of this package (``cli_main`` without the run-folder bookkeeping)."""
+    quiet_defaults()
     return DPVAECLI(
         BaseVAE,
         VAEDataModule,
@@ -168,7 +287,8 @@ def load_model(ckpt: str | Path) -> BaseVAE:
 
 def export_main(argv: list[str]) -> Path:
     """``export``: the releasable artefact of a training checkpoint — weights, hyper-parameters,
-    model class and the privacy summary (ε, δ, σ_eff, steps, mechanism). Everything secret is
+    model class and the privacy report (``PrivacyReport``: mechanism, clipping norms, σ per
+    part, q, N, steps, accountant history, ε curve, versions). Everything secret is
     left out: the noise generator and sampler seeds, RNG states, optimizer state and loops."""
     from lit_dpvae.privacy.report import PrivacyReport
     from lit_dpvae.strategy import CHECKPOINT_KEY, MODEL_CLASS_KEY
@@ -182,7 +302,7 @@ def export_main(argv: list[str]) -> Path:
     privacy = checkpoint.get(CHECKPOINT_KEY)
     if privacy is None or MODEL_CLASS_KEY not in checkpoint:
         raise ValueError(f"{args.ckpt} was not written by TermwiseDPStrategy: nothing to export")
-    summary = PrivacyReport.from_state(privacy).public()  # no seeds, no RNG states
+    summary = PrivacyReport.from_checkpoint(checkpoint).public()  # no seeds, no RNG states
     artefact = {
         EXPORT_KEY: True,
         MODEL_CLASS_KEY: checkpoint[MODEL_CLASS_KEY],
@@ -190,12 +310,12 @@ def export_main(argv: list[str]) -> Path:
         "hyper_parameters": {k: v for k, v in checkpoint.get("hyper_parameters", {}).items()
                              if not k.startswith("_")},
         "state_dict": checkpoint["state_dict"],
-        "privacy": summary,
+        "privacy": summary,  # the whole public report (PrivacyReport.to_dict)
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(artefact, out)
-    print(f"wrote {out}: {summary}", flush=True)
+    print(f"wrote {out}: {PrivacyReport.from_dict(summary).line()}", flush=True)
     return out
 
 
@@ -357,5 +477,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv and argv[0] == "audit":
         audit_main(argv[1:])
+        return
+    if argv and argv[0] in ("report", "plan"):
+        from lit_dpvae import commands
+
+        (commands.report_main if argv[0] == "report" else commands.plan_main)(argv[1:])
         return
     cli_main(argv)

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.plugins.precision import DoublePrecision, Precision
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lit_dpvae.privacy.budget import PrivacyConfigError
 
@@ -37,6 +38,34 @@ def refuse_unsafe_trainer(trainer: pl.Trainer, precision_plugin: Any) -> None:
     if problems:
         raise PrivacyConfigError(
             "TermwiseDPStrategy refuses this configuration:\n  - " + "\n  - ".join(problems))
+    if module is not None and trainer.state.fn == "fit":
+        message = ignored_training_step(module)
+        if message:
+            rank_zero_warn(message)
+
+
+def ignored_training_step(module: Any) -> str | None:
+    """The warning for a ``training_step`` the strategy never runs (None: nothing to say).
+
+    DPStrategy computes each step from ``loss_terms(batch)``; a model's own ``training_step``
+    (penalties added to the loss, metrics it logs) is silently skipped. BaseVAE's own step and
+    a class that declares ``training_step_runs_without_dp_only = True`` (its step is only the
+    non-private equivalent of ``loss_terms``) are not warned about.
+    """
+    from lit_dpvae.models.base import BaseVAE
+
+    cls = type(module)
+    if getattr(cls, "training_step_runs_without_dp_only", False):
+        return None
+    if isinstance(module, BaseVAE) and cls.training_step is BaseVAE.training_step:
+        return None
+    return (
+        f"DPStrategy does not run {cls.__name__}.training_step: every private step is computed "
+        "from loss_terms(batch) by the mechanism, so whatever training_step adds to the loss or "
+        "logs is ignored under DP. Put extra penalties into loss_terms (per-record terms in "
+        "LossTerms.sample, batch terms in LossTerms.batch). If training_step only returns the "
+        "non-private equivalent of loss_terms, set training_step_runs_without_dp_only = True on "
+        "the class.")
 
 
 def planned_steps(trainer: pl.Trainer, steps_per_epoch: int) -> int:

@@ -24,6 +24,7 @@ from lit_dpvae.checkpoints import (
     CHECKPOINT_KEY,
     MODEL_CLASS_KEY,
     add_privacy,
+    describe_optimizer,
     mark_loaded_checkpoint,
     restored_privacy,
     spend_of_weights,
@@ -62,11 +63,8 @@ class DPStrategy(DDPStrategy):
         accountant: ``"rdp"`` or ``"prv"``.
         noise_seed: seed of the Gaussian noise. Keep it secret: whoever knows it can subtract
             the noise. ``None`` (default) draws a secret seed on rank 0.
-        log_train_terms: log ``train/<term>`` means of each private batch: exact (not noised)
-            statistics of private records, so treat the dashboard as private data.
-        exact_resume: a resume restores the noise generator and sampler seed and replays the
-            uninterrupted run bit for bit. **Testing only** (two continuations of one
-            checkpoint then differ by a noise-free function of the data).
+        log_train_terms: log ``train/<term>`` means of each private batch (exact: private).
+        exact_resume: a resume replays the uninterrupted run bit for bit. **Testing only**.
         allow_budget_increase: accept a resume with a larger ``target_epsilon``/``target_delta``
             than the checkpoint's (or none where it had one).
         warm_start: weights that already carry a privacy spend (docs/privacy.md §4):
@@ -196,8 +194,7 @@ class DPStrategy(DDPStrategy):
         sampler.resume_at(int(trainer.current_epoch),
                           int(loop.epoch_loop.batch_progress.current.ready),
                           int(epochs.processed), epochs.started > epochs.completed)
-        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended "
-                                "before the epoch")  # the Poisson sampler resumes mid-epoch
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended")
         run.attach(sampler, planned_steps(trainer, len(sampler)), trainer.lightning_module,
                    self.root_device)
         return dataloader
@@ -217,14 +214,15 @@ class DPStrategy(DDPStrategy):
             module.trainer.should_stop = True
             return None
         self._pending_update = update  # written into p.grad in backward (after zero_grad)
-        terms, n = self.mechanism.last_terms, batch_size_of(batch)
-        if terms is None or n == 0:
+        terms, n, comm = self.mechanism.last_terms, batch_size_of(batch), self.run.comm
+        if terms is None or (n == 0 and not comm.distributed):  # (then every rank has terms)
             return torch.zeros((), device=self.root_device)
-        loss = terms.mean_loss(self.expected_batch_size).detach()
-        if self.log_train_terms:
-            for key, value in {**terms.detached(), "loss": float(loss)}.items():
-                module.log(f"train/{key}", value, batch_size=n, prog_bar=key == "loss")
-        return loss
+        if not self.log_train_terms:
+            return terms.mean_loss(self.expected_batch_size).detach()
+        logged = terms.logged(self.expected_batch_size, comm)  # the global batch's values
+        for key, value in logged.items() if n else ():
+            module.log(f"train/{key}", value, batch_size=n, prog_bar=key == "loss")
+        return torch.tensor(logged["loss"], device=self.root_device)
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         """Never backpropagate the loss: write the private update into ``p.grad`` instead."""
@@ -260,19 +258,21 @@ class DPStrategy(DDPStrategy):
                 return state
         return self.run.state_dict()
 
-    def privacy_report(self) -> PrivacyReport:
+    def privacy_report(self, curve: bool = True) -> PrivacyReport:
         """What this run spent and how (public: no secret seeds), for logs, export, the CLI."""
-        return self.run.report(None if self.run.started else self.privacy_state_dict())
+        report = self.run.report(None if self.run.started else self.privacy_state_dict(), curve)
+        report.optimizer = describe_optimizer(self.optimizers)
+        return report
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
                         storage_options: Any = None) -> None:
-        add_privacy(checkpoint, self.privacy_state_dict(), self.lightning_module)
+        add_privacy(checkpoint, self.privacy_state_dict(), self.lightning_module,
+                    self.privacy_report())
         self.run.register_weights(self.lightning_module)
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
-        """Weights restored by the Trainer (a resume, ``validate/test(ckpt_path=...)``) carry
-        the checkpoint's spend into any later fit of the module."""
+        """Restored weights (resume, ``ckpt_path``) carry the checkpoint's spend into a fit."""
         super().load_model_state_dict(checkpoint, strict=strict)
         mark_loaded_checkpoint(self.lightning_module, checkpoint)
 

@@ -20,6 +20,8 @@ class ToyLitVAE(pl.LightningModule):
     """Deterministic VAE-like model with a batch-wise term read through
     ``gather_for_batch_terms`` (so a multi-process run computes it on the global batch)."""
 
+    training_step_runs_without_dp_only = True  # returns loss_terms' mean loss
+
     def __init__(self, batch_term: bool = True, lr: float = 0.1, batchnorm: bool = False,
                  pairwise: bool = False) -> None:
         super().__init__()

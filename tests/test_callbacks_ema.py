@@ -48,6 +48,8 @@ def test_average_equals_the_hand_computed_ema():
 
 
 class _Toy(pl.LightningModule):
+    training_step_runs_without_dp_only = True
+
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 
-def _dp_strategy(trainer: pl.Trainer) -> Any:
+def dp_strategy(trainer: pl.Trainer) -> Any:
     from lit_dpvae.strategy import TermwiseDPStrategy
 
     strategy = trainer.strategy
@@ -42,10 +42,10 @@ class PrivacySpend(Callback):
         self.last: dict[str, float] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _dp_strategy(trainer)
+        dp_strategy(trainer)
 
     def metrics(self, trainer: pl.Trainer) -> dict[str, float]:
-        return _dp_strategy(trainer).privacy_report().metrics()
+        return dp_strategy(trainer).privacy_report(curve=False).metrics()
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.last = self.metrics(trainer)

@@ -12,6 +12,7 @@ sensitivity (Mironov, Talwar, Zhang 2019, arXiv 1908.10530). Proof: docs/privacy
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -19,6 +20,10 @@ from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
+
+# Opacus' RDP: "Optimal order is the largest alpha". The ε it returns stays a valid upper bound
+# (a larger order could only tighten it), so the warning, printed by every short run, is noise.
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
 
 def joint_noise_multiplier(sigmas: list[float]) -> float:
@@ -81,16 +86,18 @@ def calibrate_noise(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     _accountant_class(accountant)
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            sample_rate=sample_rate,
-            steps=int(steps),
-            accountant=accountant,
-            epsilon_tolerance=epsilon_tolerance,
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=target_delta,
+                sample_rate=sample_rate,
+                steps=int(steps),
+                accountant=accountant,
+                epsilon_tolerance=epsilon_tolerance,
+            )
         )
-    )
 
 
 class PrivacyAccountant:
@@ -126,7 +133,9 @@ class PrivacyAccountant:
             return math.inf
         if not self._impl.history:
             return 0.0
-        return float(self._impl.get_epsilon(delta=delta))
+        with warnings.catch_warnings():  # (see the module-level filter; pytest resets it)
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(self._impl.get_epsilon(delta=delta))
 
     def epsilon_after(self, delta: float, noise_multiplier: float, sample_rate: float,
                       steps: int) -> float:

@@ -181,12 +181,21 @@ class PrivateRun:
         """The checkpoint's privacy state, secrets included (a resume continues it)."""
         return {**self.public_state(), **self.seeds.state(), "rng": rng_state()}
 
-    def report(self, state: dict[str, Any] | None = None) -> PrivacyReport:
-        """What this run spent and how (public: no secret seeds)."""
+    def report(self, state: dict[str, Any] | None = None, curve: bool = True) -> PrivacyReport:
+        """What this run spent and how (public: no secret seeds); ``curve``: with the ε curve
+        (one accountant evaluation per point)."""
         report = PrivacyReport.from_state(state or self.public_state())
         report.sample_rate, report.num_records = self.sample_rate, self.num_records
         report.expected_batch_size = self.expected_batch_size
+        report.planned_steps, report.world_size = self.planned_steps, self.comm.world_size
+        report.mechanism_settings = self.mechanism.settings()
         bounds = self.mechanism.bounds()  # None: set from a sampling this run never had
-        if bounds is not None:
+        if bounds is not None and self.mechanism.private:
             report.sensitivity, report.noise_multipliers = bounds
-        return report
+            report.noise_std = dict(self.mechanism.noise_std())
+            if self.expected_batch_size:  # per coordinate of the released update
+                b = self.expected_batch_size
+                report.noise_std.update({
+                    f"update/{part}": std / (b if self.mechanism.summed_over_records[part] else 1)
+                    for part, std in self.mechanism.noise_std().items()})
+        return report.complete_curve() if curve else report

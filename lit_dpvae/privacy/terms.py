@@ -175,6 +175,30 @@ class LossTerms:
         out.update({k: float(v.detach()) for k, v in self.batch.items()})
         return out
 
+    def logged(self, expected_batch_size: float, comm: Any = None) -> dict[str, float]:
+        """What ``train/*`` shows for the whole (global) batch of a multi-process step: each
+        sample term's mean over all ranks' records, the batch terms (already global), and
+        ``loss`` = Σ_all ℓ_i / B + Σ D_k — the same numbers one process would log. ``comm``:
+        the run's collectives (one process: None)."""
+        names = sorted(self.sample)
+        per_record = self.per_record()
+        values = list(self.sample.values()) + list(self.batch.values())
+        device = values[0].device if values else torch.device("cpu")
+        n = 0 if per_record is None else per_record.numel()
+        local = [self.sample[k].detach().sum() for k in names]
+        local += [per_record.detach().sum() if per_record is not None else torch.zeros(()),
+                  torch.tensor(float(n))]
+        sums = torch.stack([t.to(device=device, dtype=torch.float64) for t in local])
+        if comm is not None and comm.distributed:  # NCCL: the tensors' own device
+            sums = comm.all_reduce({"sums": sums})["sums"]
+        count = max(float(sums[-1]), 1.0)
+        out = {k: float(sums[i]) / count for i, k in enumerate(names)}
+        out.update({k: float(v.detach()) for k, v in self.batch.items()})
+        batch = self.batch_total()
+        out["loss"] = float(sums[-2]) / max(float(expected_batch_size), 1.0) + (
+            0.0 if batch is None else float(batch.detach()))
+        return out
+
 
 def loss_terms_of(module: nn.Module, batch: Any) -> LossTerms:
     """Call ``module.loss_terms(batch)`` with a clear error when the contract is not met."""

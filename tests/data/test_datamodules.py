@@ -223,6 +223,8 @@ def test_fits_under_a_lightning_trainer(tmp_path):
     import lightning.pytorch as pl
 
     class Tiny(pl.LightningModule):
+        training_step_runs_without_dp_only = True
+
         def __init__(self):
             super().__init__()
             self.layer = torch.nn.Linear(64, 1)

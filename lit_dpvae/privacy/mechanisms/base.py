@@ -404,6 +404,26 @@ class Mechanism:
         except RuntimeError:
             return None
 
+    #: attributes that are state, not settings (``settings`` leaves them out)
+    _not_settings = frozenset({"clipper", "last_terms", "name", "parts", "private"})
+
+    def settings(self) -> dict[str, Any]:
+        """The public settings of this mechanism for the privacy report: its plain-valued
+        attributes (clipping norms, budget shares, backend, parameter subsets, …), any
+        subclass's included. Nothing secret lives on a mechanism (seeds are in the run)."""
+        plain = (bool, int, float, str, type(None))
+        out: dict[str, Any] = {}
+        for key, value in vars(self).items():
+            if key.startswith("_") or key in self._not_settings:
+                continue
+            if isinstance(value, (list, tuple)) and all(isinstance(v, plain) for v in value):
+                out[key] = list(value)
+            elif isinstance(value, dict) and all(isinstance(v, plain) for v in value.values()):
+                out[key] = {str(k): v for k, v in value.items()}
+            elif isinstance(value, plain):
+                out[key] = value
+        return out
+
     def __repr__(self) -> str:
         bounds = self.bounds()
         sensitivity: Any = "<set with the sampling>" if bounds is None else bounds[0]
@@ -411,8 +431,6 @@ class Mechanism:
             f"{type(self).__name__}(noise_multiplier={self.noise_multiplier:.4g}, "
             f"sensitivity={sensitivity}, backend={self.backend!r})"
         )
-
-
 
 
 def truncate_batch(batch: Any, n_max: int) -> Any:
