@@ -1,3 +1,3 @@
-from lit_dpvae.cli import main
+from lit_dpvae.entry import main
 
 main()

@@ -1,13 +1,15 @@
-"""Command line: ``python -m lit_dpvae fit|validate|test --config cfg.yaml`` (LightningCLI) and
-``python -m lit_dpvae sample --ckpt run.ckpt --num 10000 --out synthetic.npz`` and
-``python -m lit_dpvae export --ckpt run.ckpt --out model.pt`` (the releasable artefact) and
-``python -m lit_dpvae audit --setup all`` (empirical ε lower bounds, docs/audit.md).
+"""Command line (``lit-dpvae``, ``python -m lit_dpvae``; ``lit_dpvae.entry`` lists it):
+``fit|validate|test --config cfg.yaml`` (LightningCLI, one run folder per command:
+``lit_dpvae.runs``), ``plan --config cfg.yaml`` and ``report --ckpt …``
+(``lit_dpvae.commands``), ``sample --ckpt run.ckpt --num 10000 --out synthetic.npz``,
+``export --ckpt run.ckpt --out model.pt`` (the releasable artefact) and ``audit --setup all``
+(empirical ε lower bounds, docs/audit.md). Errors are one line (``lit_dpvae.cli_errors``).
 
 Configs select a model (``lit_dpvae.models.*``), a data module (``lit_dpvae.data.*``) and the
 strategy with all DP knobs under ``trainer.strategy.init_args``. The data shape and the number
 of classes are linked from the data module to the model. The default logger is W&B, offline
-unless you log in (``WANDB_MODE=online``), and ``fit`` ends with a test run and a one-line
-privacy report.
+unless you log in (``WANDB_MODE=online``), and ``fit`` ends with a test run, the privacy report
+table and where the run's files are.
 """
 
 from __future__ import annotations
@@ -29,24 +31,17 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from lit_dpvae.cli_errors import PROG, ConciseArgumentParser
 from lit_dpvae.data import VAEDataModule
+from lit_dpvae.entry import SUBCOMMANDS  # ours, next to LightningCLI's
 from lit_dpvae.models import BaseVAE
-
-# Subcommands of our own, next to LightningCLI's: ``main`` dispatches them, ``--help`` lists them.
-SUBCOMMANDS = {
-    "sample": "Write a synthetic dataset from a checkpoint.",
-    "export": "Write a releasable model file (no secrets).",
-    "audit": "Canary-based one-step white-box audit: a lower bound on epsilon.",
-    "report": "Print the privacy report of a checkpoint or an exported model.",
-    "plan": "Plan a config's privacy budget (sigma, steps, epsilon per epoch) before training.",
-}
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help with the epilog printed as written (the subcommand table)."""
 
 
-SUBCOMMANDS_EPILOG = "more subcommands (python -m lit_dpvae SUBCOMMAND --help):\n" + "\n".join(
+SUBCOMMANDS_EPILOG = "more subcommands (lit-dpvae SUBCOMMAND --help):\n" + "\n".join(
     f"  {name:<10}{text}" for name, text in SUBCOMMANDS.items())
 
 DEFAULT_LOGGER = {
@@ -61,6 +56,24 @@ class DPVAECLI(LightningCLI):
     ``fit``."""
 
     run_dir: Path | None = None
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test (``predict`` has nothing to predict for a VAE: use
+        ``sample`` for synthetic records)."""
+        subcommands = dict(LightningCLI.subcommands())
+        subcommands.pop("predict", None)
+        return subcommands
+
+    def instantiate_classes(self) -> None:
+        """A constructor's refusal of a configured value (e.g. ``target_epsilon`` ≤ 0) as one
+        ``error:`` line instead of a traceback through jsonargparse's Union types."""
+        from lit_dpvae.cli_errors import concise_error, exit_with
+
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as error:
+            exit_with(concise_error(str(error)), self.subcommand)
 
     def before_instantiate_classes(self) -> None:
         """Give the command its run folder: ``trainer.default_root_dir``, and the W&B run id
@@ -234,6 +247,9 @@ def quiet_defaults() -> None:
 def build_cli(args: list[str] | None, run: bool) -> DPVAECLI:
     """The LightningCLI of this package (``cli_main`` without the run-folder bookkeeping)."""
     quiet_defaults()
+    words = sys.argv[1:] if args is None else args
+    ConciseArgumentParser.subcommand_hint = next(
+        (w for w in words if w in ("fit", "validate", "test")), None)
     return DPVAECLI(
         BaseVAE,
         VAEDataModule,
@@ -242,7 +258,9 @@ def build_cli(args: list[str] | None, run: bool) -> DPVAECLI:
         trainer_defaults={"logger": DEFAULT_LOGGER, "use_distributed_sampler": False},
         save_config_callback=ScrubbedSaveConfig,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"epilog": SUBCOMMANDS_EPILOG, "formatter_class": _HelpFormatter},
+        parser_class=ConciseArgumentParser,
+        parser_kwargs={"epilog": SUBCOMMANDS_EPILOG, "formatter_class": _HelpFormatter,
+                       "prog": PROG},
         args=args,
         run=run,
     )

@@ -47,7 +47,8 @@ __all__ = ["CHECKPOINT_KEY", "MODEL_CLASS_KEY", "DPStrategy", "PrivacyConfigErro
 
 
 class DPStrategy(DDPStrategy):
-    """Differentially private training of ``loss_terms`` models.
+    """Differentially private training of ``loss_terms`` models (Lightning's own arguments,
+    ``accelerator`` … ``start_method``, as in its ``DDPStrategy``).
 
     Args:
         mechanism: a registered name (``"auto"``, default: chosen from the model's declared
@@ -55,10 +56,11 @@ class DPStrategy(DDPStrategy):
             arXiv 2006.11204; ``"pairwise"``, kernel divergences clipped pair by pair;
             ``"naive"``; ``"nonprivate"``) or a ``Mechanism`` object (LightningCLI:
             ``class_path``/``init_args``).
-        target_epsilon, target_delta: the budget. With ``noise_multiplier=None``, σ_eff is
+        target_epsilon: the budget. With ``noise_multiplier=None``, σ_eff is
             calibrated so the planned steps (``max_steps``, else ``max_epochs`` × steps per
             epoch) spend exactly ``target_epsilon``; training stops before a step would exceed
             it. δ must be below 1/N.
+        target_delta: see ``target_epsilon``.
         noise_multiplier: σ_eff set directly (then ``target_epsilon`` is only the stop rule).
         accountant: ``"rdp"`` or ``"prv"``.
         noise_seed: seed of the Gaussian noise. Keep it secret: whoever knows it can subtract
@@ -73,8 +75,6 @@ class DPStrategy(DDPStrategy):
         **mechanism_settings: the named mechanism's own settings (e.g. ``max_grad_norm``,
             ``batch_max_grad_norm``, ``sample_share``, ``pair_max_grad_norm``,
             ``pairwise_share``, ``max_batch_size``, ``backend``; see its class).
-        accelerator, parallel_devices, cluster_environment, checkpoint_io, process_group_backend,
-        timeout, start_method: as in Lightning's ``DDPStrategy``.
     """
 
     strategy_name = "dp"

@@ -137,7 +137,7 @@ def test_image_grid_clamps_to_the_unit_interval_and_keeps_colour_channels():
 def test_default_logs_only_the_samples_grid_and_never_reads_records(tmp_path):
     model, wandb = StandInVAE(), RecordingWandb(tmp_path)
     trainer = StandInTrainer(tmp_path, [wandb], _records())
-    cb = ImageLogger(num_images=6, dirpath=str(tmp_path / "out"))
+    cb = ImageLogger(num_images=6, min_cell=0, dirpath=str(tmp_path / "out"))
     grids = cb.log_grids(trainer, model)
     assert list(grids) == ["images/samples"]
     assert trainer.val_reads == 0  # the validation records are not even loaded
@@ -161,7 +161,7 @@ def test_reconstructions_pair_each_record_with_its_reconstruction(tmp_path):
     model, wandb = StandInVAE(), RecordingWandb(tmp_path)
     trainer = StandInTrainer(tmp_path, [wandb], _records(n=5), epoch=3)
     with pytest.warns(UserWarning, match="NOT covered"):
-        cb = ImageLogger(num_images=6, dirpath=str(tmp_path), reconstructions=True)
+        cb = ImageLogger(num_images=6, min_cell=0, dirpath=str(tmp_path), reconstructions=True)
     grids = cb.log_grids(trainer, model)
     assert list(grids) == ["images/samples", "images/reconstructions"]
     # num_images // 2 = 3 pairs: record, reconstruction, record, ...
@@ -182,7 +182,7 @@ def test_conditional_models_get_balanced_sample_labels_and_record_labels(tmp_pat
     model = StandInVAE(conditional=True, num_classes=3)
     trainer = StandInTrainer(tmp_path, [], [_records(n=5)])  # a list of loaders: the first
     with pytest.warns(UserWarning):
-        cb = ImageLogger(num_images=4, dirpath=str(tmp_path), reconstructions=True)
+        cb = ImageLogger(num_images=4, min_cell=0, dirpath=str(tmp_path), reconstructions=True)
     cb.log_grids(trainer, model)
     (sample,) = [c for c in model.calls if c[0] == "sample"]
     assert sample[1] == 4 and sample[2].tolist() == [0, 1, 2, 0]
@@ -200,7 +200,7 @@ def test_samples_grid_of_a_real_model_is_exactly_its_samples(tmp_path):
 
     trainer = StandInTrainer(tmp_path, [wandb], Unreadable())
     torch.manual_seed(3)
-    grids = ImageLogger(num_images=8, dirpath=str(tmp_path)).log_grids(trainer, model)
+    grids = ImageLogger(num_images=8, min_cell=0, dirpath=str(tmp_path)).log_grids(trainer, model)
     torch.manual_seed(3)
     expected = np.asarray(image_grid(model.sample(8, mean=True)))
     assert expected.shape == (10, 73)
@@ -211,7 +211,7 @@ def test_samples_grid_of_a_real_model_is_exactly_its_samples(tmp_path):
 def test_every_n_epochs_and_sanity_check(tmp_path):
     model = StandInVAE()
     trainer = StandInTrainer(tmp_path)
-    cb = ImageLogger(num_images=2, every_n_epochs=2, dirpath=str(tmp_path))
+    cb = ImageLogger(num_images=2, every_n_epochs=2, min_cell=0, dirpath=str(tmp_path))
     trainer.sanity_checking = True
     cb.on_validation_epoch_end(trainer, model)
     assert cb.saved == [] and model.calls == []
@@ -224,7 +224,7 @@ def test_every_n_epochs_and_sanity_check(tmp_path):
 
 def test_records_that_are_not_images_are_skipped_with_a_warning(tmp_path):
     model, wandb = StandInVAE(data_shape=(6,)), RecordingWandb(tmp_path)
-    cb = ImageLogger(dirpath=str(tmp_path))
+    cb = ImageLogger(min_cell=0, dirpath=str(tmp_path))
     with pytest.warns(UserWarning, match="not images"):
         assert cb.log_grids(StandInTrainer(tmp_path, [wandb]), model) == {}
     assert model.calls == [] and wandb.images == [] and cb.saved == []
@@ -233,7 +233,7 @@ def test_records_that_are_not_images_are_skipped_with_a_warning(tmp_path):
 
 def test_without_a_loader_reconstructions_fall_back_to_samples_only(tmp_path):
     with pytest.warns(UserWarning):
-        cb = ImageLogger(num_images=2, dirpath=str(tmp_path), reconstructions=True)
+        cb = ImageLogger(num_images=2, min_cell=0, dirpath=str(tmp_path), reconstructions=True)
     grids = cb.log_grids(StandInTrainer(tmp_path, [], None), StandInVAE())
     assert list(grids) == ["images/samples"]
 
@@ -244,13 +244,13 @@ def test_no_logger_writes_png_files_under_the_default_root_dir(tmp_path):
     cb.log_grids(StandInTrainer(tmp_path / "root", []), StandInVAE())
     assert [p.relative_to(tmp_path).as_posix() for p in cb.saved] == [
         "root/images/samples_epoch000.png"]
-    assert np.asarray(Image.open(cb.saved[0])).shape == (6, 6 * 8 + 1)
+    assert np.asarray(Image.open(cb.saved[0])).shape == (6 * 16, (6 * 8 + 1) * 16)  # min_cell
 
 
 def test_with_wandb_disabled_the_real_logger_takes_the_grids(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     wandb = WandbLogger(offline=True, save_dir=str(tmp_path))  # log_image not replaced
-    cb = ImageLogger(num_images=2, dirpath=str(tmp_path))
+    cb = ImageLogger(num_images=2, min_cell=0, dirpath=str(tmp_path))
     grids = cb.log_grids(StandInTrainer(tmp_path, [wandb]), StandInVAE())
     assert list(grids) == ["images/samples"] and cb.saved[0].is_file()
 
@@ -283,7 +283,7 @@ def test_in_fit_other_loggers_receive_no_image_and_pngs_are_written(tmp_path, re
     logger = RecordingLogger()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cb = ImageLogger(num_images=4, dirpath=str(tmp_path), reconstructions=reconstructions)
+        cb = ImageLogger(num_images=4, min_cell=0, dirpath=str(tmp_path), reconstructions=reconstructions)
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2,
                              limit_val_batches=1, logger=logger, callbacks=[cb],
                              enable_checkpointing=False, enable_progress_bar=False,
@@ -298,3 +298,17 @@ def test_in_fit_other_loggers_receive_no_image_and_pngs_are_written(tmp_path, re
     keys = {k for m in logger.metrics for k in m}
     assert keys and not any(k.startswith("images") for k in keys)
     assert all(isinstance(v, (int, float)) for m in logger.metrics for v in m.values())
+
+
+def test_written_grids_are_enlarged_to_a_viewable_size_by_whole_pixel_blocks(tmp_path):
+    """Default ``min_cell=64``: 4-pixel-high images are enlarged 16×, nearest neighbour, so each
+    pixel of the decoded grid becomes a 16×16 block (no interpolated values)."""
+    model, wandb = StandInVAE(), RecordingWandb(tmp_path)
+    trainer = StandInTrainer(tmp_path, [wandb], _records())
+    cb = ImageLogger(num_images=6, dirpath=str(tmp_path / "out"))
+    grid = np.asarray(cb.log_grids(trainer, model)["images/samples"])
+    written = np.asarray(Image.open(cb.saved[0]))
+    assert written.shape == (grid.shape[0] * 16, grid.shape[1] * 16)
+    np.testing.assert_array_equal(written[::16, ::16], grid)
+    np.testing.assert_array_equal(written, np.kron(grid, np.ones((16, 16), dtype=grid.dtype)))
+    np.testing.assert_array_equal(np.asarray(wandb.images[0][1][0]), written)

@@ -72,5 +72,5 @@ def test_pyproject_declares_the_requirements_pins():
     dev = project["project"]["optional-dependencies"]["dev"]
     assert sorted(project["project"]["dependencies"] + dev) == sorted(pins)
     assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["lit_dpvae*"]
-    assert project["project"]["scripts"]["lit-dpvae"] == "lit_dpvae.cli:main"
+    assert project["project"]["scripts"]["lit-dpvae"] == "lit_dpvae.entry:main"
     assert "build-system" in project

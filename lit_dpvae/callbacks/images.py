@@ -46,10 +46,15 @@ class ImageLogger(Callback):
         dirpath: where the ``images/`` folder goes.
         reconstructions: also log validation records and their reconstructions (publishes those
             records; default False).
+        min_cell: written and logged grids are enlarged by a whole factor (nearest neighbour)
+            until each image is at least this many pixels high (0: as decoded; 8×8 digits
+            become 64×64).
     """
 
     def __init__(self, num_images: int = 16, every_n_epochs: int = 1,
-                 dirpath: str | None = None, reconstructions: bool = False) -> None:
+                 dirpath: str | None = None, reconstructions: bool = False,
+                 min_cell: int = 64) -> None:
+        self.min_cell = int(min_cell)
         self.num_images = int(num_images)
         self.dirpath = dirpath
         self.every_n_epochs = int(every_n_epochs)
@@ -74,6 +79,7 @@ class ImageLogger(Callback):
         if len(shape) != 3:
             rank_zero_warn(f"ImageLogger: records of shape {shape} are not images; skipping")
             return {}
+        self._cell = int(shape[1])
         grids = {"images/samples": image_grid(self._samples(pl_module))}
         held_out = self._held_out(trainer) if self.reconstructions else None
         if held_out is not None:
@@ -110,6 +116,11 @@ class ImageLogger(Callback):
 
     def _write(self, trainer: pl.Trainer, grids: dict[str, Image.Image]) -> None:
         from lightning.pytorch.loggers import WandbLogger
+
+        factor = max(1, -(-self.min_cell // max(getattr(self, "_cell", 1), 1)))
+        if factor > 1:  # a viewable size: whole-pixel blocks, no interpolation
+            grids = {k: g.resize((g.width * factor, g.height * factor), Image.NEAREST)
+                     for k, g in grids.items()}
 
         wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         if wandb is not None:

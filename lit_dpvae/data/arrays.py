@@ -61,7 +61,8 @@ class ArrayDataModule(VAEDataModule):
         rescale: map the declared range to [0, 1] (default); False keeps the values as they are
             (for Gaussian/Laplace likelihoods), still refusing values outside the range.
         test_size: test records carved from the records (count or fraction, default 0.2).
-        batch_size, **kwargs: :class:`VAEDataModule` arguments (``val_size``, ``seed``, ...).
+        batch_size: expected batch size B of the Poisson sampling (sample rate q = B/N).
+        **kwargs: :class:`VAEDataModule` arguments (``val_size``, ``seed``, ...).
 
     The arrays are not hyper-parameters (they are left out of the logger config and
     checkpoints, :mod:`lit_dpvae.hparams`); a path is.

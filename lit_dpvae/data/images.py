@@ -41,7 +41,8 @@ class ImageFolderDataModule(VAEDataModule):
         classes: the public class names in label order (sub-folder names); default: the
             sub-folders in sorted order. A sub-folder that is not listed is an error.
         test_size: test records carved from the images (count or fraction, default 0.2).
-        batch_size, **kwargs: :class:`VAEDataModule` arguments.
+        batch_size: expected batch size B of the Poisson sampling (sample rate q = B/N).
+        **kwargs: :class:`VAEDataModule` arguments.
     """
 
     def __init__(self, root: str | Path, *, size: int | Sequence[int] = 28, image_channels: int = 1,

@@ -60,7 +60,10 @@ class PinwheelDataModule(VAEDataModule):
         batch_size: expected global batch size (default 100).
         num_arms: number of arms ``K`` (= ``num_classes``).
         num_per_arm: records per arm before the split (DP needs many: default 2000).
-        radial_std, tangential_std, rate, scale: shape of the arms, see :func:`make_pinwheel`.
+        radial_std: shape of the arms, see :func:`make_pinwheel`.
+        tangential_std: shape of the arms, see :func:`make_pinwheel`.
+        rate: shape of the arms, see :func:`make_pinwheel`.
+        scale: shape of the arms, see :func:`make_pinwheel`.
         test_size: test records, an int (count) or a float in (0, 1) (fraction, default 0.2).
         **kwargs: the remaining :class:`VAEDataModule` arguments (unknown keys are errors).
     """

@@ -33,8 +33,9 @@ class TabularDataModule(VAEDataModule):
             models (then it is not part of the records); None (default): every column is in
             the records and every label is 0. Overrides the schema's own ``label``.
         test_size: test records carved from the table (count or fraction, default 0.2).
-        batch_size, **kwargs: :class:`VAEDataModule` arguments (``val_size``, ``seed``,
+        batch_size: expected batch size B of the Poisson sampling (sample rate q = B/N).
             ``data_seed`` for the split, ...).
+        **kwargs: see ``batch_size``.
 
     A DataFrame is not a hyper-parameter (left out of the logger config and checkpoints); a
     path and the schema (public metadata) are.

@@ -21,13 +21,15 @@ class PrivateDataModule(ScrubbedHyperparametersMixin, LightningDataModule):
     Args:
         train: the training records (``__len__`` and ``__getitem__``); each item is what your
             model's ``loss_terms`` reads from one record (a batch is their default collation).
-        val, test: optional held-out datasets (ordinary sequential loaders; without one,
+        val: optional held-out datasets (ordinary sequential loaders; without one,
             validation or testing has no batches and is skipped).
+        test: see ``val``.
         batch_size: the *expected* global batch size B (q = B / len(train)).
         seed: the Poisson sampler's seed; None (default) draws a secret one. Keep it secret.
         eval_batch_size: batch size of the val/test loaders (default ``batch_size``).
-        num_workers, collate_fn: as in ``DataLoader`` (empty batches are collated to
+        num_workers: as in ``DataLoader`` (empty batches are collated to
             zero-length tensors).
+        collate_fn: see ``num_workers``.
     """
 
     def __init__(self, train: Dataset, val: Dataset | None = None, test: Dataset | None = None,

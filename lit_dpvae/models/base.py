@@ -48,8 +48,10 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         data_shape: shape of one record, e.g. ``(1, 28, 28)`` or ``(2,)``.
         latent_dim: d.
         arch: ``"mlp"`` or ``"conv"`` (ignored when ``encoder``/``decoder`` are injected).
-        hidden: MLP widths (decoder mirrors them). channels: conv widths.
-        activation, group_norm: block options (``group_norm`` = number of groups, 0 = none).
+        hidden: MLP widths (decoder mirrors them).
+        channels: conv widths.
+        activation: activation of the blocks (e.g. ``"relu"``).
+        group_norm: number of GroupNorm groups in the blocks (0 = none).
         num_classes: number of labels; required with ``conditional=True``.
         conditional: concatenate one-hot labels to encoder and decoder inputs.
         label_prior: (conditional, no divergence) a class-conditional prior
@@ -77,10 +79,20 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
             :class:`lit_dpvae.likelihoods.Tabular` (sample-wise); ``sample`` draws valid rows
             that ``schema.decode`` turns into a table. Kept in ``hparams`` as a ``Schema``
             (public metadata: names, bounds, categories).
-        beta: weight β of the per-record KL. lam: weight λ of the divergence.
+        beta: weight β of the per-record KL.
+        lam: weight λ of the divergence (0: no batch-wise term; the pairings set their own).
         n_samples: K reparameterisation samples per record (averaged inside the record's terms).
         lr: Adam learning rate.
-        encoder, decoder: injected modules with the ``lit_dpvae.nn`` interfaces (optional).
+        encoder: injected modules with the ``lit_dpvae.nn`` interfaces (optional).
+        decoder: injected modules with the ``lit_dpvae.nn`` interfaces (optional).
+        optimizer: ``"adam"`` (default), ``"sgd"`` or ``"adam_bc"`` (``DPAdamBC``: Adam with
+            the DP noise variance removed from its second moment); see ``configure_optimizers``.
+        momentum: SGD momentum.
+        adam_eps: Adam's ε.
+        adam_bc_floor: ``DPAdamBC``'s floor of the corrected second moment.
+        lr_schedule: None or ``"cosine"`` (a fixed schedule: no privacy cost).
+        lr_schedule_steps: T of the cosine schedule (None: the Trainer's estimated steps).
+        sample_temperature: scale of the N(0, I) draws in ``sample`` (None or 1: none).
 
     ``label_shift`` is not a registered child module: its layers are, under their historical
     names ``label_means`` and ``label_log_scales``, so that state_dict keys, parameter names

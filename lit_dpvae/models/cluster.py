@@ -37,9 +37,14 @@ class ClusterVAE(BaseVAE):
     Args:
         lam: λ, weight of the divergence (default: 10 for "mmd", 1 for "aggregate_kl").
         divergence: ``"mmd"`` (default) or ``"aggregate_kl"``.
-        n_components, radius, scale, layout, seed: see ``lit_dpvae.priors.MixtureOfGaussians``.
+        n_components: see ``lit_dpvae.priors.MixtureOfGaussians``.
+        radius: see ``lit_dpvae.priors.MixtureOfGaussians``.
+        scale: see ``lit_dpvae.priors.MixtureOfGaussians``.
+        layout: see ``lit_dpvae.priors.MixtureOfGaussians``.
+        seed: see ``lit_dpvae.priors.MixtureOfGaussians``.
         n_prior_samples: M prior samples of the divergence.
-        kernel, bandwidths: of the MMD (``lit_dpvae.divergences.MMD``).
+        kernel: of the MMD (``lit_dpvae.divergences.MMD``).
+        bandwidths: of the MMD (``lit_dpvae.divergences.MMD``).
         **kwargs: ``BaseVAE`` arguments.
     """
 

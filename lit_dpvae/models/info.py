@@ -29,7 +29,9 @@ class InfoVAE(BaseVAE):
     Args:
         lam: λ, weight of the MMD (default 10).
         beta: β, weight of the per-record KL (default 0.1).
-        kernel, bandwidths, n_prior_samples: see ``lit_dpvae.divergences.MMD``.
+        kernel: see ``lit_dpvae.divergences.MMD``.
+        bandwidths: see ``lit_dpvae.divergences.MMD``.
+        n_prior_samples: see ``lit_dpvae.divergences.MMD``.
         **kwargs: ``BaseVAE`` arguments.
     """
 

@@ -29,8 +29,12 @@ class SparseVAE(BaseVAE):
 
     Args:
         lam: λ, weight of the dimension-wise MMD (default 100).
-        gamma, spike_scale, slab_scale: see ``lit_dpvae.priors.SpikeAndSlab``.
-        kernel, bandwidths, n_prior_samples: see ``lit_dpvae.divergences.DimensionWiseMMD``.
+        gamma: see ``lit_dpvae.priors.SpikeAndSlab``.
+        spike_scale: see ``lit_dpvae.priors.SpikeAndSlab``.
+        slab_scale: see ``lit_dpvae.priors.SpikeAndSlab``.
+        kernel: see ``lit_dpvae.divergences.DimensionWiseMMD``.
+        bandwidths: see ``lit_dpvae.divergences.DimensionWiseMMD``.
+        n_prior_samples: see ``lit_dpvae.divergences.DimensionWiseMMD``.
         **kwargs: ``BaseVAE`` arguments.
     """
 

@@ -58,6 +58,17 @@ class AutoMechanism(Mechanism):
     The choice reads only the model's declared structure (public), never a record. Settings
     (``max_grad_norm``, ...) are passed on to the chosen mechanism; one it does not take is
     ignored with a warning.
+
+    Args:
+        max_grad_norm: C, the per-record clipping norm of the sample-wise gradient (sensitivity C).
+        pair_max_grad_norm: C_p of ``PairwiseDPSGD`` (None: C/8).
+        batch_max_grad_norm: C_b of the batch part (None: the chosen mechanism's default).
+        sample_share: γ_s (None: the chosen mechanism's default).
+        pairwise_share: γ_p of ``PairwiseDPSGD`` (None: its default).
+        batch_params: term-wise's parameter subset of the batch part (None: all).
+        noise_multiplier: σ_eff; 0 until the strategy's budget calibrates it (leave it unset).
+        backend: per-record clipping backend: ``"ghost"`` (norms without per-record gradients
+            where possible), ``"hooks"`` or ``"functorch"``.
     """
 
     def __init__(

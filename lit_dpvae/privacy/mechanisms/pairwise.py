@@ -47,6 +47,17 @@ class PairwiseDPSGD(Mechanism):
     ``γ_p = 1 − sample_share`` (no opaque batch part). Multi-process: ``aggregate``
     gathers the global partners without gradient and takes rank 0's prior samples (``comm``), so the
     all-reduced statistic equals the single-process one of the global batch.
+
+    Args:
+        max_grad_norm: C, the per-record clipping norm of the sample-wise gradient (sensitivity C).
+        pair_max_grad_norm: C_p, the clipping norm of each pair's parameter vector (None: C/8).
+        batch_max_grad_norm: C_b of the opaque batch part (only with a budget share left).
+        noise_multiplier: σ_eff; 0 until the strategy's budget calibrates it (leave it unset).
+        sample_share: γ_s (None with ``pairwise_share`` None: proportional to sensitivity).
+        pairwise_share: γ_p (None: 1 − γ_s).
+        num_pairwise_terms: T, the pairwise divergences the model declares (``auto`` sets it).
+        backend: per-record clipping backend: ``"ghost"`` (norms without per-record gradients
+            where possible), ``"hooks"`` or ``"functorch"``.
     """
 
     summed_over_records = {"sample": True, "pairwise": True, "batch": False}

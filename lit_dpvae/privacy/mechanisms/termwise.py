@@ -45,6 +45,16 @@ class TermwiseDPSGD(Mechanism):
     part's noise equals the sample part's in the update; ``sample_share=None`` is γ = 1/2.
     ``batch_params`` (name prefixes, e.g. ``["encoder.head."]``) confines the batch part —
     gradient, clipping and noise — to those parameters (*Parameter subset*).
+
+    Args:
+        max_grad_norm: C, the per-record clipping norm of the sample-wise gradient (sensitivity C).
+        batch_max_grad_norm: C_b, the clipping norm of the batch part (None: C/(2B)).
+        noise_multiplier: σ_eff; 0 until the strategy's budget calibrates it (leave it unset).
+        sample_share: γ, the budget share of the sample part (None: 1/2; 1: DP-SGD, no batch part).
+        batch_params: name prefixes of the parameters the batch part is computed and noised on
+            (None: all), e.g. ``["encoder.head."]``.
+        backend: per-record clipping backend: ``"ghost"`` (norms without per-record gradients
+            where possible), ``"hooks"`` or ``"functorch"``.
     """
 
     summed_over_records = {"sample": True, "batch": False}
