@@ -283,7 +283,8 @@ def test_in_fit_other_loggers_receive_no_image_and_pngs_are_written(tmp_path, re
     logger = RecordingLogger()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cb = ImageLogger(num_images=4, min_cell=0, dirpath=str(tmp_path), reconstructions=reconstructions)
+        cb = ImageLogger(num_images=4, min_cell=0, dirpath=str(tmp_path),
+                         reconstructions=reconstructions)
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2,
                              limit_val_batches=1, logger=logger, callbacks=[cb],
                              enable_checkpointing=False, enable_progress_bar=False,
