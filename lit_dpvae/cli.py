@@ -213,10 +213,23 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> DPVAECLI:
 
     launcher = RUN_DIR_ENV not in os.environ  # this process chooses the run folder
     try:
-        return build_cli(args, run)
+        cli = build_cli(args, run)
+    except BaseException:
+        finish_wandb(exit_code=1)  # a failed command's W&B run is closed as failed
+        raise
+    else:
+        finish_wandb(exit_code=0)  # flushed: config, summary, report (offline files complete)
+        return cli
     finally:
         if launcher:  # the next command in this process gets its own folder
             os.environ.pop(RUN_DIR_ENV, None)
+
+
+def finish_wandb(exit_code: int) -> None:
+    """Close the W&B run a command opened, if any (without importing wandb otherwise)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 class _DropTips(logging.Filter):

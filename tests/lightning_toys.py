@@ -90,14 +90,19 @@ class RecordRanks(pl.Callback):
     def __init__(self, out: str) -> None:
         self.out = out
         self.sizes: list[int] = []
+        self.logged: list[dict[str, float]] = []  # the train/* values after each step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.sizes.append(int(batch[0].shape[0]))
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.logged.append({k: float(v) for k, v in trainer.callback_metrics.items()
+                            if k.startswith("train/")})
+
     def on_train_end(self, trainer, pl_module):
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         torch.save({"state": state, "steps": trainer.global_step, "sizes": self.sizes,
-                    "epsilon": trainer.strategy.epsilon()},
+                    "logged": self.logged, "epsilon": trainer.strategy.epsilon()},
                    Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 

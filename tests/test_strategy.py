@@ -41,7 +41,17 @@ def test_two_processes_match_one_device_and_stay_identical(tmp_path, mechanism):
         assert torch.equal(value, ranks[1]["state"][name]), f"replicas drifted: {name}"
         torch.testing.assert_close(value, ref["state"][name], rtol=1e-5, atol=1e-6)
     assert ranks[0]["epsilon"] == ref["epsilon"] > 0
-    # The run actually moved the weights (the comparison is not vacuous).
+    # train/* shows the global batch's values whatever the number of processes (it once showed
+    # rank 0's share: train/loss halved next to an unhalved recon).
+    compared = 0
+    for t, size in enumerate(ranks[0]["sizes"]):
+        if size:  # a rank with an empty local batch logs nothing at that step
+            assert set(ranks[0]["logged"][t]) == set(ref["logged"][t]) >= {"train/loss"}
+            for key, value in ref["logged"][t].items():
+                assert math.isclose(ranks[0]["logged"][t][key], value, rel_tol=1e-5,
+                                    abs_tol=1e-6), (t, key)
+            compared += 1
+    assert compared >= 3
     start = ToyLitVAE().state_dict()
     assert any(not torch.allclose(start[k], ref["state"][k]) for k in start)
 
