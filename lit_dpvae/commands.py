@@ -151,7 +151,7 @@ def plan_main(argv: list[str]) -> dict[str, Any]:
               + PLAN_HELP + "\nReads the data set's size, not its records; trains, logs and "
               "writes nothing.")
         return {}
-    cli = build_cli(argv + ["--trainer.logger=false", "--trainer.enable_checkpointing=false"],
+    cli = build_cli(argv + ["--trainer.logger=false"],
                run=False)
     plan = plan_rows(cli.model, cli.datamodule, cli.trainer)
     print(json.dumps(plan, indent=2, default=str) if as_json else format_plan(plan))

@@ -76,7 +76,8 @@ def test_a_fit_writes_the_report_next_to_last_ckpt_and_into_checkpoint_export_an
     assert len(runs) == 1
     run = runs[0]
     out = capsys.readouterr().out
-    assert "privacy report" in out and "epsilon spent" in out and f"run folder: {run.relative_to(tmp_path)}" in out
+    assert "privacy report" in out and "epsilon spent" in out
+    assert f"run folder: {run.relative_to(tmp_path)}" in out
     for name in ("config.yaml", "checkpoints/last.ckpt", "run.json", *REPORT_FILES):
         assert (run / name).is_file(), name
     report = json.loads((run / "privacy_report.json").read_text())
