@@ -56,6 +56,7 @@ class DPVAECLI(LightningCLI):
     ``fit``."""
 
     run_dir: Path | None = None
+    last_trainer: Any = None  #: the last command's Trainer (``cli_main``'s failure handling)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -99,7 +100,7 @@ class DPVAECLI(LightningCLI):
         privacy report (``PrivacyReporter``) unless the config lists its own."""
         from lit_dpvae.callbacks import PrivacyReporter
 
-        trainer = super().instantiate_trainer(**kwargs)
+        trainer = DPVAECLI.last_trainer = super().instantiate_trainer(**kwargs)
         for logger in trainer.loggers:  # Lightning passes anonymous=None, which W&B 0.31
             getattr(logger, "_wandb_init", {}).pop("anonymous", None)  # warns about
         if self.run_dir is None:
@@ -208,14 +209,27 @@ def scrub_config(config: Any) -> Any:
     return config
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> DPVAECLI:
+def cli_main(args: list[str] | None = None, run: bool = True,
+             exit_on_refusal: bool = False) -> DPVAECLI:
+    """Run LightningCLI in a run folder; ``exit_on_refusal``: a refused configuration
+    (``PrivacyConfigError``) is an ``error:`` line and exit status 2 (the command line), not an
+    exception (Python callers)."""
+    from lit_dpvae.privacy.budget import PrivacyConfigError
     from lit_dpvae.runs import RUN_DIR_ENV
 
     launcher = RUN_DIR_ENV not in os.environ  # this process chooses the run folder
+    DPVAECLI.last_trainer = None
     try:
         cli = build_cli(args, run)
+    except PrivacyConfigError as error:  # a refused configuration: the message is the fix
+        finish_wandb(exit_code=1, trainer=DPVAECLI.last_trainer)
+        if not exit_on_refusal:
+            raise
+        from lit_dpvae.cli_errors import exit_with
+
+        exit_with(str(error), tip="docs/refusals.md lists every refused setting and why")
     except BaseException:
-        finish_wandb(exit_code=1)  # a failed command's W&B run is closed as failed
+        finish_wandb(exit_code=1, trainer=DPVAECLI.last_trainer)
         raise
     else:
         finish_wandb(exit_code=0)  # flushed: config, summary, report (offline files complete)
@@ -225,11 +239,20 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> DPVAECLI:
             os.environ.pop(RUN_DIR_ENV, None)
 
 
-def finish_wandb(exit_code: int) -> None:
-    """Close the W&B run a command opened, if any (without importing wandb otherwise)."""
+def finish_wandb(exit_code: int, trainer: Any = None) -> None:
+    """Close the W&B run a command opened, if any (without importing wandb otherwise). A
+    failed command that took no step leaves no offline run behind (Lightning opens the run
+    before the strategy can refuse the configuration)."""
     wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=exit_code)
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return
+    folder = Path(run.dir).parent if run.offline else None
+    wandb.finish(exit_code=exit_code)
+    if exit_code and folder is not None and not getattr(trainer, "global_step", 0):
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _DropTips(logging.Filter):
@@ -514,4 +537,4 @@ def main(argv: list[str] | None = None) -> None:
 
         (commands.report_main if argv[0] == "report" else commands.plan_main)(argv[1:])
         return
-    cli_main(argv)
+    cli_main(argv, exit_on_refusal=True)

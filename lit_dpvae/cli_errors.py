@@ -68,10 +68,12 @@ def concise_error(message: str, keys: list[str] | None = None) -> str:
     return re.sub(r"\. Got value: .*", "", first).strip()
 
 
-def exit_with(message: str, subcommand: str | None = None) -> NoReturn:
-    """Print ``error: …`` and where to find the accepted options; exit with status 2."""
+def exit_with(message: str, subcommand: str | None = None, tip: str | None = None) -> NoReturn:
+    """Print ``error: …`` and a tip (default: where to find the accepted options); exit with
+    status 2."""
     command = f"{PROG} {subcommand}" if subcommand else PROG
-    sys.stderr.write(f"error: {message}\ntip: `{command} --help` lists the accepted options\n")
+    tip = tip or f"`{command} --help` lists the accepted options"
+    sys.stderr.write(f"error: {message}\ntip: {tip}\n")
     raise SystemExit(2)
 
 

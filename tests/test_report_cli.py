@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_dpvae.cli import main
+from lit_dpvae.cli import cli_main, main
 from lit_dpvae.privacy.accounting import calibrate_noise
 from lit_dpvae.privacy.report import REPORT_FILES, REPORT_KEY
 from tests.wandb_log import config_and_summary
@@ -221,3 +221,21 @@ def test_top_level_help_lists_every_subcommand_without_importing_torch():
     for name in ("fit", "validate", "test", "plan", "report", "sample", "export", "audit"):
         assert f"\n  {name} " in out, name
     assert "predict" not in out and out.strip().endswith("no torch")
+
+
+def test_a_refused_configuration_is_an_error_line_and_leaves_no_wandb_run(
+        tmp_path, monkeypatch, capsys):
+    """Lightning opens the W&B run before the strategy refuses the Trainer: the command line
+    prints the refusal as an error (no traceback) and removes the run that took no step."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with pytest.raises(SystemExit) as exit_info, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli_main(["fit", "--config", QUICKSTART, "--trainer.accumulate_grad_batches=2"],
+                 exit_on_refusal=True)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: TermwiseDPStrategy refuses this configuration" in err
+    assert "accumulate_grad_batches=2" in err and "Traceback" not in err
+    assert not list((tmp_path / "runs" / "wandb").glob("offline-run-*"))

@@ -165,7 +165,7 @@ def test_a_resume_from_a_checkpoint_on_an_epochs_last_batch_replays_no_batch(tmp
 
 def test_labels_listed_in_a_cli_config_are_not_copied_into_the_run_folder(tmp_path,
                                                                          monkeypatch):
-    """LightningCLI writes the resolved config next to the run: a data module's record-carrying
+    """LightningCLI writes the resolved config into the run folder: a data module's record-carrying
     arguments given as values (labels listed in the YAML) are left out of it and of the
     checkpoints; a path stays."""
     import yaml
@@ -188,7 +188,8 @@ def test_labels_listed_in_a_cli_config_are_not_copied_into_the_run_folder(tmp_pa
           "--trainer.strategy.target_epsilon", "3",
           "--trainer.strategy.mechanism", "lit_dpvae.privacy.TermwiseDPSGD",
           "--trainer.strategy.mechanism.sample_share", "1"])
-    saved = next((tmp_path / "logs").rglob("config.yaml"))
+    (saved,) = list(tmp_path.rglob("config*.yaml"))  # the run folder's (runs/fit-<time>/)
+    assert saved.parent.parent == tmp_path / "runs"
     config = yaml.safe_load(saved.read_text())
     assert config["data"]["init_args"]["y"] == "<left out - record values>"
     assert config["data"]["init_args"]["x"] == "x.npy"
