@@ -97,6 +97,8 @@ def describe_optimizer(optimizers: list[Any]) -> dict[str, Any]:
     for key, value in group.items():
         if value is False or value is None:  # flags left off (amsgrad, foreach, …)
             continue
+        if key == "lr" and "initial_lr" in group:  # the configured lr, not a schedule's current
+            continue
         if isinstance(value, plain):
             out[key] = value
         elif isinstance(value, tuple) and all(isinstance(v, plain) for v in value):

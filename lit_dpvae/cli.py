@@ -31,7 +31,7 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from lit_dpvae.cli_errors import PROG, ConciseArgumentParser
+from lit_dpvae.cli_errors import PROG, ConciseArgumentParser, OneLineParser
 from lit_dpvae.data import VAEDataModule
 from lit_dpvae.entry import SUBCOMMANDS  # ours, next to LightningCLI's
 from lit_dpvae.models import BaseVAE
@@ -57,6 +57,7 @@ class DPVAECLI(LightningCLI):
 
     run_dir: Path | None = None
     last_trainer: Any = None  #: the last command's Trainer (``cli_main``'s failure handling)
+    created_run_dir: Path | None = None  #: the run folder the last command created
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -84,8 +85,10 @@ class DPVAECLI(LightningCLI):
         from lit_dpvae.runs import choose_run_folder, read_run_file
 
         config = self.config[self.subcommand]
-        self.run_dir, _ = choose_run_folder(config.trainer.get("default_root_dir"),
-                                            self.subcommand, config.get("ckpt_path"))
+        self.run_dir, resumed = choose_run_folder(config.trainer.get("default_root_dir"),
+                                                  self.subcommand, config.get("ckpt_path"))
+        if not resumed and "LOCAL_RANK" not in os.environ:
+            DPVAECLI.created_run_dir = self.run_dir
         config.trainer.default_root_dir = str(self.run_dir)
         wandb_id = read_run_file(self.run_dir).get("wandb_id")
         loggers = config.trainer.get("logger")
@@ -112,7 +115,7 @@ class DPVAECLI(LightningCLI):
                 callback.save_last = True
         if self.subcommand == "fit" and hasattr(trainer.strategy, "privacy_report") \
                 and not any(isinstance(c, PrivacyReporter) for c in trainer.callbacks):
-            trainer.callbacks.append(PrivacyReporter(verbose=False))
+            trainer.callbacks.append(PrivacyReporter(dirpath=self.run_dir, verbose=False))
         return trainer
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -156,13 +159,19 @@ class DPVAECLI(LightningCLI):
             return
         checkpoint = self.trainer.checkpoint_callback
         last = Path(getattr(checkpoint, "dirpath", None) or self.run_dir / "checkpoints")
-        lines = [f"run folder: {self.run_dir}"]
+        def shown(path: Path) -> str:  # relative to the working folder when inside it
+            try:
+                return str(path.relative_to(Path.cwd().resolve()))
+            except ValueError:
+                return str(path)
+
+        lines = [f"run folder: {shown(self.run_dir)}"]
         for label, path in (("config", self.run_dir / "config.yaml"),
                             ("checkpoint", last / "last.ckpt"),
                             ("privacy report", self.run_dir / "privacy_report.md"),
                             ("images", self.run_dir / "images")):
             if path.exists():
-                lines.append(f"  {label:<15}{path}")
+                lines.append(f"  {label:<15}{shown(path)}")
         print("\n".join(lines), flush=True)
 
 
@@ -218,11 +227,12 @@ def cli_main(args: list[str] | None = None, run: bool = True,
     from lit_dpvae.runs import RUN_DIR_ENV
 
     launcher = RUN_DIR_ENV not in os.environ  # this process chooses the run folder
-    DPVAECLI.last_trainer = None
+    DPVAECLI.last_trainer = DPVAECLI.created_run_dir = None
     try:
         cli = build_cli(args, run)
     except PrivacyConfigError as error:  # a refused configuration: the message is the fix
         finish_wandb(exit_code=1, trainer=DPVAECLI.last_trainer)
+        drop_empty_run_folder()
         if not exit_on_refusal:
             raise
         from lit_dpvae.cli_errors import exit_with
@@ -230,6 +240,7 @@ def cli_main(args: list[str] | None = None, run: bool = True,
         exit_with(str(error), tip="docs/refusals.md lists every refused setting and why")
     except BaseException:
         finish_wandb(exit_code=1, trainer=DPVAECLI.last_trainer)
+        drop_empty_run_folder()
         raise
     else:
         finish_wandb(exit_code=0)  # flushed: config, summary, report (offline files complete)
@@ -237,6 +248,16 @@ def cli_main(args: list[str] | None = None, run: bool = True,
     finally:
         if launcher:  # the next command in this process gets its own folder
             os.environ.pop(RUN_DIR_ENV, None)
+
+
+def drop_empty_run_folder() -> None:
+    """A failed command's run folder that this command created and that holds no checkpoint
+    is removed (it would only hold run.json and the config that failed)."""
+    run = DPVAECLI.created_run_dir
+    if run is not None and run.is_dir() and not (run / "checkpoints").exists():
+        import shutil
+
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def finish_wandb(exit_code: int, trainer: Any = None) -> None:
@@ -347,11 +368,13 @@ def export_main(argv: list[str]) -> Path:
     from lit_dpvae.privacy.report import PrivacyReport
     from lit_dpvae.strategy import CHECKPOINT_KEY, MODEL_CLASS_KEY
 
-    parser = argparse.ArgumentParser(prog="python -m lit_dpvae export",
+    parser = OneLineParser(prog="lit-dpvae export",
                                      description=SUBCOMMANDS["export"])
     parser.add_argument("--ckpt", required=True, help="checkpoint written by fit")
     parser.add_argument("--out", required=True, help="output file (load with load_model/sample)")
     args = parser.parse_args(argv)
+    if not Path(args.ckpt).is_file():
+        parser.error(f"--ckpt {args.ckpt} does not exist")
     checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=False)
     privacy = checkpoint.get(CHECKPOINT_KEY)
     if privacy is None or MODEL_CLASS_KEY not in checkpoint:
@@ -378,7 +401,7 @@ def sample_main(argv: list[str]) -> Path:
     the decoder means) as npz (``x``, and ``y`` for conditional models), a CSV/parquet table
     with the schema's column names and categories (tabular models), or a folder of PNG images
     (``--out`` a folder; one sub-folder per label for conditional models)."""
-    parser = argparse.ArgumentParser(prog="python -m lit_dpvae sample",
+    parser = OneLineParser(prog="lit-dpvae sample",
                                      description=SUBCOMMANDS["sample"])
     parser.add_argument("--ckpt", required=True, help="checkpoint written by fit, or export")
     parser.add_argument("--num", type=int, default=10000, help="number of records")
@@ -404,7 +427,10 @@ def sample_main(argv: list[str]) -> Path:
         parser.error(f"--out {out} is a folder that is not empty: choose a new folder (images "
                      "from two draws would mix)")
     torch.manual_seed(args.seed)
-    model = load_model(args.ckpt)
+    try:
+        model = load_model(args.ckpt)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
     schema = model.hparams.get("schema")
     if kind == "table" and schema is None:
         parser.error(f"{out.suffix} output needs a tabular model (trained with a schema); write "
@@ -488,7 +514,7 @@ def audit_parser() -> argparse.ArgumentParser:
     (``--batch-size`` for ``batch_size``; YAML keys keep the field names)."""
     from lit_dpvae.audit import SETUPS, AuditConfig
 
-    parser = argparse.ArgumentParser(prog="python -m lit_dpvae audit",
+    parser = OneLineParser(prog="lit-dpvae audit",
                                      description=SUBCOMMANDS["audit"])
     parser.add_argument("--config", help="YAML file with AuditConfig keys (flags override it)")
     parser.add_argument("--out", help="write the results as JSON")
@@ -523,6 +549,10 @@ def audit_main(argv: list[str]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    from lit_dpvae.entry import TRAINING, unknown_subcommand
+
+    if argv and not argv[0].startswith("-") and argv[0] not in {**TRAINING, **SUBCOMMANDS}:
+        unknown_subcommand(argv[0])
     if argv and argv[0] == "sample":
         sample_main(argv[1:])
         return

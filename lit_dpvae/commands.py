@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ def report_main(argv: list[str]) -> Any:
     ``--out DIR`` also writes the report files there."""
     import torch
 
+    from lit_dpvae.cli_errors import OneLineParser
     from lit_dpvae.privacy.report import PrivacyReport
 
-    parser = argparse.ArgumentParser(prog="lit-dpvae report", description=REPORT_HELP)
+    parser = OneLineParser(prog="lit-dpvae report", description=REPORT_HELP)
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by fit, or export")
     form = parser.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -139,6 +141,33 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def fit_config_files(argv: list[str]) -> Iterator[list[str]]:
+    """``argv`` with every ``--config`` file that holds ``fit``'s own keys (``ckpt_path``: a run
+    folder's saved config.yaml) replaced by a temporary copy without them (the plan is the
+    same: a resume's budget is planned when it starts)."""
+    import tempfile
+
+    import yaml
+
+    out, temporary = list(argv), []
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("--config", "-c") and Path(argv[i + 1]).is_file():
+            config = yaml.safe_load(Path(argv[i + 1]).read_text())
+            if isinstance(config, dict) and "ckpt_path" in config:
+                config.pop("ckpt_path")
+                handle = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+                with handle:
+                    yaml.safe_dump(config, handle)
+                temporary.append(Path(handle.name))
+                out[i + 1] = handle.name
+    try:
+        yield out
+    finally:
+        for path in temporary:
+            path.unlink(missing_ok=True)
+
+
 def plan_main(argv: list[str]) -> dict[str, Any]:
     """``plan --config cfg.yaml [--key value …]``: the same arguments as ``fit``; nothing is
     trained, logged or written (``--json`` prints the plan as JSON)."""
@@ -151,8 +180,8 @@ def plan_main(argv: list[str]) -> dict[str, Any]:
               + PLAN_HELP + "\nReads the data set's size, not its records; trains, logs and "
               "writes nothing.")
         return {}
-    cli = build_cli(argv + ["--trainer.logger=false"],
-               run=False)
+    with fit_config_files(argv) as argv:
+        cli = build_cli(argv + ["--trainer.logger=false"], run=False)
     plan = plan_rows(cli.model, cli.datamodule, cli.trainer)
     print(json.dumps(plan, indent=2, default=str) if as_json else format_plan(plan))
     return plan

@@ -38,6 +38,22 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(overview())
         return
+    if not argv[0].startswith("-") and argv[0] not in {**TRAINING, **SUBCOMMANDS}:
+        unknown_subcommand(argv[0])
     from lit_dpvae.cli import main as dispatch
 
     dispatch(argv)
+
+
+def unknown_subcommand(name: str) -> None:
+    """``error:`` with the closest subcommand; exit status 2."""
+    import difflib
+
+    known = [*TRAINING, *SUBCOMMANDS]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    if name == "predict":
+        hint = " (a VAE has nothing to predict: `lit-dpvae sample` writes synthetic records)"
+    sys.stderr.write(f"error: '{name}' is not a lit-dpvae subcommand{hint}\n"
+                     f"tip: the subcommands are {', '.join(known)} (`lit-dpvae --help`)\n")
+    raise SystemExit(2)

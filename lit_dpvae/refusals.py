@@ -44,6 +44,28 @@ def refuse_unsafe_trainer(trainer: pl.Trainer, precision_plugin: Any) -> None:
             rank_zero_warn(message)
 
 
+def refuse_private_monitors(trainer: pl.Trainer) -> None:
+    """Refuse a callback or learning-rate scheduler that acts on a ``train/*`` metric.
+
+    ``train/*`` are exact, un-noised statistics of private batches (``log_train_terms``): an
+    ``EarlyStopping``/``ModelCheckpoint`` or ``ReduceLROnPlateau`` monitoring one makes the
+    training (when to stop, which weights are kept, the learning rate) a function of private
+    records that no noise covers, and the released weights are no longer DP. Monitoring
+    ``val/*`` is allowed (held-out records, outside the guarantee: docs/privacy.md §7).
+    """
+    found = [f"{type(c).__name__}(monitor={c.monitor!r})" for c in trainer.callbacks
+             if str(getattr(c, "monitor", None) or "").startswith("train/")]
+    found += [f"{type(c.scheduler).__name__}(monitor={c.monitor!r})"
+              for c in getattr(trainer, "lr_scheduler_configs", None) or []
+              if str(c.monitor or "").startswith("train/")]
+    if found:
+        raise PrivacyConfigError(
+            f"{', '.join(found)} acts on an exact statistic of private batches: when training "
+            "stops, which checkpoint is kept or the learning rate would depend on private "
+            "records without noise, and the weights would not be DP. Monitor a validation "
+            "metric (val/*), or use a fixed schedule (BaseVAE(lr_schedule='cosine')).")
+
+
 def ignored_training_step(module: Any) -> str | None:
     """The warning for a ``training_step`` the strategy never runs (None: nothing to say).
 

@@ -9,8 +9,9 @@
 
 ``<root>`` is ``trainer.default_root_dir`` (default ``runs``). A ``fit`` that resumes from a
 checkpoint inside a run folder (``--ckpt_path <run>/checkpoints/last.ckpt``) continues in that
-folder and in its W&B run. Processes of one multi-process job share rank 0's folder through the
-environment variable ``LIT_DPVAE_RUN_DIR`` (set it yourself to choose the folder).
+folder and in its W&B run. The processes Lightning launches for one multi-process command share
+the launcher's folder through the environment variable ``LIT_DPVAE_RUN_DIR`` (read only by a
+launched process: a value left in a shell does not send later fits into one folder).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def choose_run_folder(root: str | Path | None, subcommand: str,
     """``(folder, resumed)``: the folder a multi-process job already chose
     (``LIT_DPVAE_RUN_DIR``), the run folder of a resumed fit's checkpoint, or a new one. The
     choice is exported in ``LIT_DPVAE_RUN_DIR`` for the processes Lightning launches."""
-    chosen = os.environ.get(RUN_DIR_ENV)
+    # Only a process Lightning launched for this command (LOCAL_RANK set) reads the folder its
+    # launcher chose; a stale variable in a user's shell is ignored (every fit: its own folder).
+    chosen = os.environ.get(RUN_DIR_ENV) if "LOCAL_RANK" in os.environ else None
     resumed = False
     if chosen:
         run = Path(chosen)
@@ -74,6 +77,9 @@ def choose_run_folder(root: str | Path | None, subcommand: str,
         run, resumed = found, True
     else:
         run = new_run_folder(root or "runs", subcommand)
+    # Absolute: a resume names the checkpoint however it likes (relative or not), and
+    # ModelCheckpoint restores its last.ckpt bookkeeping only for the same dirpath.
+    run = run.resolve()
     os.environ[RUN_DIR_ENV] = str(run)
     return run, resumed
 

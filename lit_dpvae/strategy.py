@@ -40,7 +40,7 @@ from lit_dpvae.privacy.report import PrivacyReport
 from lit_dpvae.privacy.run import PrivateRun
 from lit_dpvae.privacy.seeds import SecretSeeds
 from lit_dpvae.privacy.terms import batch_size_of
-from lit_dpvae.refusals import planned_steps, refuse_unsafe_trainer
+from lit_dpvae.refusals import planned_steps, refuse_private_monitors, refuse_unsafe_trainer
 
 __all__ = ["CHECKPOINT_KEY", "MODEL_CLASS_KEY", "DPStrategy", "PrivacyConfigError",
            "TermwiseDPStrategy"]
@@ -116,9 +116,7 @@ class DPStrategy(DDPStrategy):
     budget_exhausted = property(lambda self: self.run.budget_exhausted)
     expected_batch_size = property(lambda self: self.run.expected_batch_size)
 
-    @property
-    def world_size(self) -> int:  # type: ignore[override]
-        return self.num_nodes * self.num_processes
+    world_size = property(lambda self: self.num_nodes * self.num_processes)  # type: ignore
 
     def epsilon(self) -> float:
         return self.budget.epsilon()
@@ -145,8 +143,7 @@ class DPStrategy(DDPStrategy):
 
     def setup(self, trainer: pl.Trainer) -> None:
         refuse_unsafe_trainer(trainer, self.precision_plugin)
-        # Before Lightning logs hyper-parameters: no record value reaches a logger.
-        scrub_hparams(trainer.lightning_module)
+        scrub_hparams(trainer.lightning_module)  # before Lightning logs them (no record value)
         scrub_hparams(getattr(trainer, "datamodule", None))
         # The train loader's rank-synchronised Poisson sampler shards the global batch itself;
         # val/test loaders run whole on every rank.
@@ -187,6 +184,8 @@ class DPStrategy(DDPStrategy):
                 f"the Poisson sampler is set for rank {sampler.rank} of {sampler.num_replicas} "
                 f"but this process is rank {self.global_rank} of {self.world_size}: build the "
                 "loader after the trainer is attached (in train_dataloader())")
+        if self.is_private:  # (the optimizers' schedulers are set up by now)
+            refuse_private_monitors(trainer)
         run = self.run
         sampler.seed = run.seeds.sampler_seed_for(sampler.seed, run.restored, run.comm)
         loop = trainer.fit_loop  # continue with the batches of the epoch where the run stopped
@@ -210,8 +209,9 @@ class DPStrategy(DDPStrategy):
                 "loader (lit_dpvae data modules) through Trainer.fit")
         with self.precision_plugin.train_step_context():
             update = self.run.step(module, batch)
-        if update is None:  # the next step would exceed the budget
+        if self.run.budget_exhausted:  # this step was the budget's last (or there was none)
             module.trainer.should_stop = True
+        if update is None:
             return None
         self._pending_update = update  # written into p.grad in backward (after zero_grad)
         terms, n, comm = self.mechanism.last_terms, batch_size_of(batch), self.run.comm

@@ -73,4 +73,7 @@ def test_pyproject_declares_the_requirements_pins():
     assert sorted(project["project"]["dependencies"] + dev) == sorted(pins)
     assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["lit_dpvae*"]
     assert project["project"]["scripts"]["lit-dpvae"] == "lit_dpvae.entry:main"
+    import lit_dpvae
+
+    assert lit_dpvae.__version__ == project["project"]["version"]  # the report's fallback
     assert "build-system" in project

@@ -167,11 +167,17 @@ def test_a_resumed_fit_continues_its_run_folder_and_its_wandb_run(tmp_path, monk
     (run,) = _fit(tmp_path, monkeypatch, "--trainer.max_steps=4", *budget)
     wandb_id = json.loads((run / "run.json").read_text())["wandb_id"]
     again = _fit(tmp_path, monkeypatch, "--trainer.max_steps=8", *budget,
-                 "--ckpt_path", str(run / "checkpoints/last.ckpt"))
+                 "--ckpt_path", str((run / "checkpoints/last.ckpt").relative_to(tmp_path)))
     assert again == [run], "a resume opened a new run folder"
     assert (run / "config.yaml").is_file() and (run / "config-2.yaml").is_file()
     report = json.loads((run / "privacy_report.json").read_text())
     assert report["steps"] == 8 and sum(h[2] for h in report["accountant"]["history"]) == 8
+    # last.ckpt is the resumed run's last state (not the first run's, with a last-v1.ckpt
+    # beside it), and its report is the folder's
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*")) == ["last.ckpt"]
+    last = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 8 and last[REPORT_KEY]["steps"] == 8
+    assert last[REPORT_KEY]["epsilon"] == report["epsilon"]
     logs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert len(logs) == 2 and all(p.name.endswith(f"-{wandb_id}") for p in logs)
 
@@ -209,7 +215,12 @@ def test_cli_errors_are_one_line_with_did_you_mean(tmp_path, capsys, monkeypatch
                            "--trainer.strategy.init_args.target_epsilon=-1"])
     assert line == "error: target_epsilon must be a positive finite number, got -1.0"
     line = _error(capsys, ["predict", "--config", QUICKSTART])
-    assert "invalid choice: 'predict'" in line
+    assert "'predict' is not a lit-dpvae subcommand" in line and "sample" in line
+    line = _error(capsys, ["fitt", "--config", QUICKSTART])
+    assert line == "error: 'fitt' is not a lit-dpvae subcommand (did you mean 'fit'?)"
+    line = _error(capsys, ["sample", "--ckpt", "nope.ckpt", "--out", "x.npz"])
+    assert "nope.ckpt does not exist" in line
+    assert not list((tmp_path / "runs").glob("*/fit-*")), "a failed fit left its run folder"
     assert not list((tmp_path / "runs").glob("*/fit-*/checkpoints")), "a failed fit trained"
 
 

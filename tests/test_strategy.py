@@ -72,6 +72,25 @@ def test_logged_epsilon_equals_the_accountant_and_sigma_is_calibrated(tmp_path):
                         strategy.mechanism.noise_multiplier)
 
 
+def test_two_processes_stop_together_at_the_budget_and_finish_the_run(tmp_path):
+    """σ fixed, the budget stops the run long before max_steps: with 2 processes the last step
+    that fits is the last step taken (Lightning refuses a skipped step, ``None``, in
+    distributed training), both ranks stop there and end the run normally (on_train_end)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    budget = dict(noise_multiplier=2.0, target_epsilon=1.0, target_delta=1e-3)
+    make_trainer(make_strategy(**budget), one, max_steps=10_000, max_epochs=None,
+                 callbacks=[RecordRanks(str(one))]).fit(ToyLitVAE(), ToyData(sample_rate=0.06))
+    make_trainer(make_strategy(start_method="spawn", **budget), two, devices=2,
+                 max_steps=10_000, max_epochs=None,
+                 callbacks=[RecordRanks(str(two))]).fit(ToyLitVAE(), ToyData(sample_rate=0.06))
+    ref = torch.load(one / "rank0.pt")
+    ranks = [torch.load(two / f"rank{r}.pt") for r in range(2)]
+    assert 0 < ref["steps"] < 10_000 and ref["epsilon"] <= 1.0
+    assert ranks[0]["steps"] == ranks[1]["steps"] == ref["steps"]
+    assert ranks[0]["epsilon"] == ranks[1]["epsilon"] == ref["epsilon"]
+
+
 def test_training_stops_before_the_budget_would_be_exceeded(tmp_path):
     strategy = make_strategy(noise_multiplier=2.0, target_epsilon=1.0, target_delta=1e-3)
     trainer = make_trainer(strategy, tmp_path, max_steps=10_000, max_epochs=None)

@@ -9,14 +9,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 
-def dp_strategy(trainer: pl.Trainer) -> Any:
+def dp_strategy(trainer: pl.Trainer, who: str = "PrivacySpend") -> Any:
+    """The trainer's ``DPStrategy`` (a TypeError naming callback ``who`` otherwise)."""
     from lit_dpvae.strategy import TermwiseDPStrategy
 
     strategy = trainer.strategy
     if not isinstance(strategy, TermwiseDPStrategy):
         raise TypeError(
-            "PrivacySpend needs Trainer(strategy=TermwiseDPStrategy(...)): with another strategy "
-            "there is no privacy accountant to report"
+            f"{who} needs Trainer(strategy=DPStrategy(...)): with another strategy there is no "
+            "privacy accountant to report"
         )
     return strategy
 

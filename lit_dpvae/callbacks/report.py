@@ -48,15 +48,15 @@ class PrivacyReporter(Callback):
         self.paths: dict[str, Path] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        dp_strategy(trainer)
+        dp_strategy(trainer, "PrivacyReporter")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        settings = dp_strategy(trainer).privacy_report(curve=False).settings()
+        settings = dp_strategy(trainer, "PrivacyReporter").privacy_report(curve=False).settings()
         for logger in trainer.loggers:
             logger.log_hyperparams({"privacy": settings})
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.report = report = dp_strategy(trainer).privacy_report()
+        self.report = report = dp_strategy(trainer, "PrivacyReporter").privacy_report()
         if not trainer.is_global_zero:
             return
         folder = Path(self.dirpath) if self.dirpath else report_folder(trainer)

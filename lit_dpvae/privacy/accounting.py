@@ -21,9 +21,11 @@ from opacus.accountants.utils import get_noise_multiplier
 
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
-# Opacus' RDP: "Optimal order is the largest alpha". The ε it returns stays a valid upper bound
-# (a larger order could only tighten it), so the warning, printed by every short run, is noise.
-warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+# Opacus' RDP: "Optimal order is the largest (smallest) alpha". The ε it returns stays a valid
+# upper bound (another order could only tighten it), so the warning, printed by every short run,
+# is noise.
+ALPHA_WARNING = "Optimal order is the (largest|smallest) alpha"
+warnings.filterwarnings("ignore", message=ALPHA_WARNING)
 
 
 def joint_noise_multiplier(sigmas: list[float]) -> float:
@@ -87,7 +89,7 @@ def calibrate_noise(
         raise ValueError(f"steps must be >= 1, got {steps}")
     _accountant_class(accountant)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings("ignore", message=ALPHA_WARNING)
         return float(
             get_noise_multiplier(
                 target_epsilon=target_epsilon,
@@ -134,8 +136,43 @@ class PrivacyAccountant:
         if not self._impl.history:
             return 0.0
         with warnings.catch_warnings():  # (see the module-level filter; pytest resets it)
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            warnings.filterwarnings("ignore", message=ALPHA_WARNING)
             return float(self._impl.get_epsilon(delta=delta))
+
+    def epsilon_curve(self, delta: float, marks: list[int]) -> list[float]:
+        """ε after the first ``marks[i]`` steps of this history, for each mark. RDP: one RDP
+        evaluation per distinct ``(σ_eff, q)`` (RDP composes linearly in the steps, so each
+        mark is the same sum Opacus forms: the values equal ``get_epsilon`` of that prefix);
+        PRV: one accountant per mark."""
+        history = self.history
+        if self.name != "rdp" or self.non_private_steps:
+            out = []
+            for mark in marks:
+                prefix = PrivacyAccountant.from_state_dict(
+                    {**self.state_dict(), "history": _prefix(history, mark),
+                     "non_private_steps": 0})
+                out.append(prefix.get_epsilon(delta))
+            return out
+        from opacus.accountants.analysis import rdp as analysis
+
+        alphas = RDPAccountant.DEFAULT_ALPHAS
+        one_step = {}
+        for sigma, q, _ in history:
+            if (sigma, q) not in one_step:
+                one_step[(sigma, q)] = analysis.compute_rdp(q=q, noise_multiplier=sigma,
+                                                            steps=1, orders=alphas)
+        out = []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=ALPHA_WARNING)
+            for mark in marks:
+                prefix = _prefix(history, mark)
+                if not prefix:
+                    out.append(0.0)
+                    continue
+                rdp = sum([one_step[(sigma, q)] * steps for sigma, q, steps in prefix])
+                eps, _ = analysis.get_privacy_spent(orders=alphas, rdp=rdp, delta=delta)
+                out.append(float(eps))
+        return out
 
     def epsilon_after(self, delta: float, noise_multiplier: float, sample_rate: float,
                       steps: int) -> float:
@@ -221,6 +258,17 @@ class PrivacyAccountant:
 
     def __repr__(self) -> str:
         return f"PrivacyAccountant({self.name!r}, steps={self.steps})"
+
+
+def _prefix(history: list[tuple[float, float, int]], steps: int) -> list[tuple[float, float, int]]:
+    """The first ``steps`` steps of a ``(σ_eff, q, steps)`` history."""
+    out, left = [], int(steps)
+    for sigma, q, n in history:
+        take = min(int(n), left)
+        if take:
+            out.append((sigma, q, take))
+        left -= take
+    return out
 
 
 #: Where ``TermwiseDPStrategy`` keeps its privacy state in a checkpoint.

@@ -49,35 +49,36 @@ def library_versions() -> dict[str, str]:
     """Versions of lit_dpvae and the libraries the guarantee's code paths run on."""
     from importlib import metadata
 
+    import lit_dpvae
+
     out = {}
     for name in ("lit_dpvae", "torch", "lightning", "opacus"):
         try:
             out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "unknown"
+        except metadata.PackageNotFoundError:  # a checkout run without installing it
+            out[name] = lit_dpvae.__version__ if name == "lit_dpvae" else "unknown"
     return out
 
 
 def epsilon_curve(accountant: dict[str, Any], delta: float,
                   points: int = 40) -> list[tuple[int, float]]:
-    """``[(steps, ε after them)]`` at up to ``points`` step counts (evenly spaced, the last
-    step included) of an accountant state's history."""
+    """``[(steps, ε after them)]`` of an accountant state's history: at every multiple of a
+    power-of-two stride (at most ``points`` of them; a longer run's marks include a shorter
+    run's) and at the last step (``PrivacyAccountant.epsilon_curve``: RDP costs one evaluation
+    per distinct (σ_eff, q), whatever the number of marks)."""
     history = [tuple(h) for h in accountant.get("history", [])]
     total = sum(int(s) for _, _, s in history)
     if total == 0:
         return []
-    marks = sorted({max(1, round(total * (k + 1) / points)) for k in range(points)} | {total})
-    curve = []
-    for mark in marks:
-        partial, left = [], mark
-        for sigma, q, steps in history:
-            take = min(int(steps), left)
-            if take:
-                partial.append((sigma, q, take))
-            left -= take
-        state = {**accountant, "history": partial, "non_private_steps": 0}
-        curve.append((mark, PrivacyAccountant.from_state_dict(state).get_epsilon(delta)))
-    return curve
+    if accountant.get("accountant") != "rdp":  # PRV: one accountant per mark (~0.2 s each)
+        points = min(points, 10)
+    stride = 1
+    while total // stride > points:
+        stride *= 2
+    marks = sorted({*range(stride, total + 1, stride), total})
+    values = PrivacyAccountant.from_state_dict(
+        {**accountant, "non_private_steps": 0}).epsilon_curve(delta, marks)
+    return list(zip(marks, values))
 
 
 def _json_safe(value: Any) -> Any:

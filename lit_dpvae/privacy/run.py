@@ -146,15 +146,26 @@ class PrivateRun:
         assert self.sample_rate is not None and self.expected_batch_size is not None
         if self.budget.next_step_exceeds(mechanism.noise_multiplier, self.sample_rate,
                                          self.planned_steps or 1):
-            self.budget_exhausted = True
-            self.info(f"Privacy budget ε={self.budget.target_epsilon} reached after "
-                      f"{self.budget.steps} steps: stopping before the next step would exceed "
-                      "it.")
+            self._stop(always=True)
             return None
         stats = mechanism.aggregate(module, batch, self.comm)
         update = mechanism.privatize(stats, self.expected_batch_size, self.seeds.generator)
         self.budget.step(mechanism.noise_multiplier, self.sample_rate)
+        if self.budget.next_step_exceeds(mechanism.noise_multiplier, self.sample_rate,
+                                         self.planned_steps or 1):
+            # stop after this step: a skipped step (returning None) is not allowed with
+            # several processes, and every rank takes the same decision (public quantities)
+            self._stop()
         return update
+
+    def _stop(self, always: bool = False) -> None:
+        """No further step fits the budget (said when it stops the run before the planned
+        steps, or ``always``)."""
+        self.budget_exhausted = True
+        if always or self.budget.steps < (self.planned_steps or 0):
+            self.info(f"Privacy budget ε={self.budget.target_epsilon} reached after "
+                      f"{self.budget.steps} steps: stopping before the next step would "
+                      "exceed it.")
 
     # -- the weights' provenance ----------------------------------------------------------
     def _mark_weights(self, module: nn.Module | None) -> None:

@@ -87,14 +87,14 @@ class AutoMechanism(Mechanism):
                      batch_max_grad_norm=batch_max_grad_norm, sample_share=sample_share,
                      pairwise_share=pairwise_share, batch_params=batch_params)
         #: the settings passed on to the chosen mechanism (None = that mechanism's default)
-        self.settings: dict[str, Any] = {"max_grad_norm": max_grad_norm, "backend": backend,
+        self.passed_on: dict[str, Any] = {"max_grad_norm": max_grad_norm, "backend": backend,
                                          **{k: v for k, v in given.items() if v is not None}}
         super().__init__(noise_multiplier=noise_multiplier, backend=backend)
 
     def resolve(self, module: nn.Module) -> tuple[Mechanism, str]:
         """The mechanism for ``module`` (built with σ = 0) and why it was chosen."""
         name, defaults, why = choose(module)
-        settings = {**defaults, **self.settings}
+        settings = {**defaults, **self.passed_on}
         if name == "termwise" and defaults.get("sample_share") == 1.0:
             settings = {k: v for k, v in settings.items()
                         if k not in ("batch_max_grad_norm", "batch_params")}
@@ -109,4 +109,4 @@ class AutoMechanism(Mechanism):
                            "(Trainer.fit); call resolve(module) to use it outside a Trainer")
 
     def __repr__(self) -> str:
-        return f"AutoMechanism(settings={self.settings})"
+        return f"AutoMechanism(settings={self.passed_on})"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import warnings
 import weakref
@@ -404,17 +405,30 @@ class Mechanism:
         except RuntimeError:
             return None
 
-    #: attributes that are state, not settings (``settings`` leaves them out)
-    _not_settings = frozenset({"clipper", "last_terms", "name", "parts", "private"})
+    #: attributes reported next to the constructor's arguments (``settings``), e.g. resolved
+    #: budget shares; a subclass lists only public, data-independent ones
+    extra_settings: tuple[str, ...] = ()
 
     def settings(self) -> dict[str, Any]:
-        """The public settings of this mechanism for the privacy report: its plain-valued
-        attributes (clipping norms, budget shares, backend, parameter subsets, …), any
-        subclass's included. Nothing secret lives on a mechanism (seeds are in the run)."""
+        """The public settings of this mechanism for the privacy report: the attributes named
+        like an argument of its (or a base class's) constructor, plus ``extra_settings``, with
+        their resolved values (e.g. term-wise's C_b = C/(2B) once the sampling is known) —
+        an allow-list, so nothing else a subclass keeps on ``self`` is ever published.
+        ``noise_multiplier`` is reported as σ_eff, not here."""
+        names: list[str] = []
+        for klass in type(self).__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            names += [p for p in inspect.signature(init).parameters
+                      if p not in ("self", "noise_multiplier") and p not in names]
+        names += [n for n in self.extra_settings if n not in names]
         plain = (bool, int, float, str, type(None))
         out: dict[str, Any] = {}
-        for key, value in vars(self).items():
-            if key.startswith("_") or key in self._not_settings:
+        for key in names:
+            try:
+                value = getattr(self, key)
+            except (AttributeError, RuntimeError):  # not kept, or waits for the sampling
                 continue
             if isinstance(value, (list, tuple)) and all(isinstance(v, plain) for v in value):
                 out[key] = list(value)

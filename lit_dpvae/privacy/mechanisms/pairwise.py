@@ -61,6 +61,7 @@ class PairwiseDPSGD(Mechanism):
     """
 
     summed_over_records = {"sample": True, "pairwise": True, "batch": False}
+    extra_settings = ("shares",)  # the resolved budget shares (public: from the settings)
 
     def __init__(
         self,
