@@ -35,6 +35,9 @@ MMD_BANDWIDTHS: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 #: marginal, which ``MMD_BANDWIDTHS`` cannot.
 SPIKE_BANDWIDTHS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
 
+#: What an ``MMD`` compares with the prior samples: one z ~ q(z|x) per record or its mean μ.
+READS: tuple[str, ...] = ("sample", "mean")
+
 #: What ``PairwiseDPSGD`` calls on a ``PairwiseDivergence`` (``pair_scale`` only when radial).
 PAIRWISE_INTERFACE = ("draw", "value", "pair_grad")
 
@@ -163,6 +166,8 @@ class MMD(PairwiseDivergence):
     inverse multiquadric ``k(a, b) = Σ_s c·s / (c·s + ‖a − b‖²)`` (default, heavy tails, as in
     WAE) or RBF ``k(a, b) = Σ_s exp(−‖a − b‖² / (c·s))``.
     Needs n ≥ 2 for the zz term: for n < 2 the divergence is 0 (connected to the graph).
+    ``reads`` (``READS``): the codes are one sample ``z ~ q(z|x_i)`` per record (default) or the
+    posterior means ``μ_i`` (``"mean"``; see ``codes``).
 
     DP: pairwise-decomposable: couples all z of the batch, but only through pairs k(z_i, z_j)
     and k(z_i, w_m) with data-independent w (docs/privacy.md §8).
@@ -178,8 +183,11 @@ class MMD(PairwiseDivergence):
         kernel: str = "imq",
         bandwidths: Sequence[float] = MMD_BANDWIDTHS,
         n_prior_samples: int = 256,
+        reads: str = "sample",
     ) -> None:
         super().__init__()
+        if reads not in READS:
+            raise ValueError(f"unknown reads {reads!r}: use one of {READS}")
         if kernel not in ("imq", "rbf"):
             raise ValueError(f"unknown kernel {kernel!r}: use 'imq' or 'rbf'")
         if n_prior_samples < 2:
@@ -189,6 +197,14 @@ class MMD(PairwiseDivergence):
         self.kernel_name = kernel
         self.bandwidths = tuple(float(b) for b in bandwidths)
         self.n_prior_samples = int(n_prior_samples)
+        self.reads = reads
+
+    def codes(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
+        """``reads="sample"``: one reparameterised sample per record, ``z[:, 0]`` (the aggregate
+        posterior); ``reads="mean"``: the posterior means ``mu`` (the distribution of the
+        codes' centres, without the posterior noise). Row i depends on record i only either
+        way, so the U-statistic stays pairwise-decomposable."""
+        return mu if self.reads == "mean" else z[:, 0]
 
     def kernel(self, a: Tensor, b: Tensor) -> Tensor:
         """k(a, b) element-wise over broadcastable ``[..., d]`` inputs -> ``[...]``."""

@@ -35,6 +35,10 @@ class SparseVAE(BaseVAE):
         kernel: see ``lit_dpvae.divergences.DimensionWiseMMD``.
         bandwidths: see ``lit_dpvae.divergences.DimensionWiseMMD``.
         n_prior_samples: see ``lit_dpvae.divergences.DimensionWiseMMD``.
+        reads: what the MMD compares with the prior marginals: one sample per record
+            ``"sample"`` (default) or the posterior means ``"mean"`` (opt-in: without privacy
+            it makes codes clearly sparser, under DP it does not yet;
+            experiments/results/divergence_effect.md, *SparseVAE reading the means*).
         **kwargs: ``BaseVAE`` arguments.
     """
 
@@ -49,11 +53,12 @@ class SparseVAE(BaseVAE):
         kernel: str = "imq",
         bandwidths: Sequence[float] = SPIKE_BANDWIDTHS,
         n_prior_samples: int = 256,
+        reads: str = "sample",
         **kwargs: Any,
     ) -> None:
         super().__init__(lam=lam, **kwargs)
         self.prior = SpikeAndSlab(self.latent_dim, gamma, spike_scale, slab_scale)
-        self.divergence = DimensionWiseMMD(kernel, bandwidths, n_prior_samples)
+        self.divergence = DimensionWiseMMD(kernel, bandwidths, n_prior_samples, reads)
 
     def latent_metrics(self, mu: Tensor, y: Tensor | None,
                        z: Tensor | None = None) -> dict[str, float]:
