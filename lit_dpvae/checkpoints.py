@@ -92,12 +92,13 @@ def describe_optimizer(optimizers: list[Any]) -> dict[str, Any]:
         return {}
     optimizer = getattr(optimizers[0], "optimizer", optimizers[0])
     group = optimizer.param_groups[0] if getattr(optimizer, "param_groups", None) else {}
+    # the constructor's values (``defaults``): a scheduler changes the groups' lr in place
+    # (ReduceLROnPlateau keeps no initial_lr), and a rate driven by metrics is not a setting
+    group = {**group, **getattr(optimizer, "defaults", {})}
     plain = (bool, int, float, str)
     out: dict[str, Any] = {"class": f"{type(optimizer).__module__}.{type(optimizer).__name__}"}
     for key, value in group.items():
         if value is False or value is None:  # flags left off (amsgrad, foreach, …)
-            continue
-        if key == "lr" and "initial_lr" in group:  # the configured lr, not a schedule's current
             continue
         if isinstance(value, plain):
             out[key] = value

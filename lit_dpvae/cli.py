@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -58,6 +59,7 @@ class DPVAECLI(LightningCLI):
     run_dir: Path | None = None
     last_trainer: Any = None  #: the last command's Trainer (``cli_main``'s failure handling)
     created_run_dir: Path | None = None  #: the run folder the last command created
+    outside_wandb_run: Any = None  #: a W&B run open before the command (never closed by it)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -85,9 +87,15 @@ class DPVAECLI(LightningCLI):
         from lit_dpvae.runs import choose_run_folder, read_run_file
 
         config = self.config[self.subcommand]
-        self.run_dir, resumed = choose_run_folder(config.trainer.get("default_root_dir"),
-                                                  self.subcommand, config.get("ckpt_path"))
-        if not resumed and "LOCAL_RANK" not in os.environ:
+        if self.subcommand == "fit" and str(config.get("ckpt_path")) in ("last", "best", "hpc"):
+            from lit_dpvae.cli_errors import exit_with
+
+            exit_with(f"--ckpt_path {config.get('ckpt_path')}: every fit has its own run folder, "
+                      "so there is no 'last' of this one to resume; name the checkpoint file, "
+                      "e.g. --ckpt_path runs/<...>/fit-<time>/checkpoints/last.ckpt", "fit")
+        self.run_dir, how = choose_run_folder(config.trainer.get("default_root_dir"),
+                                              self.subcommand, config.get("ckpt_path"))
+        if how == "new":
             DPVAECLI.created_run_dir = self.run_dir
         config.trainer.default_root_dir = str(self.run_dir)
         wandb_id = read_run_file(self.run_dir).get("wandb_id")
@@ -109,6 +117,8 @@ class DPVAECLI(LightningCLI):
         if self.run_dir is None:
             return trainer
         for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint):  # e.g. OnExceptionCheckpoint
+                continue
             if callback.dirpath is None:
                 callback.dirpath = str(self.run_dir / "checkpoints")
             if callback.save_last is None:
@@ -224,10 +234,11 @@ def cli_main(args: list[str] | None = None, run: bool = True,
     (``PrivacyConfigError``) is an ``error:`` line and exit status 2 (the command line), not an
     exception (Python callers)."""
     from lit_dpvae.privacy.budget import PrivacyConfigError
-    from lit_dpvae.runs import RUN_DIR_ENV
+    from lit_dpvae.runs import RUN_DIR_ENV, RUN_OWNER_ENV
 
-    launcher = RUN_DIR_ENV not in os.environ  # this process chooses the run folder
     DPVAECLI.last_trainer = DPVAECLI.created_run_dir = None
+    wandb = sys.modules.get("wandb")
+    DPVAECLI.outside_wandb_run = getattr(wandb, "run", None) if wandb is not None else None
     try:
         cli = build_cli(args, run)
     except PrivacyConfigError as error:  # a refused configuration: the message is the fix
@@ -245,16 +256,21 @@ def cli_main(args: list[str] | None = None, run: bool = True,
     else:
         finish_wandb(exit_code=0)  # flushed: config, summary, report (offline files complete)
         return cli
-    finally:
-        if launcher:  # the next command in this process gets its own folder
+    finally:  # the next command in this process gets its own folder
+        if os.environ.get(RUN_OWNER_ENV) == str(os.getpid()):
             os.environ.pop(RUN_DIR_ENV, None)
+            os.environ.pop(RUN_OWNER_ENV, None)
 
 
 def drop_empty_run_folder() -> None:
-    """A failed command's run folder that this command created and that holds no checkpoint
-    is removed (it would only hold run.json and the config that failed)."""
+    """A failed command's run folder that this command created and that holds nothing but
+    run.json and the config that failed is removed (a folder with anything else is kept)."""
     run = DPVAECLI.created_run_dir
-    if run is not None and run.is_dir() and not (run / "checkpoints").exists():
+    if run is None or not run.is_dir():
+        return
+    names = {p.name for p in run.iterdir()}
+    if names <= {"run.json"} | {n for n in names if n.startswith("config") and
+                                n.endswith(".yaml")}:  # nothing was trained or written
         import shutil
 
         shutil.rmtree(run, ignore_errors=True)
@@ -266,7 +282,7 @@ def finish_wandb(exit_code: int, trainer: Any = None) -> None:
     before the strategy can refuse the configuration)."""
     wandb = sys.modules.get("wandb")
     run = getattr(wandb, "run", None) if wandb is not None else None
-    if run is None:
+    if run is None or run is DPVAECLI.outside_wandb_run:  # a run the caller opened is theirs
         return
     folder = Path(run.dir).parent if run.offline else None
     wandb.finish(exit_code=exit_code)

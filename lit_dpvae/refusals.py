@@ -45,7 +45,9 @@ def refuse_unsafe_trainer(trainer: pl.Trainer, precision_plugin: Any) -> None:
 
 
 def refuse_private_monitors(trainer: pl.Trainer) -> None:
-    """Refuse a callback or learning-rate scheduler that acts on a ``train/*`` metric.
+    """Refuse a callback or learning-rate scheduler that acts on a ``train/*`` metric (or writes
+    one into checkpoint file names), and Lightning's ``LearningRateFinder`` (it picks the rate
+    from the training losses of the private batches).
 
     ``train/*`` are exact, un-noised statistics of private batches (``log_train_terms``): an
     ``EarlyStopping``/``ModelCheckpoint`` or ``ReduceLROnPlateau`` monitoring one makes the
@@ -53,8 +55,13 @@ def refuse_private_monitors(trainer: pl.Trainer) -> None:
     records that no noise covers, and the released weights are no longer DP. Monitoring
     ``val/*`` is allowed (held-out records, outside the guarantee: docs/privacy.md §7).
     """
+    from lightning.pytorch.callbacks import LearningRateFinder
+
     found = [f"{type(c).__name__}(monitor={c.monitor!r})" for c in trainer.callbacks
              if str(getattr(c, "monitor", None) or "").startswith("train/")]
+    found += [f"{type(c).__name__}(filename={c.filename!r})" for c in trainer.callbacks
+              if "{train/" in str(getattr(c, "filename", None) or "")]  # exact values in names
+    found += [type(c).__name__ for c in trainer.callbacks if isinstance(c, LearningRateFinder)]
     found += [f"{type(c.scheduler).__name__}(monitor={c.monitor!r})"
               for c in getattr(trainer, "lr_scheduler_configs", None) or []
               if str(c.monitor or "").startswith("train/")]

@@ -10,8 +10,9 @@
 ``<root>`` is ``trainer.default_root_dir`` (default ``runs``). A ``fit`` that resumes from a
 checkpoint inside a run folder (``--ckpt_path <run>/checkpoints/last.ckpt``) continues in that
 folder and in its W&B run. The processes Lightning launches for one multi-process command share
-the launcher's folder through the environment variable ``LIT_DPVAE_RUN_DIR`` (read only by a
-launched process: a value left in a shell does not send later fits into one folder).
+the launcher's folder through ``LIT_DPVAE_RUN_DIR`` and ``LIT_DPVAE_RUN_OWNER`` (the launcher's
+process id: only its direct children read the folder, so a value left in a shell or from an
+earlier command does not send later fits into one folder).
 """
 
 from __future__ import annotations
@@ -60,28 +61,31 @@ def new_run_folder(root: str | Path, subcommand: str) -> Path:
     raise RuntimeError(f"could not create a new run folder under {root}")
 
 
+RUN_OWNER_ENV = "LIT_DPVAE_RUN_OWNER"
+
+
 def choose_run_folder(root: str | Path | None, subcommand: str,
-                      ckpt_path: str | Path | None) -> tuple[Path, bool]:
-    """``(folder, resumed)``: the folder a multi-process job already chose
-    (``LIT_DPVAE_RUN_DIR``), the run folder of a resumed fit's checkpoint, or a new one. The
-    choice is exported in ``LIT_DPVAE_RUN_DIR`` for the processes Lightning launches."""
-    # Only a process Lightning launched for this command (LOCAL_RANK set) reads the folder its
-    # launcher chose; a stale variable in a user's shell is ignored (every fit: its own folder).
-    chosen = os.environ.get(RUN_DIR_ENV) if "LOCAL_RANK" in os.environ else None
-    resumed = False
-    if chosen:
-        run = Path(chosen)
+                      ckpt_path: str | Path | None) -> tuple[Path, str]:
+    """``(folder, how)``, ``how`` one of ``"inherited"`` (the folder the process that launched
+    this one chose: ``LIT_DPVAE_RUN_DIR``, honoured only in a direct child of the process that
+    set it, so a value left in a shell or in this process's environment is ignored),
+    ``"resumed"`` (the run folder of a resumed fit's checkpoint) or ``"new"``. The choice is
+    exported for the processes Lightning launches."""
+    chosen = os.environ.get(RUN_DIR_ENV)
+    owner = os.environ.get(RUN_OWNER_ENV)
+    if chosen and owner == str(os.getppid()):
+        run, how = Path(chosen), "inherited"
         run.mkdir(parents=True, exist_ok=True)
-        resumed = (run / "checkpoints").is_dir()
     elif subcommand == "fit" and (found := run_folder_of(ckpt_path)) is not None:
-        run, resumed = found, True
+        run, how = found, "resumed"
     else:
-        run = new_run_folder(root or "runs", subcommand)
+        run, how = new_run_folder(root or "runs", subcommand), "new"
     # Absolute: a resume names the checkpoint however it likes (relative or not), and
     # ModelCheckpoint restores its last.ckpt bookkeeping only for the same dirpath.
     run = run.resolve()
-    os.environ[RUN_DIR_ENV] = str(run)
-    return run, resumed
+    if how != "inherited":
+        os.environ[RUN_DIR_ENV], os.environ[RUN_OWNER_ENV] = str(run), str(os.getpid())
+    return run, how
 
 
 def config_file(run: Path) -> Path:

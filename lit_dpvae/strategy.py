@@ -215,14 +215,13 @@ class DPStrategy(DDPStrategy):
             return None
         self._pending_update = update  # written into p.grad in backward (after zero_grad)
         terms, n, comm = self.mechanism.last_terms, batch_size_of(batch), self.run.comm
-        if terms is None or (n == 0 and not comm.distributed):  # (then every rank has terms)
-            return torch.zeros((), device=self.root_device)
-        if not self.log_train_terms:
-            return terms.mean_loss(self.expected_batch_size).detach()
-        logged = terms.logged(self.expected_batch_size, comm)  # the global batch's values
-        for key, value in logged.items() if n else ():
-            module.log(f"train/{key}", value, batch_size=n, prog_bar=key == "loss")
-        return torch.tensor(logged["loss"], device=self.root_device)
+        if self.log_train_terms and terms is not None and (n or comm.distributed):
+            logged = terms.logged(self.expected_batch_size, comm)  # the global batch's values
+            for key, value in logged.items() if n else ():
+                module.log(f"train/{key}", value, batch_size=n, prog_bar=key == "loss")
+        # Lightning hands this to every callback's on_train_batch_end (LR finders, user code):
+        # a constant, never the exact private loss (backward ignores it: the update is noised)
+        return torch.zeros((), device=self.root_device)
 
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
         """Never backpropagate the loss: write the private update into ``p.grad`` instead."""

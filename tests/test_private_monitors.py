@@ -44,6 +44,29 @@ def test_a_scheduler_on_a_train_metric_is_refused_and_one_on_nothing_private_is_
     assert ok.global_step == 2
 
 
+def test_exact_losses_reach_no_callback_name_or_lr_finder(tmp_path):
+    """The value training_step hands Lightning (every callback's ``outputs``) is a constant;
+    a checkpoint file name with a train/* value and the LR finder are refused."""
+    from lightning.pytorch.callbacks import Callback, LearningRateFinder
+
+    class Outputs(Callback):
+        seen: list = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen.append(float(outputs["loss"]))
+
+    spy = Outputs()
+    make_trainer(make_strategy(), tmp_path, max_steps=3, callbacks=[spy]).fit(ToyLitVAE(),
+                                                                              ToyData())
+    assert spy.seen == [0.0, 0.0, 0.0]
+    named = ModelCheckpoint(dirpath=tmp_path / "c", filename="{train/loss:.3f}")
+    for callback, match in ((named, "filename"), (LearningRateFinder(), "LearningRateFinder")):
+        trainer = make_trainer(make_strategy(), tmp_path, callbacks=[callback],
+                               enable_checkpointing=isinstance(callback, ModelCheckpoint))
+        with pytest.raises(PrivacyConfigError, match=match):
+            trainer.fit(ToyLitVAE(), ToyData())
+
+
 def test_without_privacy_nothing_is_refused(tmp_path):
     trainer = make_trainer(make_strategy(mechanism="nonprivate", noise_multiplier=None,
                                          max_grad_norm=None, batch_max_grad_norm=None),

@@ -218,6 +218,9 @@ def test_cli_errors_are_one_line_with_did_you_mean(tmp_path, capsys, monkeypatch
     assert "'predict' is not a lit-dpvae subcommand" in line and "sample" in line
     line = _error(capsys, ["fitt", "--config", QUICKSTART])
     assert line == "error: 'fitt' is not a lit-dpvae subcommand (did you mean 'fit'?)"
+    line = _error(capsys, ["fit", "--config", QUICKSTART, "--trainer.logger=false",
+                           "--ckpt_path", "last"])
+    assert "--ckpt_path last" in line and "name the checkpoint file" in line
     line = _error(capsys, ["sample", "--ckpt", "nope.ckpt", "--out", "x.npz"])
     assert "nope.ckpt does not exist" in line
     assert not list((tmp_path / "runs").glob("*/fit-*")), "a failed fit left its run folder"

@@ -74,4 +74,9 @@ def test_the_optimizer_is_named_with_its_configured_learning_rate():
     scheduler.step()  # the current lr is now 0.01: a schedule's state, not the setting
     described = describe_optimizer([opt])
     assert described["class"] == "torch.optim.sgd.SGD" and described["momentum"] == 0.9
-    assert described["initial_lr"] == 0.1 and "lr" not in described
+    assert described["lr"] == 0.1
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0)
+    for metric in (1.0, 1.0, 1.0):  # reduces in place and keeps no initial_lr
+        plateau.step(metric)
+    assert opt.param_groups[0]["lr"] < 0.1 and describe_optimizer([opt])["lr"] == 0.1
