@@ -5,6 +5,7 @@ W&B disabled."""
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -27,3 +28,13 @@ def _fresh_spend_registry():
     provenance.SPENT_WEIGHTS.clear()
     yield
     provenance.SPENT_WEIGHTS.clear()
+
+
+@pytest.fixture(autouse=True)
+def _no_open_wandb_run():
+    """A W&B run a test left open (a WandbLogger it never finished) would be reused by the next
+    test's WandbLogger (Lightning reuses ``wandb.run``): close it after each test."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

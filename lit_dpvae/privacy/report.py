@@ -12,6 +12,7 @@ sampler seed or RNG states — only public settings (mechanism, clipping norms, 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -45,7 +46,18 @@ NOT_COVERED = (
 )
 
 
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    return tuple(_library_versions().items())
+
+
 def library_versions() -> dict[str, str]:
+    """Versions of lit_dpvae and the libraries the guarantee's code paths run on (read once
+    per process: ``importlib.metadata`` scans every installed distribution)."""
+    return dict(_versions())
+
+
+def _library_versions() -> dict[str, str]:
     """Versions of lit_dpvae and the libraries the guarantee's code paths run on."""
     from importlib import metadata
 
