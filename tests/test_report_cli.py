@@ -34,6 +34,9 @@ def _fit(tmp_path, monkeypatch, *extra, wandb=True):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline" if wandb else "disabled")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb as wandb_lib
+
+    wandb_lib.teardown()  # W&B keeps the mode of an earlier test's (disabled) session
     args = ["fit", "--config", QUICKSTART, "--trainer.max_steps=6",
             "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", "--test_after_fit=false", *extra]
