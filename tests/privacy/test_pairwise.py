@@ -107,19 +107,21 @@ def test_unclipped_pairwise_part_is_n_times_the_divergence_gradient(kind, div):
         torch.testing.assert_close(stats["sample"][name], tw[name])
 
 
-@pytest.mark.parametrize("cls_name", ["InfoVAE", "SparseVAE", "SparseVAE-means"])
+@pytest.mark.parametrize("cls_name", ["InfoVAE", "SparseVAE", "SparseVAE-samples"])
 def test_shipped_models_declare_exact_pairs(cls_name):
-    """The pairwise statistic (unclipped) is n × the autograd gradient of λ·D, also when the
-    divergence reads the posterior means (``reads="mean"``)."""
+    """The pairwise statistic (unclipped) is n × the autograd gradient of λ·D, whether the
+    divergence reads one sample per record (InfoVAE; ``reads="sample"``) or the posterior
+    means (SparseVAE's default)."""
     from lit_dpvae.models import info, sparse
 
     cls = {"InfoVAE": info.InfoVAE, "SparseVAE": sparse.SparseVAE,
-           "SparseVAE-means": sparse.SparseVAE}[cls_name]
-    extra = {"reads": "mean"} if cls_name.endswith("means") else {}
+           "SparseVAE-samples": sparse.SparseVAE}[cls_name]
+    extra = {"reads": "sample"} if cls_name.endswith("samples") else {}
     torch.manual_seed(0)
     model = cls(data_shape=(6,), latent_dim=3, hidden=(8,), likelihood="gaussian", lam=5.0,
                 **extra)
-    assert model.divergence.reads == extra.get("reads", "sample")
+    assert model.divergence.reads == extra.get(
+        "reads", "mean" if cls_name == "SparseVAE" else "sample")
     x = torch.randn(7, 6, generator=torch.Generator().manual_seed(3))
     torch.manual_seed(1)
     stats = pairwise_mechanism(1e9).aggregate(model, (x,))

@@ -157,7 +157,7 @@ def _model(kind: str) -> pl.LightningModule:
     if name == "ClusterVAE" and "divergence" in inspect.signature(models.ClusterVAE).parameters:
         kw["divergence"] = "aggregate_kl"  # the default before issue 15
     if name == "SparseVAE":
-        kw["lam"] = 0.5
+        kw.update(lam=0.5, reads="sample")  # reads: the default before issue 15
     return getattr(models, name)(**kw)
 
 
