@@ -138,15 +138,17 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     pl.seed_everything(cell["seed"], verbose=False)
     dm, data_kwargs = make_data(cell["dataset"], cell["seed"])
     dm.setup("fit")
-    kwargs = dict(data_kwargs)
+    kwargs = {**data_kwargs, **cell.get("model_kwargs", {})}  # model_kwargs: diagnostics only
     if cell["lam"] == "off":
         kwargs["lam"] = 0.0
     model = getattr(models, PAIRINGS[cell["pairing"]][0])(data_shape=dm.data_shape, **kwargs)
     if cell["mechanism"] == "nonprivate":
         strategy: Any = "auto"  # Lightning's own: the plain gradient of the mean loss
     else:
-        strategy = DPStrategy(target_epsilon=cell["eps"], target_delta=DELTA,
-                              noise_seed=10_000 + cell["seed"], **VARIANTS[cell["mechanism"]])
+        settings = {**VARIANTS[cell["mechanism"]], **cell.get("strategy_kwargs", {})}
+        budget = {} if "noise_multiplier" in settings else {"target_epsilon": cell["eps"]}
+        strategy = DPStrategy(target_delta=DELTA, noise_seed=10_000 + cell["seed"], **budget,
+                              **settings)
     trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=STEPS,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0,
