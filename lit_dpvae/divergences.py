@@ -158,6 +158,40 @@ class PairwiseDivergence(Divergence):
         return self.estimate(codes, prior)[0]
 
 
+class _KernelSum(torch.autograd.Function):
+    """``k(r²) = Σ_s ψ(r², c·s)`` with ψ = ``cs/(cs + r²)`` (IMQ) or ``exp(−r²/cs)`` (RBF), and
+    its derivative ``dk/dr² = Σ_s −cs/(cs + r²)²`` or ``Σ_s −exp(−r²/cs)/cs``, both accumulated
+    in place: only ``r²`` is saved for the backward pass (autograd through the plain sum would
+    keep one tensor per bandwidth and op). Same values as the plain sum up to rounding."""
+
+    @staticmethod
+    def forward(ctx, r2: Tensor, css: tuple[float, ...], imq: bool) -> Tensor:  # type: ignore
+        ctx.save_for_backward(r2)
+        ctx.css, ctx.imq = css, imq
+        out, buf = torch.zeros_like(r2), torch.empty_like(r2)
+        for cs in css:
+            if imq:
+                torch.add(r2, cs, out=buf).reciprocal_()
+                out.add_(buf, alpha=cs)
+            else:
+                torch.mul(r2, -1.0 / cs, out=buf).exp_()
+                out.add_(buf)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (r2,) = ctx.saved_tensors
+        dk, buf = torch.zeros_like(r2), torch.empty_like(r2)
+        for cs in ctx.css:
+            if ctx.imq:
+                torch.add(r2, cs, out=buf).reciprocal_().square_()
+                dk.add_(buf, alpha=-cs)
+            else:
+                torch.mul(r2, -1.0 / cs, out=buf).exp_()
+                dk.add_(buf, alpha=-1.0 / cs)
+        return dk.mul_(grad), None, None
+
+
 class MMD(PairwiseDivergence):
     """Squared maximum mean discrepancy between the batch codes and M prior samples, unbiased
     U-statistic: MMD² = zz + ww − 2·zw (see ``MMDPieces``). Shapes: ``z [n, d] -> []``.
@@ -208,15 +242,29 @@ class MMD(PairwiseDivergence):
 
     def kernel(self, a: Tensor, b: Tensor) -> Tensor:
         """k(a, b) element-wise over broadcastable ``[..., d]`` inputs -> ``[...]``."""
-        r2 = ((a - b) ** 2).sum(-1)
-        c = 2.0 * a.shape[-1]
-        if self.kernel_name == "imq":
-            return sum(c * s / (c * s + r2) for s in self.bandwidths)  # type: ignore[return-value]
-        return sum(torch.exp(-r2 / (c * s)) for s in self.bandwidths)  # type: ignore[return-value]
+        return self.kernel_of_r2(((a - b) ** 2).sum(-1), 2.0 * a.shape[-1])
+
+    def kernel_of_r2(self, r2: Tensor, c: float) -> Tensor:
+        """The radial kernel summed over the bandwidths at squared distances ``r2`` (any
+        shape), with ``c = 2·d`` (``_KernelSum``: one fused pass forward and backward)."""
+        return _KernelSum.apply(r2, tuple(c * s for s in self.bandwidths),
+                                self.kernel_name == "imq")
 
     def gram(self, a: Tensor, b: Tensor) -> Tensor:
-        """Kernel matrix: ``a [..., n, d], b [..., m, d] -> [..., n, m]``."""
-        return self.kernel(a[..., :, None, :], b[..., None, :, :])
+        """Kernel matrix: ``a [..., n, d], b [..., m, d] -> [..., n, m]``.
+
+        Squared distances without ``[..., n, m, d]`` temporaries: ``(a_i − b_j)²`` directly for
+        d = 1, else ``‖a_i‖² + ‖b_j‖² − 2·a_i·b_j`` (one matmul) clamped at 0 against rounding;
+        the diagonal of ``gram(z, z)``, where that rounding sits, is subtracted by ``pieces``
+        from the same matrix, so it cancels."""
+        d = a.shape[-1]
+        if d == 1:
+            r2 = (a - b.transpose(-2, -1)).square()
+        else:
+            r2 = (a.square().sum(-1)[..., :, None] + b.square().sum(-1)[..., None, :]
+                  - 2.0 * (a @ b.transpose(-2, -1)))
+            r2 = r2.clamp_min(0.0)
+        return self.kernel_of_r2(r2, 2.0 * d)
 
     def pieces(self, z: Tensor, w: Tensor) -> MMDPieces:
         """The U-statistic pieces for codes ``z [..., n, d]`` (n ≥ 2) and prior samples
