@@ -116,6 +116,9 @@ class MixtureOfGaussians(Prior):
     """p(z) = Σ_k π_k N(z; μ_k, s² I) with fixed means, scale and weights (uniform by default).
 
     ``layout="circle"``: means at radius ``radius`` on a circle in dims (0, 1), zero elsewhere;
+    ``layout="axes"``: component k at ``±radius·e_j`` (j = k mod d, + for k < d, − after), so
+    the components are mutually far apart (distance ``radius·√2``) in a space of ``d`` dims
+    instead of crowding a circle; needs ``n_components <= 2·latent_dim``;
     ``layout="random"``: means ``radius · N(0, I)`` drawn from a generator seeded by ``seed``.
     ``log_prob: [..., d] -> [...]``; ``responsibilities(z): [n, d] -> [n, k]``;
     ``assign(z) -> [n]`` the component of highest responsibility.
@@ -147,11 +150,20 @@ class MixtureOfGaussians(Prior):
             angle = torch.arange(n_components) * (2 * math.pi / n_components)
             means = torch.zeros(n_components, latent_dim)
             means[:, 0], means[:, 1] = radius * angle.cos(), radius * angle.sin()
+        elif layout == "axes":
+            if n_components > 2 * latent_dim:
+                raise ValueError(
+                    f"layout='axes' places at most 2·latent_dim = {2 * latent_dim} components "
+                    f"(±radius on each axis), got n_components={n_components}: raise latent_dim "
+                    "or use layout='circle'")
+            k = torch.arange(n_components)
+            means = torch.zeros(n_components, latent_dim)
+            means[k, k % latent_dim] = radius * (1.0 - 2.0 * (k >= latent_dim).float())
         elif layout == "random":
             gen = torch.Generator().manual_seed(seed)
             means = radius * torch.randn(n_components, latent_dim, generator=gen)
         else:
-            raise ValueError(f"unknown layout {layout!r}: use 'circle' or 'random'")
+            raise ValueError(f"unknown layout {layout!r}: use 'circle', 'axes' or 'random'")
         self.n_components = int(n_components)
         self.register_buffer("means", means)
         self.register_buffer("log_weights", torch.full((n_components,), -math.log(n_components)))
