@@ -255,6 +255,16 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
             return {}
         return {self.divergence_key: self.declared_divergence().composition}
 
+    def batch_term_parameters(self) -> tuple[str, ...] | None:
+        """Name prefixes of the parameters a batch-wise term's gradient can reach: every
+        top-level module but the decoder (the divergence reads codes computed by the encoder,
+        never the decoder). ``mechanism="auto"`` computes, clips and noises the batch-wise parts
+        on these only (``batch_params``), so the decoder gets no noise from a part whose
+        gradient there is structurally zero. Public: fixed by the architecture. None: all."""
+        names = {name.split(".", 1)[0] for name, p in self.named_parameters() if p.requires_grad}
+        keep = sorted(names - {"decoder"})
+        return tuple(f"{name}." for name in keep) if keep and "decoder" in names else None
+
     def divergence_codes(self, z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
         """The per-record codes ``[n, c]`` the divergence reads, from ``z [n, K, d]`` and
         ``mu, log_var [n, d]`` (row i from record i only): the divergence's ``codes``."""

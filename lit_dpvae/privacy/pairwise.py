@@ -51,6 +51,17 @@ class LatentJacobian:
     #: (``Σ_i Σ_k ū_ik rows_ik``), never from a separate autograd pass that the sampler's rows
     #: might not match (an instance-level ``forward``, a parameter hook).
     rows: dict = field(default_factory=dict)
+    #: The parameters ``J_i`` is taken with respect to (None: every trainable parameter of the
+    #: calls): the Gram, hence the pair norms, and the clipped sum cover exactly these.
+    params: set | None = None
+
+    def covers(self, p: nn.Parameter) -> bool:
+        return _covered(p, self.params)
+
+
+def _covered(p: nn.Parameter, params: set | None) -> bool:
+    """A trainable parameter in the subset ``params`` (None: every trainable parameter)."""
+    return p.requires_grad and (params is None or p in params)
 
 
 def _graph_nodes(t: Tensor, stop: frozenset = frozenset()) -> set:
@@ -224,10 +235,13 @@ def _code_backprops(calls: list[LayerCall], used: list[int], codes: Tensor, n: i
 
 
 def latent_jacobian(calls: list[LayerCall], codes: Tensor, n: int,
-                    workspace: dict | None = None) -> LatentJacobian:
+                    workspace: dict | None = None, params: set | None = None
+                    ) -> LatentJacobian:
     """Per-record latent Gram ``G_i = J_i J_iᵀ`` of ``codes [n, d]`` w.r.t. the trainable
-    parameters of the captured layer ``calls`` (the graph is kept). ``workspace``: a dict the
-    caller keeps between steps, for reusable scratch memory (its contents are overwritten)."""
+    parameters of the captured layer ``calls`` (the graph is kept), or only those of them in
+    ``params`` (a mechanism's parameter subset: the pair norms are then norms in that
+    subspace). ``workspace``: a dict the caller keeps between steps, for reusable scratch
+    memory (its contents are overwritten)."""
     d = codes.shape[1]
     upstream = _graph_nodes(codes)
     used = [i for i, c in enumerate(calls) if c.output.grad_fn in upstream]
@@ -248,10 +262,12 @@ def latent_jacobian(calls: list[LayerCall], codes: Tensor, n: int,
     for call, b in zip(calls, backprops):
         if b is None:
             continue
-        own = [p for p in call.module.parameters(recurse=False) if p.requires_grad]
+        own = [p for p in call.module.parameters(recurse=False) if _covered(p, params)]
         if not own:
             continue
-        if _is_ghost_linear(call, n, seen):
+        if _is_ghost_linear(call, n, seen) and all(
+                _covered(p, params) for p in call.module.parameters(recurse=False)
+                if p.requires_grad):
             acts = call.activations
             coef = torch.zeros(n, dtype=acc, device=gram.device)
             if call.module.weight.requires_grad:
@@ -272,7 +288,7 @@ def latent_jacobian(calls: list[LayerCall], codes: Tensor, n: int,
     used = [i for i, b in enumerate(backprops) if b is not None]
     # The float64 accumulation's rounding is far below the margin counted for ``dtype``.
     return LatentJacobian(calls, used, codes, gram.to(dtype), terms + len(materialised),
-                          materialised)
+                          materialised, params)
 
 
 def _scaled_gram(rows: Tensor, coef: Tensor) -> Tensor:
@@ -498,7 +514,7 @@ def clipped_owner_sum(
     for i in jac.used:
         call = jac.calls[i]
         own = [p for p in call.module.parameters(recurse=False)
-               if p.requires_grad and p not in jac.rows]
+               if jac.covers(p) and p not in jac.rows]
         if own:
             calls.append((call, own))
     if not calls:

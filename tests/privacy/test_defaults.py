@@ -41,13 +41,20 @@ def test_auto_chooses_from_the_declared_terms(make, name, share):
     model = make()
     chosen, why = AutoMechanism().resolve(model)
     assert chosen.name == name and why
+    # a batch-wise part covers what the model declares its gradient can reach (not the decoder)
+    declared = getattr(model, "batch_term_parameters", lambda: None)()
+    assert declared == (None if isinstance(model, ToyVAE) else ("encoder.",))
     if name == "termwise":
         chosen.set_sampling(32.0)
         assert chosen.sample_share == share
         assert chosen.parts == (("sample",) if share == 1.0 else ("sample", "batch"))
+        assert chosen.batch_params == (None if share == 1.0 else declared)
     else:
         assert chosen.num_pairwise_terms == 1
         assert chosen.pair_max_grad_norm == pytest.approx(chosen.max_grad_norm / 8)
+        assert chosen.batch_params == declared
+        assert not chosen.covers("pairwise", "decoder.head.weight")
+        assert chosen.covers("pairwise", "encoder.head.weight")
 
 
 def test_auto_passes_settings_and_user_settings_win():
@@ -61,6 +68,8 @@ def test_auto_passes_settings_and_user_settings_win():
     assert chosen.name == "termwise"
     with pytest.raises(ValueError, match="unknown setting"):
         build_mechanism("auto", max_grad_nrom=1.0)
+    chosen, _ = AutoMechanism(batch_params=["encoder.head."]).resolve(small(InfoVAE))
+    assert chosen.batch_params == ("encoder.head.",)
 
 
 def test_auto_refuses_a_bad_declaration():

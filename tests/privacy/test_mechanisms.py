@@ -174,8 +174,11 @@ def test_non_private_update_is_the_plain_gradient():
     model, shape = make_toy("mlp")
     x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(5))
     mech = NonPrivate()
-    update = mech.privatize(mech.aggregate(model, (x,)), expected_batch_size=8)
-    model.loss_terms((x,)).mean_loss().backward()
+    with pytest.raises(RuntimeError, match="set_sampling"):
+        mech.aggregate(model, (x,))
+    mech.set_sampling(10.0)  # the expected batch size, not the realised one (8)
+    update = mech.privatize(mech.aggregate(model, (x,)), expected_batch_size=10)
+    model.loss_terms((x,)).mean_loss(expected_batch_size=10.0).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(update[name], p.grad)
 

@@ -133,9 +133,11 @@ def test_shipped_models_declare_exact_pairs(cls_name):
         torch.testing.assert_close(stats["pairwise"][name], 7 * want[name], rtol=1e-4, atol=1e-6)
 
 
-def _pair_oracle(model: PairToy, x, c_p):
-    """Σ_i J_iᵀ ū_i with every pair term J_iᵀu materialised from the full Jacobian of z_i."""
-    params = dict(model.named_parameters())
+def _pair_oracle(model: PairToy, x, c_p, prefixes=None):
+    """Σ_i J_iᵀ ū_i with every pair term J_iᵀu materialised from the full Jacobian of z_i (or
+    from its columns of the parameters named with ``prefixes``: the pairs clipped there)."""
+    params = {k: p for k, p in model.named_parameters()
+              if prefixes is None or k.startswith(prefixes)}
     n, d = x.shape[0], model.d_z
     codes = model.codes(x)[2][:, 0]
     z = codes.detach()
@@ -179,6 +181,63 @@ def test_clipped_pairs_equal_a_brute_force_oracle(kind, c_p):
     want = _pair_oracle(model, x, c_p)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
+
+
+#: Parameter subsets of the pairwise part (``batch_params``): the whole encoder, its first layer
+#: only (the codes' head excluded: backprops pass through it, its parameters are not clipped or
+#: released), and a layer's weight without its bias (no ghost identity for half a layer).
+SUBSETS = {"mlp": [("enc.",), ("enc.0.",), ("enc.2.weight", "enc.0.bias")],
+           "mlp-k3": [("enc.0.",)],
+           "conv": [("enc.1.", "enc.4.bias"), ("enc.0.weight",)]}
+
+
+@pytest.mark.parametrize("kind, prefixes", [(k, s) for k, ss in SUBSETS.items() for s in ss])
+def test_pairs_clipped_on_a_parameter_subset_equal_the_oracle(kind, prefixes):
+    """With ``batch_params`` the pair terms are clipped as vectors of the subset's coordinates
+    only, and nothing outside the subset is released (no entry, so ``privatize`` adds no noise
+    there)."""
+    model = PairToy(kind, "dim_mmd" if kind == "conv" else "mmd", lam=5.0)
+    x = torch.randn(6, *model.shape, generator=torch.Generator().manual_seed(4))
+    mech = pairwise_mechanism(0.01, batch_params=list(prefixes))
+    got = mech.aggregate(model, (x,))["pairwise"]
+    want = _pair_oracle(model, x, 0.01, prefixes)
+    assert set(got) == set(want) and want
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)
+    # on the pairs' own coordinates, clipping bites: the subset changes the statistic
+    full = pairwise_mechanism(0.01).aggregate(model, (x,))["pairwise"]
+    if prefixes != ("enc.",):
+        assert any(not torch.allclose(got[k], full[k]) for k in got)
+    else:
+        for k in got:  # the whole encoder: the decoder's columns of J_i are zero anyway
+            torch.testing.assert_close(got[k], full[k])
+    update = mech.privatize({"sample": mech.zeros(model)["sample"], "pairwise": got}, 10.0)
+    assert set(update) == {k for k, _ in model.named_parameters()}
+    for k in update:
+        want_std = mech.noise_std()["sample"] / 10.0
+        if k.startswith(prefixes):
+            want_std = math.hypot(want_std, mech.noise_std()["pairwise"] / 10.0)
+        assert mech.update_noise_std(10.0, k) == pytest.approx(want_std)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sensitivity_on_a_parameter_subset_holds_on_neighbouring_batches(kind):
+    prefixes = SUBSETS[kind][0]
+    div = "dim_mmd" if kind == "conv" else "mmd"
+    model = PairToy(kind, div, opaque=(div == "mmd"))
+    mech = pairwise_mechanism(0.05, opaque=(div == "mmd"), batch_params=list(prefixes))
+    rng = torch.Generator().manual_seed(17)
+    worst = {part: 0.0 for part in mech.parts}
+    for s, s_plus in neighbours(model.shape, rng):
+        a, b = mech.aggregate(model, (s,)), mech.aggregate(model, (s_plus,))
+        for part in mech.parts:
+            if part != "sample":
+                assert all(k.startswith(prefixes) for k in a[part]), (part, list(a[part]))
+            d = float(global_norm({k: a[part][k] - b[part][k] for k in a[part]}))
+            assert math.isfinite(d)
+            worst[part] = max(worst[part], d)
+            assert d <= mech.sensitivity[part] * (1 + REL_TOL), (part, d, mech.sensitivity)
+    assert all(w > 0 for w in worst.values()), worst
 
 
 def test_small_batches_give_zero_pairwise_statistics():

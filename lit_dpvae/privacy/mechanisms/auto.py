@@ -55,6 +55,10 @@ class AutoMechanism(Mechanism):
     * otherwise (an opaque divergence such as ``AggregateKL``): ``TermwiseDPSGD`` with its
       defaults (C_b = C/(2B), γ = 1/2).
 
+    With a batch-wise term, its parts cover only the parameters the model declares its
+    gradient can reach (``batch_term_parameters()``: the encoder, not the decoder), unless
+    ``batch_params`` is given.
+
     The choice reads only the model's declared structure (public), never a record. Settings
     (``max_grad_norm``, ...) are passed on to the chosen mechanism; one it does not take is
     ignored with a warning.
@@ -65,7 +69,9 @@ class AutoMechanism(Mechanism):
         batch_max_grad_norm: C_b of the batch part (None: the chosen mechanism's default).
         sample_share: γ_s (None: the chosen mechanism's default).
         pairwise_share: γ_p of ``PairwiseDPSGD`` (None: its default).
-        batch_params: term-wise's parameter subset of the batch part (None: all).
+        batch_params: the parameter subset (name prefixes) the batch-wise parts are computed,
+            clipped and noised on (None: the model's ``batch_term_parameters()`` if it has
+            one — every module but the decoder for the shipped pairings — else all).
         noise_multiplier: σ_eff; 0 until the strategy's budget calibrates it (leave it unset).
         backend: per-record clipping backend: ``"ghost"`` (norms without per-record gradients
             where possible), ``"hooks"`` or ``"functorch"``.
@@ -94,6 +100,11 @@ class AutoMechanism(Mechanism):
     def resolve(self, module: nn.Module) -> tuple[Mechanism, str]:
         """The mechanism for ``module`` (built with σ = 0) and why it was chosen."""
         name, defaults, why = choose(module)
+        declared = getattr(module, "batch_term_parameters", None)
+        if name != "termwise" or defaults.get("sample_share") != 1.0:
+            prefixes = declared() if callable(declared) else None
+            if prefixes is not None:
+                defaults = {**defaults, "batch_params": tuple(prefixes)}
         settings = {**defaults, **self.passed_on}
         if name == "termwise" and defaults.get("sample_share") == 1.0:
             settings = {k: v for k, v in settings.items()

@@ -24,7 +24,7 @@ import inspect
 import math
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -67,6 +67,17 @@ def check_positive(name: str, value: float) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
     return value
+
+
+def parameter_prefixes(value: Sequence[str] | None, what: str) -> tuple[str, ...] | None:
+    """``value`` as a tuple of non-empty parameter-name prefixes (None stays None: every
+    trainable parameter); anything else is refused with the setting's name."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not value or not all(isinstance(b, str) and b for b in value):
+        raise ValueError(f"{what} must be a non-empty list of parameter-name prefixes (e.g. "
+                         f"['encoder.']), got {value!r}")
+    return tuple(value)
 
 
 def grads_of(loss: Tensor | None, params: dict[str, nn.Parameter], retain: bool) -> dict:

@@ -19,20 +19,29 @@ from lit_dpvae.privacy.mechanisms.registry import register_mechanism
 
 @register_mechanism("nonprivate")
 class NonPrivate(Mechanism):
-    """Plain gradient, split the same way as term-wise (docs/privacy.md §3.1). No clipping, no
-    noise.
+    """Plain gradient (docs/privacy.md §3.1). No clipping, no noise.
 
-    Parts: ``sample`` = ``Σ_i ∇ℓ_i`` and ``batch`` = ``∇ Σ_k λ_k D_k``; update ``sample/B + batch``.
+    One part, ``update`` = ``∇(Σ_i ℓ_i / B + Σ_k λ_k D_k)`` with B the expected batch size
+    (``set_sampling``, as for the private mechanisms): the update term-wise DP-SGD would give
+    without clipping and noise, from *one* backward pass — the fastest honest non-private step
+    (issue 18), where a sample part and a batch part would cost two.
     Runs at the user's float32 precision (TF32 allowed): there is no bound to protect.
     """
 
     private = False
-    parts = ("sample", "batch")
+    parts = ("update",)
     ieee_statistics = False
-    summed_over_records = {"sample": True, "batch": False}
+    summed_over_records = {"update": False}
 
     def __init__(self, *, backend: str = "ghost") -> None:
+        self._expected_batch_size: float | None = None
         super().__init__(noise_multiplier=0.0, backend=backend)
+
+    def set_sampling(self, expected_batch_size: float) -> None:
+        b = float(expected_batch_size)
+        if not (b > 0 and math.isfinite(b)):
+            raise ValueError(f"expected_batch_size must be finite and > 0 (q·N), got {b}")
+        self._expected_batch_size = b
 
     @Mechanism.noise_multiplier.setter  # type: ignore[attr-defined]
     def noise_multiplier(self, value: float) -> None:
@@ -42,17 +51,20 @@ class NonPrivate(Mechanism):
 
     @property
     def sensitivity(self) -> dict[str, float]:
-        return {"sample": math.inf, "batch": math.inf}
+        return {"update": math.inf}
 
     def aggregate(self, module: nn.Module, batch: Any, comm: Collectives = LOCAL) -> Stats:
         n = self.start(module, batch, comm)
         if self.skip(n, comm):
             return {part: comm.all_reduce(v) for part, v in self.zeros(module).items()}
+        if self._expected_batch_size is None:
+            raise RuntimeError("NonPrivate divides the record-wise terms by the expected batch "
+                               "size B: call set_sampling(B) first (DPStrategy does, before the "
+                               "first step)")
         params = named_trainable(module)
         terms = self.forward_terms(module, batch, n)
-        per_record = terms.per_record()
-        sample_loss = per_record.sum() if per_record is not None else None
-        return {
-            "sample": comm.all_reduce(grads_of(sample_loss, params, retain=True)),
-            "batch": comm.all_reduce(grads_of(terms.batch_total(), params, retain=False)),
-        }
+        per_record, batch_total = terms.per_record(), terms.batch_total()
+        loss = None if per_record is None else per_record.sum() / self._expected_batch_size
+        if batch_total is not None:
+            loss = batch_total if loss is None else loss + batch_total
+        return {"update": comm.all_reduce(grads_of(loss, params, retain=False))}

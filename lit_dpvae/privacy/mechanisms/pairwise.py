@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from lit_dpvae.privacy.mechanisms.base import (
     check_positive,
     clip_vector,
     grads_of,
+    parameter_prefixes,
 )
 from lit_dpvae.privacy.mechanisms.registry import register_mechanism
 from lit_dpvae.privacy.pairwise import clipped_owner_sum, latent_jacobian, owner_vectors
@@ -56,6 +58,10 @@ class PairwiseDPSGD(Mechanism):
         sample_share: γ_s (None with ``pairwise_share`` None: proportional to sensitivity).
         pairwise_share: γ_p (None: 1 − γ_s).
         num_pairwise_terms: T, the pairwise divergences the model declares (``auto`` sets it).
+        batch_params: name prefixes of the parameters the pairwise (and opaque batch) part is
+            computed, clipped and noised on (None: all), e.g. ``["encoder."]``: a divergence
+            reads the codes, so its gradient is structurally zero on the decoder, and noise
+            there only hurts (``auto`` takes the model's ``batch_term_parameters()``).
         backend: per-record clipping backend: ``"ghost"`` (norms without per-record gradients
             where possible), ``"hooks"`` or ``"functorch"``.
     """
@@ -73,6 +79,7 @@ class PairwiseDPSGD(Mechanism):
         sample_share: float | None = None,
         pairwise_share: float | None = None,
         num_pairwise_terms: int = 1,
+        batch_params: Sequence[str] | None = None,
         backend: str = "ghost",
     ) -> None:
         self.max_grad_norm = check_positive("max_grad_norm (C)", max_grad_norm)
@@ -108,6 +115,9 @@ class PairwiseDPSGD(Mechanism):
         self.sample_share, self.pairwise_share = gs, pairwise_share
         self.shares = {"sample": gs, "pairwise": gp, "batch": gb}
         self.parts = ("sample", "pairwise") + (("batch",) if gb > 0 else ())
+        #: The pairwise and batch parts are computed, clipped and noised on these parameters
+        #: only (name prefixes; None: every trainable parameter). Fixed before training.
+        self.batch_params = parameter_prefixes(batch_params, "batch_params")
         #: Scratch memory the latent-Gram pass reuses from step to step (no state).
         self._workspace: dict = {}
         super().__init__(noise_multiplier=noise_multiplier, backend=backend)
@@ -124,6 +134,9 @@ class PairwiseDPSGD(Mechanism):
     @property
     def noise_multipliers(self) -> dict[str, float]:
         return {p: self.noise_multiplier / math.sqrt(self.shares[p]) for p in self.parts}
+
+    def part_parameters(self, part: str) -> tuple[str, ...] | None:
+        return None if part == "sample" else self.batch_params
 
     def aggregate(
         self,
@@ -173,7 +186,8 @@ class PairwiseDPSGD(Mechanism):
         with capture_layers(module) as cap:
             sample, _, terms = self.clipper.clipped_sum(module, run, self.max_grad_norm, n)
         stats: Stats = {"sample": comm.all_reduce(sample)}
-        pairwise = {name: torch.zeros_like(p) for name, p in params.items()}
+        pair_params = self.select(params, "pairwise")
+        pairwise = {name: torch.zeros_like(p) for name, p in pair_params.items()}
         for term in terms.pairwise.values():
             partners, offset, prior = None, 0, term.prior_samples
             if comm.distributed:
@@ -185,19 +199,20 @@ class PairwiseDPSGD(Mechanism):
                 continue  # the U-statistic is 0 (and so is its gradient) below two records
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                jac = latent_jacobian(cap.calls, term.codes, n, self._workspace)
+                jac = latent_jacobian(cap.calls, term.codes, n, self._workspace,
+                                      set(pair_params.values()))
             owner, _, _ = owner_vectors(term.codes, prior, term.kernel, float(term.weight),
                                         jac.gram, self.pair_max_grad_norm, partners, offset,
                                         jac.terms)
-            for name, g in clipped_owner_sum(jac, owner, params, n).items():
+            for name, g in clipped_owner_sum(jac, owner, pair_params, n).items():
                 pairwise[name] += g
-        if not math.isfinite(float(sum(float(g.sum()) for g in pairwise.values()))):
-            check_finite(pairwise)  # the cheap check failed: name the parameter and raise
+        check_finite(pairwise)
         stats["pairwise"] = comm.all_reduce(pairwise)
         if "batch" in self.parts:
             opaque = [v for k, v in terms.batch.items() if k not in terms.pairwise]
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                h = grads_of(torch.stack(opaque).sum(), params, retain=False)
+                h = grads_of(torch.stack(opaque).sum(), self.select(params, "batch"),
+                             retain=False)
             stats["batch"] = clip_vector(comm.all_reduce(h), self.batch_max_grad_norm)
         return stats

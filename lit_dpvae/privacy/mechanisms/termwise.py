@@ -19,6 +19,7 @@ from lit_dpvae.privacy.mechanisms.base import (
     check_positive,
     clip_vector,
     grads_of,
+    parameter_prefixes,
 )
 from lit_dpvae.privacy.mechanisms.registry import register_mechanism
 from lit_dpvae.privacy.terms import LossTerms
@@ -85,15 +86,9 @@ class TermwiseDPSGD(Mechanism):
         #: equal, C/B and 2C_b, and 1/2 is the least noisy split).
         self.sample_share = share
         self.parts = ("sample",) if share == 1.0 else ("sample", "batch")
-        if batch_params is not None:
-            if isinstance(batch_params, str) or not batch_params or not all(
-                    isinstance(b, str) and b for b in batch_params):
-                raise ValueError("batch_params must be a non-empty list of parameter-name "
-                                 f"prefixes (e.g. ['encoder.head.']), got {batch_params!r}")
-            batch_params = tuple(batch_params)
         #: The batch part is computed, clipped and noised on these parameters only (name
         #: prefixes; None: every trainable parameter). Fixed before training: data-independent.
-        self.batch_params = batch_params
+        self.batch_params = parameter_prefixes(batch_params, "batch_params")
         super().__init__(noise_multiplier=noise_multiplier, backend=backend)
 
     def set_sampling(self, expected_batch_size: float) -> None:
