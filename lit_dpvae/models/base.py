@@ -85,8 +85,9 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         lr: Adam learning rate.
         encoder: injected modules with the ``lit_dpvae.nn`` interfaces (optional).
         decoder: injected modules with the ``lit_dpvae.nn`` interfaces (optional).
-        optimizer: ``"adam"`` (default), ``"sgd"`` or ``"adam_bc"`` (``DPAdamBC``: Adam with
-            the DP noise variance removed from its second moment); see ``configure_optimizers``.
+        optimizer: ``"adam"`` (default), ``"sgd"``, ``"adam_bc"`` (``DPAdamBC``: Adam with
+            the DP noise variance removed from its second moment) or ``"auto"`` (``DPAdamBC``
+            under a lit_dpvae ``DPStrategy``, Adam otherwise); see ``configure_optimizers``.
         momentum: SGD momentum.
         adam_eps: Adam's ε.
         adam_bc_floor: ``DPAdamBC``'s floor of the corrected second moment.
@@ -169,8 +170,9 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         self.conditional = bool(conditional)
         self.beta, self.lam, self.n_samples, self.lr = float(beta), float(lam), int(n_samples), lr
         # optimizer and sampling options (configure_optimizers, sample)
-        if optimizer not in ("adam", "sgd", "adam_bc"):
-            raise ValueError(f'optimizer must be "adam", "sgd" or "adam_bc", got {optimizer!r}')
+        if optimizer not in ("adam", "sgd", "adam_bc", "auto"):
+            raise ValueError('optimizer must be "adam", "sgd", "adam_bc" or "auto", got '
+                             f'{optimizer!r}')
         if lr_schedule not in (None, "cosine"):
             raise ValueError(f'lr_schedule must be None or "cosine", got {lr_schedule!r}')
         if lr_schedule_steps is not None and not int(lr_schedule_steps) >= 1:
@@ -421,7 +423,10 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         - ``"sgd"``: ``torch.optim.SGD`` with ``momentum`` (0);
         - ``"adam_bc"``: :class:`lit_dpvae.optim.DPAdamBC` (Adam with the DP noise variance
           removed from its second moment; floor ``adam_bc_floor``, ε ``adam_eps``). The DP
-          strategy hands it the noise std before every step.
+          strategy hands it the noise std before every step;
+        - ``"auto"``: ``"adam_bc"`` when the Trainer's strategy is a lit_dpvae ``DPStrategy``
+          (which sets the noise std; 0 for a non-private mechanism, where it is Adam), else
+          ``"adam"`` (a plain Trainer, or a model used outside one).
 
         ``lr_schedule="cosine"`` multiplies the learning rate by ``(1 + cos(π·min(t, T)/T))/2``
         at optimizer step t, T = ``lr_schedule_steps`` (None: the Trainer's
@@ -433,11 +438,18 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
 
         from lit_dpvae.optim import DPAdamBC
 
-        if self.optimizer_name == "adam":
+        from lit_dpvae.strategy import DPStrategy
+
+        name = self.optimizer_name
+        if name == "auto":
+            trainer = self._trainer
+            dp = trainer is not None and isinstance(trainer.strategy, DPStrategy)
+            name = "adam_bc" if dp else "adam"
+        if name == "adam":
             opt: torch.optim.Optimizer = torch.optim.Adam(
                 self.parameters(), lr=self.lr, eps=self.adam_eps
             )
-        elif self.optimizer_name == "adam_bc":
+        elif name == "adam_bc":
             opt = DPAdamBC(
                 self.parameters(), lr=self.lr, floor=self.adam_bc_floor, eps=self.adam_eps
             )

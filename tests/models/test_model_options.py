@@ -20,6 +20,8 @@ SMALL = dict(data_shape=(1, 8, 8), latent_dim=2, hidden=(8,))
 
 @pytest.mark.parametrize("name", PAIRINGS)
 def test_default_optimizer_is_the_old_adam(name):
+    if name == "ClusterVAE":  # "auto": DPAdamBC under a DPStrategy (issue 15), else Adam
+        assert model_class(name)(**SMALL).optimizer_name == "auto"
     for kwargs in ({}, {"lr": 0.02}):
         model = model_class(name)(**SMALL, **kwargs)
         opt = model.configure_optimizers()
@@ -137,3 +139,22 @@ def test_refusals():
     cluster.sample_temperature = 0.5
     with pytest.raises(ValueError, match="standard-normal prior"):
         cluster.sample(2)
+
+
+def test_auto_optimizer_is_dp_adam_bc_under_a_dp_strategy_and_adam_otherwise():
+    from types import SimpleNamespace
+
+    import lightning.pytorch as pl
+
+    from lit_dpvae.optim import DPAdamBC
+    from lit_dpvae.strategy import DPStrategy
+
+    model = model_class("ClusterVAE")(**SMALL)  # optimizer="auto" by default
+    assert type(model.configure_optimizers()) is torch.optim.Adam  # no trainer
+    model._trainer = SimpleNamespace(strategy=pl.strategies.SingleDeviceStrategy("cpu"))
+    assert type(model.configure_optimizers()) is torch.optim.Adam
+    model._trainer = SimpleNamespace(strategy=DPStrategy(target_epsilon=10.0, target_delta=1e-5))
+    opt = model.configure_optimizers()
+    assert type(opt) is DPAdamBC and opt.defaults["lr"] == model.lr
+    with pytest.raises(ValueError, match='"auto"'):
+        model_class("VanillaVAE")(**SMALL, optimizer="adamw")
