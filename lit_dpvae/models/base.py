@@ -437,7 +437,6 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         import math
 
         from lit_dpvae.optim import DPAdamBC
-
         from lit_dpvae.strategy import DPStrategy
 
         name = self.optimizer_name
