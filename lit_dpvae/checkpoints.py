@@ -30,7 +30,8 @@ MODEL_CLASS_KEY = "lit_dpvae_model_class"
 torch.serialization.add_safe_globals([pathlib.Path, pathlib.PosixPath, pathlib.PurePosixPath,
                                       pathlib.WindowsPath, pathlib.PureWindowsPath])
 
-__all__ = ["CHECKPOINT_KEY", "MODEL_CLASS_KEY", "REPORT_KEY", "add_privacy", "describe_optimizer",
+__all__ = ["CHECKPOINT_KEY", "MODEL_CLASS_KEY", "REPORT_KEY", "add_privacy", "changed_settings",
+           "describe_optimizer",
            "mark_loaded_checkpoint", "restored_privacy", "spend_of_weights"]
 
 
@@ -54,6 +55,18 @@ def restored_privacy(checkpoint: dict[str, Any], path: Any, mechanism: str,
     spent = state["noise_generator"] is not None or state["accountant"].get("history") \
         or state["accountant"].get("non_private_steps")
     return state if spent else None
+
+
+def changed_settings(checkpoint: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """``{setting: (checkpoint's value, this run's value)}`` for the public mechanism settings
+    (``Mechanism.settings()``, JSON-safe) a resume changes, from the checkpoint's report (a
+    checkpoint without one, or a setting either side lacks, changes nothing here)."""
+    from lit_dpvae.privacy.report import _json_safe
+
+    before = (checkpoint.get(REPORT_KEY) or {}).get("mechanism_settings") or {}
+    now = _json_safe(settings)
+    return {k: (before[k], now[k]) for k in sorted(set(before) & set(now))
+            if before[k] != now[k]}
 
 
 def spend_of_weights(module: Any, budget_state: dict[str, Any]) -> dict[str, Any] | None:

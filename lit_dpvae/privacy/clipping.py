@@ -395,7 +395,8 @@ def check_finite(sums: dict[str, Tensor]) -> None:
     so the refusal is exactly "some entry is not finite"."""
     if not sums:
         return
-    if bool(torch.isfinite(torch.stack([v.sum() for v in sums.values()]).sum())):
+    device = next(iter(sums.values())).device  # statistics may lie on several devices
+    if bool(torch.isfinite(torch.stack([v.sum().to(device) for v in sums.values()]).sum())):
         return
     for name, value in sums.items():
         if not bool(torch.isfinite(value).all()):

@@ -80,6 +80,14 @@ def test_auto_refuses_a_bad_declaration():
     with pytest.raises(ValueError, match="'pairwise' or 'batch-wise'"):
         choose(Bad())
 
+    class OneString(InfoVAE):  # a string would be split into one-letter prefixes
+        def batch_term_parameters(self):
+            return "encoder."
+
+    model = OneString(data_shape=SHAPE, latent_dim=2, hidden=(8,))
+    with pytest.raises(ValueError, match=r"batch_term_parameters\(\) must be a non-empty list"):
+        AutoMechanism().resolve(model)
+
 
 def test_auto_in_fit_records_the_chosen_mechanism_and_resumes(tmp_path):
     data = ArrayDataModule(torch.rand(80, *SHAPE, generator=torch.Generator().manual_seed(0))
@@ -100,8 +108,17 @@ def test_auto_in_fit_records_the_chosen_mechanism_and_resumes(tmp_path):
     # a resume under "auto" resolves the same mechanism and continues the accountant
     again = DPStrategy(noise_multiplier=1.0, target_epsilon=50.0, target_delta=1e-3)
     trainer2 = make_trainer(again, tmp_path, max_steps=5)
-    trainer2.fit(small(InfoVAE), data, ckpt_path=ckpt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer2.fit(small(InfoVAE), data, ckpt_path=ckpt)
+    assert not [w for w in caught if "other pairwise settings" in str(w.message)]
     assert again.privacy_report().steps == 5
+    # a resume that changes a setting (here the pairwise part's subset) says so
+    changed = DPStrategy(noise_multiplier=1.0, target_epsilon=50.0, target_delta=1e-3,
+                         batch_params=["encoder.head."])
+    was = r"batch_params=\['encoder.head.'\] \(was \['encoder.'\]\)"
+    with pytest.warns(UserWarning, match=was):
+        make_trainer(changed, tmp_path, max_steps=4).fit(small(InfoVAE), data, ckpt_path=ckpt)
     # an explicit other mechanism is refused on that checkpoint
     other = DPStrategy(mechanism="termwise", noise_multiplier=1.0, target_epsilon=50.0,
                        target_delta=1e-3)

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from lit_dpvae.privacy.collectives import LOCAL, Collectives
-from lit_dpvae.privacy.mechanisms.base import Mechanism, Stats
+from lit_dpvae.privacy.mechanisms.base import Mechanism, Stats, parameter_prefixes
 from lit_dpvae.privacy.mechanisms.registry import build_mechanism, register_mechanism
 
 
@@ -102,9 +102,10 @@ class AutoMechanism(Mechanism):
         name, defaults, why = choose(module)
         declared = getattr(module, "batch_term_parameters", None)
         if name != "termwise" or defaults.get("sample_share") != 1.0:
-            prefixes = declared() if callable(declared) else None
+            prefixes = parameter_prefixes(declared() if callable(declared) else None,
+                                          f"{type(module).__name__}.batch_term_parameters()")
             if prefixes is not None:
-                defaults = {**defaults, "batch_params": tuple(prefixes)}
+                defaults = {**defaults, "batch_params": prefixes}
         settings = {**defaults, **self.passed_on}
         if name == "termwise" and defaults.get("sample_share") == 1.0:
             settings = {k: v for k, v in settings.items()
