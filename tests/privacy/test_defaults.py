@@ -51,7 +51,7 @@ def test_auto_chooses_from_the_declared_terms(make, name, share):
         assert chosen.batch_params == (None if share == 1.0 else declared)
     else:
         assert chosen.num_pairwise_terms == 1
-        assert chosen.pair_max_grad_norm == pytest.approx(chosen.max_grad_norm / 8)
+        assert chosen.pair_max_grad_norm == pytest.approx(chosen.max_grad_norm / 16)
         assert chosen.batch_params == declared
         assert not chosen.covers("pairwise", "decoder.head.weight")
         assert chosen.covers("pairwise", "encoder.head.weight")
@@ -130,13 +130,13 @@ def test_auto_in_fit_records_the_chosen_mechanism_and_resumes(tmp_path):
 @pytest.mark.parametrize("c, terms", [(1.0, 1), (0.3, 2)])
 def test_pairwise_defaults_split_the_budget_by_sensitivity(c, terms):
     mech = PairwiseDPSGD(max_grad_norm=c, num_pairwise_terms=terms, noise_multiplier=1.7)
-    assert mech.pair_max_grad_norm == pytest.approx(c / 8)
+    assert mech.pair_max_grad_norm == pytest.approx(c / 16)
     sens = mech.sensitivity
-    assert sens == {"sample": pytest.approx(c), "pairwise": pytest.approx(c * terms)}
-    assert mech.shares["sample"] == pytest.approx(1 / (1 + terms))
+    assert sens == {"sample": pytest.approx(c), "pairwise": pytest.approx(c * terms / 2)}
+    assert mech.shares["sample"] == pytest.approx(1 / (1 + terms / 2))
     mech.check_noise_composition()  # the parts compose to σ_eff
     b = 50.0
-    assert mech.update_noise_std(b) == pytest.approx(1.7 * (c + c * terms) / b)
+    assert mech.update_noise_std(b) == pytest.approx(1.7 * (c + c * terms / 2) / b)
     # the proportional split is the least noisy one for these bounds
     for gs in (0.2, 0.4, 0.6, 0.8):
         other = PairwiseDPSGD(max_grad_norm=c, num_pairwise_terms=terms, noise_multiplier=1.7,

@@ -51,7 +51,7 @@ class AutoMechanism(Mechanism):
 
     * no batch-wise term (VanillaVAE, λ = 0): term-wise with ``sample_share=1``, i.e. DP-SGD;
     * every batch-wise term pairwise-decomposable (InfoVAE, SparseVAE, ClusterVAE's MMD):
-      ``PairwiseDPSGD`` with its defaults (C_p = C/8, shares proportional to sensitivity);
+      ``PairwiseDPSGD`` with its defaults (C_p = C/16, shares proportional to sensitivity);
     * otherwise (an opaque divergence such as ``AggregateKL``): ``TermwiseDPSGD`` with its
       defaults (C_b = C/(2B), γ = 1/2).
 
@@ -65,7 +65,7 @@ class AutoMechanism(Mechanism):
 
     Args:
         max_grad_norm: C, the per-record clipping norm of the sample-wise gradient (sensitivity C).
-        pair_max_grad_norm: C_p of ``PairwiseDPSGD`` (None: C/8).
+        pair_max_grad_norm: C_p of ``PairwiseDPSGD`` (None: C/16).
         batch_max_grad_norm: C_b of the batch part (None: the chosen mechanism's default).
         sample_share: γ_s (None: the chosen mechanism's default).
         pairwise_share: γ_p of ``PairwiseDPSGD`` (None: its default).

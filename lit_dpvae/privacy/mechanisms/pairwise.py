@@ -43,7 +43,7 @@ class PairwiseDPSGD(Mechanism):
        sensitivity ``2C_b`` — only when ``sample_share + pairwise_share < 1``.
 
     ``σ_eff = (σ_s⁻² + σ_p⁻² + σ_b⁻²)^(-1/2)`` with ``σ_k = σ_eff/√γ_k``. Defaults
-    (docs/privacy.md §8.5): ``C_p = C/8`` and, with neither share set, shares proportional to
+    (docs/privacy.md §8.5): ``C_p = C/16`` and, with neither share set, shares proportional to
     the sensitivities, ``γ_s = C/(C + 8·C_p·T)`` (T = ``num_pairwise_terms``), the least noisy
     split; ``pairwise_share`` alone gives ``γ_s = 1 − pairwise_share``, ``sample_share`` alone
     ``γ_p = 1 − sample_share`` (no opaque batch part). Multi-process: ``aggregate``
@@ -52,7 +52,7 @@ class PairwiseDPSGD(Mechanism):
 
     Args:
         max_grad_norm: C, the per-record clipping norm of the sample-wise gradient (sensitivity C).
-        pair_max_grad_norm: C_p, the clipping norm of each pair's parameter vector (None: C/8).
+        pair_max_grad_norm: C_p, the clipping norm of each pair's parameter vector (None: C/16).
         batch_max_grad_norm: C_b of the opaque batch part (only with a budget share left).
         noise_multiplier: σ_eff; 0 until the strategy's budget calibrates it (leave it unset).
         sample_share: γ_s (None with ``pairwise_share`` None: proportional to sensitivity).
@@ -83,11 +83,11 @@ class PairwiseDPSGD(Mechanism):
         backend: str = "ghost",
     ) -> None:
         self.max_grad_norm = check_positive("max_grad_norm (C)", max_grad_norm)
-        #: C_p; default C/8, so that one pairwise divergence's sensitivity 8·C_p equals the
-        #: sample part's C (data-independent, docs/privacy.md §8.5).
+        #: C_p; default C/16: one pairwise divergence's sensitivity 8·C_p is C/2, so at the
+        #: default shares the update's noise is 1.5× DP-SGD's, not 2× (docs/privacy.md §8.5).
         self.pair_max_grad_norm = check_positive(
             "pair_max_grad_norm (C_p)",
-            self.max_grad_norm / 8.0 if pair_max_grad_norm is None else pair_max_grad_norm)
+            self.max_grad_norm / 16.0 if pair_max_grad_norm is None else pair_max_grad_norm)
         self.batch_max_grad_norm = check_positive("batch_max_grad_norm (C_b)", batch_max_grad_norm)
         if int(num_pairwise_terms) < 1:
             raise ValueError(f"num_pairwise_terms must be >= 1, got {num_pairwise_terms}")
