@@ -6,7 +6,7 @@ changed. Each row separates one cause:
 
 * ``non-private`` / ``non-private λ=…``: the divergence's effect without privacy, and how it
   depends on its weight;
-* ``DP ε=10``: the library's defaults (auto → pairwise, C = 1, C_p = C/8, σ from the budget);
+* ``DP ε=10``: the library's defaults (auto → pairwise, C = 1, C_p = C/16, σ from the budget);
 * ``clip only``: the same clipping with σ = 1e-4 (no privacy to speak of: it isolates clipping);
 * ``clip only, C_p = …``: larger pair clipping norms (the pairwise sensitivity is 8·C_p);
 * ``pair clip only``: per-record gradients unclipped (C = 1e6), every pair clipped.

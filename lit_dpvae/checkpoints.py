@@ -15,12 +15,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lit_dpvae.hparams import scrub_mapping
 from lit_dpvae.privacy.accounting import CHECKPOINT_KEY, provenance_from_checkpoint
 from lit_dpvae.privacy.budget import PrivacyConfigError
 from lit_dpvae.privacy.provenance import mark_loaded, weights_provenance
-from lit_dpvae.privacy.report import REPORT_KEY, PrivacyReport
+from lit_dpvae.privacy.report import REPORT_KEY, PrivacyReport, json_safe
 from lit_dpvae.privacy.rng import rng_state
 
 MODEL_CLASS_KEY = "lit_dpvae_model_class"
@@ -31,15 +32,18 @@ torch.serialization.add_safe_globals([pathlib.Path, pathlib.PosixPath, pathlib.P
                                       pathlib.WindowsPath, pathlib.PureWindowsPath])
 
 __all__ = ["CHECKPOINT_KEY", "MODEL_CLASS_KEY", "REPORT_KEY", "add_privacy", "changed_settings",
+           "warn_changed_settings",
            "describe_optimizer",
            "mark_loaded_checkpoint", "restored_privacy", "spend_of_weights"]
 
 
 def restored_privacy(checkpoint: dict[str, Any], path: Any, mechanism: str,
-                     private: bool) -> dict[str, Any] | None:
+                     private: bool, settings: dict[str, Any] | None = None
+                     ) -> dict[str, Any] | None:
     """The privacy state a resume from ``checkpoint`` continues (None: nothing was spent, a
     fresh run). Refuses a checkpoint of another mechanism, and a trained checkpoint without a
-    privacy state for a private run (its spend is unknown)."""
+    privacy state for a private run (its spend is unknown); warns when the resume changes the
+    mechanism's public ``settings`` (``warn_changed_settings``)."""
     state = checkpoint.get(CHECKPOINT_KEY)
     if state is None:
         if private and checkpoint.get("global_step", 0) > 0:
@@ -54,6 +58,8 @@ def restored_privacy(checkpoint: dict[str, Any], path: Any, mechanism: str,
             f"{mechanism!r}: resume with the same mechanism")
     spent = state["noise_generator"] is not None or state["accountant"].get("history") \
         or state["accountant"].get("non_private_steps")
+    if spent and settings is not None:
+        warn_changed_settings(checkpoint, path, mechanism, settings)
     return state if spent else None
 
 
@@ -61,12 +67,25 @@ def changed_settings(checkpoint: dict[str, Any], settings: dict[str, Any]) -> di
     """``{setting: (checkpoint's value, this run's value)}`` for the public mechanism settings
     (``Mechanism.settings()``, JSON-safe) a resume changes, from the checkpoint's report (a
     checkpoint without one, or a setting either side lacks, changes nothing here)."""
-    from lit_dpvae.privacy.report import _json_safe
-
     before = (checkpoint.get(REPORT_KEY) or {}).get("mechanism_settings") or {}
-    now = _json_safe(settings)
+    now = json_safe(settings)
     return {k: (before[k], now[k]) for k in sorted(set(before) & set(now))
             if before[k] != now[k]}
+
+
+def warn_changed_settings(checkpoint: dict[str, Any], path: Any, mechanism: str,
+                          settings: dict[str, Any]) -> None:
+    """Warn (rank 0) when a resume changes the mechanism's public settings: ε stays valid, but
+    the privacy report's settings then describe only the steps after the resume."""
+    changed = changed_settings(checkpoint, settings)
+    if not changed:
+        return
+    listed = ", ".join(f"{k}={v[1]!r} (was {v[0]!r})" for k, v in changed.items())
+    rank_zero_warn(
+        f"{path} was trained with other {mechanism} settings; this run resumes with {listed}. "
+        "ε stays valid (every step is accounted with its own σ_eff and q), but the privacy "
+        "report's settings describe the steps after this resume. Pass the old settings "
+        "explicitly to keep the run uniform.")
 
 
 def spend_of_weights(module: Any, budget_state: dict[str, Any]) -> dict[str, Any] | None:

@@ -24,7 +24,6 @@ from lit_dpvae.checkpoints import (
     CHECKPOINT_KEY,
     MODEL_CLASS_KEY,
     add_privacy,
-    changed_settings,
     describe_optimizer,
     mark_loaded_checkpoint,
     restored_privacy,
@@ -281,17 +280,8 @@ class DPStrategy(DDPStrategy):
         if self.lightning_module is not None:  # "auto" is checked as what it chooses
             self.mechanism = self.run.choose_mechanism(self.lightning_module, owner=self)
         state = restored_privacy(checkpoint, checkpoint_path, self.mechanism_name,
-                                 self.is_private)
+                                 self.is_private, self.mechanism.settings())
         self.run.restored = state if state is not None else self.run.restored
-        changed = changed_settings(checkpoint, self.mechanism.settings()) if state else {}
-        if changed:
-            listed = ", ".join(f"{k}={v[1]!r} (was {v[0]!r})" for k, v in changed.items())
-            rank_zero_warn(
-                f"{checkpoint_path} was trained with other {self.mechanism_name} settings; this "
-                f"run resumes with {listed}. "
-                "ε stays valid (every step is accounted with its own σ_eff and q), but the "
-                "privacy report's settings describe the steps after this resume. Pass the old "
-                "settings explicitly to keep the run uniform.")
         return checkpoint
 
     def teardown(self) -> None:

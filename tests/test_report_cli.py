@@ -60,7 +60,7 @@ def _assert_full_report(report: dict, steps: int) -> None:
                                                                               "pairwise"}
     assert {"sample", "pairwise", "update/sample", "update/pairwise"} <= set(report["noise_std"])
     assert SETTINGS <= set(report["mechanism_settings"])
-    assert report["mechanism_settings"]["pair_max_grad_norm"] == 0.125  # C/8, the default
+    assert report["mechanism_settings"]["pair_max_grad_norm"] == 0.0625  # C/16, the default
     assert report["accountant"]["accountant"] == "rdp"
     assert sum(h[2] for h in report["accountant"]["history"]) == steps
     curve = report["epsilon_curve"]
@@ -109,7 +109,7 @@ def test_a_fit_writes_the_report_next_to_last_ckpt_and_into_checkpoint_export_an
             break
         time.sleep(0.1)
     settings = config["privacy"]
-    assert settings["mechanism"] == "pairwise" and settings["pair_max_grad_norm"] == 0.125
+    assert settings["mechanism"] == "pairwise" and settings["pair_max_grad_norm"] == 0.0625
     assert settings["target_epsilon"] == 3.0 and settings["num_records"] == 1294
     assert settings["sensitivity"] == report["sensitivity"]
     assert settings["optimizer"]["lr"] == 1e-3

@@ -93,13 +93,13 @@ def epsilon_curve(accountant: dict[str, Any], delta: float,
     return list(zip(marks, values))
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # "inf" / "nan": JSON has no infinity
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -220,7 +220,7 @@ class PrivacyReport:
 
     def settings(self) -> dict[str, Any]:
         """The DP settings of the run (for a logger's run config): no spend, no curve."""
-        return _json_safe({
+        return json_safe({
             "mechanism": self.mechanism, **self.mechanism_settings,
             "sensitivity": self.sensitivity, "noise_multipliers": self.noise_multipliers,
             "sigma_eff": self.sigma_eff, "target_epsilon": self.target_epsilon,
@@ -232,7 +232,7 @@ class PrivacyReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-safe (infinite ε as the string ``"inf"``)."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     def public(self) -> dict[str, Any]:
         """The releasable report (``export``): every field; the accountant's history is what a

@@ -23,7 +23,7 @@ def test_one_cell_uses_the_library_defaults(monkeypatch):
             "lam": "on", "seed": 0, "key": "t"}
     out = dfx.run_cell(cell)
     assert out["chosen"] == "pairwise" and out["steps"] == 3 and not out["diverged"]
-    assert out["sensitivity"] == {"sample": 1.0, "pairwise": 1.0}  # C_p = C/8
+    assert out["sensitivity"] == {"sample": 1.0, "pairwise": 0.5}  # C_p = C/16
     assert 0 < out["epsilon"] <= 10.0 and math.isfinite(out["latent_mmd"])
 
 

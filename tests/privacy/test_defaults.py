@@ -1,5 +1,5 @@
 """The library's privacy defaults (issue 15; docs/privacy.md §3.3 *Defaults*, *Parameter
-subset*, §8.5): ``mechanism="auto"``, C_p = C/8 with shares proportional to sensitivity,
+subset*, §8.5): ``mechanism="auto"``, C_p = C/16 with shares proportional to sensitivity,
 term-wise C_b = C/(2B), and term-wise's batch part confined to a parameter subset — its bound
 on neighbouring batches, the released zeros outside the subset and the per-coordinate noise."""
 

@@ -137,7 +137,9 @@ def test_the_non_private_baseline_keeps_the_user_setting():
     model = _Spy()
     torch.set_float32_matmul_precision("medium")
     user = _settings()
-    NonPrivate().aggregate(model, (torch.randn(3, 4),))
+    mech = NonPrivate()
+    mech.set_sampling(3.0)
+    mech.aggregate(model, (torch.randn(3, 4),))
     assert model.seen == [user]
 
 

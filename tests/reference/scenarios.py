@@ -108,6 +108,8 @@ def mechanism_case(name: str) -> dict[str, Any]:
 def _mechanism_case(name: str) -> dict[str, Any]:
     case = MECHANISM_CASES[name]
     mech = _CLASSES[case["cls"]](**case["kw"])
+    if case["cls"] == "NonPrivate":  # its one backward divides by B (issue 18)
+        mech.set_sampling(10.0)
     if case["pairwise"] is None:
         model = ToyLitVAE(batch_term=False)
     else:
@@ -187,7 +189,7 @@ FIT_CASES: dict[str, dict[str, Any]] = {
                                                              "target_epsilon": 4.0,
                                                              "sample_share": 0.5,
                                                              "pair_max_grad_norm": 0.01}},
-    # issue 15's default: only the budget ("auto" chooses pairwise, C_p = C/8, shares by Δ)
+    # issue 15's default: only the budget ("auto" chooses pairwise, C_p = C/16, shares by Δ)
     "auto-info-mlp": {"model": "InfoVAE-mlp", "kw": {"mechanism": "auto",
                                                      "target_epsilon": 4.0}},
     "dpsgd-vanilla-conv": {"model": "VanillaVAE-conv", "kw": {"target_epsilon": 4.0,
