@@ -32,9 +32,8 @@ torch.serialization.add_safe_globals([pathlib.Path, pathlib.PosixPath, pathlib.P
                                       pathlib.WindowsPath, pathlib.PureWindowsPath])
 
 __all__ = ["CHECKPOINT_KEY", "MODEL_CLASS_KEY", "REPORT_KEY", "add_privacy", "changed_settings",
-           "warn_changed_settings",
-           "describe_optimizer",
-           "mark_loaded_checkpoint", "restored_privacy", "spend_of_weights"]
+           "describe_optimizer", "mark_loaded_checkpoint", "restored_privacy", "spend_of_weights",
+           "warn_changed_settings"]
 
 
 def restored_privacy(checkpoint: dict[str, Any], path: Any, mechanism: str,

@@ -145,6 +145,7 @@ class Mechanism:
         self.last_terms: LossTerms | None = None
         self._noise_multiplier = 0.0
         self.noise_multiplier = noise_multiplier
+        self.__dict__.setdefault("_expected_batch_size", None)  # a subclass may set it first
 
     # -- noise calibration ----------------------------------------------------------------
     @property
@@ -181,7 +182,12 @@ class Mechanism:
 
     def set_sampling(self, expected_batch_size: float) -> None:
         """Called with the public expected batch size ``q·N`` whenever the sampling changes
-        (before the first step and after every change of q or N)."""
+        (before the first step and after every change of q or N); kept as
+        ``_expected_batch_size`` (an override calls ``super().set_sampling`` first)."""
+        b = float(expected_batch_size)
+        if not (b > 0 and math.isfinite(b)):
+            raise ValueError(f"expected_batch_size must be finite and > 0 (q·N, public), got {b}")
+        self._expected_batch_size: float | None = b
 
     def balance_warning(self, expected_batch_size: float) -> str | None:
         """A warning to show before training when the noise of one part swamps the update

@@ -66,6 +66,7 @@ class NaiveDPSGD(Mechanism):
 
     def set_sampling(self, expected_batch_size: float) -> None:
         """B scales the batch-wise terms; n_max defaults to ``⌈2B⌉`` (public)."""
+        super().set_sampling(expected_batch_size)
         self.expected_batch_size = expected_batch_size
         if self.requested_max_batch_size is None:
             self.max_batch_size = max(1, math.ceil(2 * expected_batch_size))

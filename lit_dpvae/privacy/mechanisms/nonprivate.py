@@ -34,14 +34,7 @@ class NonPrivate(Mechanism):
     summed_over_records = {"update": False}
 
     def __init__(self, *, backend: str = "ghost") -> None:
-        self._expected_batch_size: float | None = None
         super().__init__(noise_multiplier=0.0, backend=backend)
-
-    def set_sampling(self, expected_batch_size: float) -> None:
-        b = float(expected_batch_size)
-        if not (b > 0 and math.isfinite(b)):
-            raise ValueError(f"expected_batch_size must be finite and > 0 (q·N), got {b}")
-        self._expected_batch_size = b
 
     @Mechanism.noise_multiplier.setter  # type: ignore[attr-defined]
     def noise_multiplier(self, value: float) -> None:

@@ -3,7 +3,6 @@ mechanism (docs/privacy.md §2)."""
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -75,7 +74,6 @@ class TermwiseDPSGD(Mechanism):
         self.batch_clip_setting = (None if batch_max_grad_norm is None else
                                    check_positive("batch_max_grad_norm (C_b)",
                                                   batch_max_grad_norm))
-        self._expected_batch_size: float | None = None
         share = 0.5 if sample_share is None else float(sample_share)
         if not 0.0 < share <= 1.0:
             raise ValueError(
@@ -90,12 +88,6 @@ class TermwiseDPSGD(Mechanism):
         #: prefixes; None: every trainable parameter). Fixed before training: data-independent.
         self.batch_params = parameter_prefixes(batch_params, "batch_params")
         super().__init__(noise_multiplier=noise_multiplier, backend=backend)
-
-    def set_sampling(self, expected_batch_size: float) -> None:
-        b = float(expected_batch_size)
-        if not (b > 0 and math.isfinite(b)):
-            raise ValueError(f"expected_batch_size must be finite and > 0 (q·N, public), got {b}")
-        self._expected_batch_size = b
 
     @property
     def batch_max_grad_norm(self) -> float:
