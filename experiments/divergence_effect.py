@@ -59,19 +59,29 @@ VARIANTS = {
 }
 
 
-def cells(data: str, eps: list[float], seeds: list[int], variants: list[str]) -> list[dict]:
+def cells(data: str, eps: list[float], seeds: list[int], variants: list[str],
+          split: str = "test", lam: float | None = None) -> list[dict]:
+    """The grid's cells; ``split="val"`` measures on the validation split (for choosing
+    defaults), ``lam`` overrides the pairing's default λ in the λ-on cells."""
     out = []
+    suffix = ("" if split == "test" else f"-{split}") + ("" if lam is None else f"-lam{lam:g}")
     for pairing, (_, small, _, _) in PAIRINGS.items():
         dataset = small if data == "small" else data
         for seed in seeds:
-            rows = [("nonprivate", math.inf, lam) for lam in ("on", "off")]
+            rows = [("nonprivate", math.inf, on_off) for on_off in ("on", "off")]
             for e in eps:
                 rows += [("auto", e, "off")] + [(v, e, "on") for v in variants]
-            for mech, e, lam in rows:
+            for mech, e, on_off in rows:
                 tag = "inf" if math.isinf(e) else f"{e:g}"
-                out.append({"pairing": pairing, "dataset": dataset, "mechanism": mech,
-                            "eps": e, "lam": lam, "seed": seed,
-                            "key": f"{pairing}-{dataset}-{mech}-eps{tag}-lam{lam}-s{seed}"})
+                cell = {"pairing": pairing, "dataset": dataset, "mechanism": mech,
+                        "eps": e, "lam": on_off, "seed": seed, "split": split,
+                        "key": f"{pairing}-{dataset}-{mech}-eps{tag}-lam{on_off}-s{seed}"}
+                if on_off == "on" and lam is not None:
+                    cell["model_kwargs"] = {"lam": lam}
+                    cell["key"] += suffix
+                elif split != "test":
+                    cell["key"] += f"-{split}"
+                out.append(cell)
     return out
 
 
@@ -87,8 +97,8 @@ def make_data(dataset: str, seed: int):
     raise ValueError(f"unknown data set {dataset!r}")
 
 
-def property_of(pairing: str, model, dm) -> dict[str, float]:
-    """The pairing's property on the test split (and a few side metrics)."""
+def property_of(pairing: str, model, dm, split: str = "test") -> dict[str, float]:
+    """The pairing's property on the test (or validation) split, and a few side metrics."""
     import torch
 
     from lit_dpvae.metrics import latent_mmd
@@ -98,8 +108,9 @@ def property_of(pairing: str, model, dm) -> dict[str, float]:
     dm.setup("test")
     mus, log_vars, ys, recon = [], [], [], []
     gen = torch.Generator().manual_seed(0)
+    loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
     with torch.no_grad():
-        for x, y in dm.test_dataloader():
+        for x, y in loader:
             terms = model.loss_terms(x)
             recon.append(terms.sample["recon"])
             mu, log_var = model.encode(x, None)
@@ -168,7 +179,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         result.update(epsilon=report.epsilon, sigma_eff=report.sigma_eff,
                       chosen=strategy.mechanism_name,
                       sensitivity=report.sensitivity, noise_multipliers=report.noise_multipliers)
-    result.update(property_of(cell["pairing"], model, dm))
+    result.update(property_of(cell["pairing"], model, dm, cell.get("split", "test")))
     return result
 
 
@@ -185,8 +196,12 @@ def _work(args: tuple[dict, str]) -> str:
 
 
 # ---- summary ---------------------------------------------------------------------------------
-def load(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+def load(out: Path, split: str = "test", lam: float | None = None) -> list[dict]:
+    """The cached cells measured on ``split``; λ-on cells only those run with λ = ``lam``
+    (None: the pairing's default)."""
+    rows = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    return [r for r in rows if r.get("split", "test") == split
+            and (r["lam"] == "off" or r.get("model_kwargs", {}).get("lam") == lam)]
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -293,14 +308,18 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def summary(out: Path) -> None:
-    rows = load(out)
-    lines = ["# Divergence effect (issue 15): cells", "",
+def summary(out: Path, split: str = "test", lam: float | None = None) -> None:
+    rows = load(out, split, lam)
+    name = "summary" + ("" if split == "test" else f"-{split}") + \
+        ("" if lam is None else f"-lam{lam:g}")
+    lines = [f"# Divergence effect (issue 15): cells ({split} split"
+             + ("" if lam is None else f", λ = {lam:g} in the λ-on cells") + ")", "",
              "Mean ± std over seeds. Made by `python experiments/divergence_effect.py` "
              "(and `--data fmnist`); see experiments/results/divergence_effect.md.", "",
              *table(rows), "", "## Must show", "", *must_show(rows)]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    plot(rows, out / "divergence_effect.png")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    if name == "summary":
+        plot(rows, out / "divergence_effect.png")
     print("\n".join(lines))
 
 
@@ -314,10 +333,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--summary", action="store_true", help="only summarise the cached cells")
+    ap.add_argument("--split", choices=("test", "val"), default="test",
+                    help="where the property is measured (val: for choosing defaults)")
+    ap.add_argument("--lam", type=float, default=None,
+                    help="λ of the λ-on cells (default: each pairing's own default)")
     args = ap.parse_args(argv)
     if not args.summary:
         (args.out / "cells").mkdir(parents=True, exist_ok=True)
-        todo = [c for c in cells(args.data, args.eps, args.seeds, args.variants)
+        todo = [c for c in cells(args.data, args.eps, args.seeds, args.variants, args.split,
+                                 args.lam)
                 if c["pairing"] in args.pairings
                 and not (args.out / "cells" / f"{c['key']}.json").exists()]
         print(f"{len(todo)} cells to run", flush=True)
@@ -328,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         with ProcessPoolExecutor(args.workers) as pool:
             for line in pool.map(_work, [(c, str(args.out)) for c in todo]):
                 print(line, flush=True)
-    summary(args.out)
+    summary(args.out, args.split, args.lam)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ PAIRINGS: dict[str, dict[str, Any]] = {
                                                         "label_prior": True}},
     "info": {"cls": "InfoVAE", "kwargs": {"lam": 10.0, "bandwidths": [1.0],
                                           "n_prior_samples": 128}},
-    "sparse": {"cls": "SparseVAE", "kwargs": {"lam": 100.0, "n_prior_samples": 128}},
+    "sparse": {"cls": "SparseVAE", "kwargs": {"lam": 100.0, "n_prior_samples": 128,
+                                                "divergence": "dim_mmd"}},
     "cluster": {"cls": "ClusterVAE", "kwargs": {"lam": 1.0, "n_components": 10,
                                                 "n_prior_samples": 128}},
 }

@@ -111,6 +111,14 @@ def test_shipped_pairings_only_declare_their_divergence():
     with pytest.raises(ValueError, match="divergence must be one of"):
         ClusterVAE(data_shape=(6,), latent_dim=3, divergence="kl")
     assert VanillaVAE(data_shape=(6,), hidden=(8,), likelihood="gaussian").divergence is None
+    # SparseVAE: its default sparsity term is sample-wise (no batch-wise term); the
+    # dimension-wise MMD is pairwise
+    sparse = SparseVAE(data_shape=(6,), latent_dim=3, hidden=(8,), likelihood="gaussian")
+    assert sparse.lam == 3.0 and sparse.batch_term_compositions() == {}
+    mmd = SparseVAE(data_shape=(6,), latent_dim=3, hidden=(8,), likelihood="gaussian",
+                    divergence="dim_mmd")
+    assert isinstance(mmd.divergence, PairwiseDivergence) and mmd.lam == 10.0
+    assert mmd.batch_term_compositions() == {"dim_mmd": "pairwise"}
 
 
 @pytest.mark.parametrize("divergence", ["gaussian", "nonradial"])

@@ -295,6 +295,11 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         means ``mu``, labels ``y`` (or None) and one posterior sample per record ``z``."""
         return {}
 
+    def extra_sample_terms(self, mu: Tensor, log_var: Tensor, z: Tensor) -> dict[str, Tensor]:
+        """Further sample-wise terms ``{name: [n]}`` (row i from record i only: per-record
+        clipping covers them, docs/privacy.md §2); none by default."""
+        return {}
+
     def draw_noise(self, mu: Tensor, k: int) -> Tensor:
         """Reparameterisation noise ε ``[n, K, d]`` from the global torch RNG."""
         return torch.randn(mu.shape[0], k, mu.shape[1], device=mu.device, dtype=mu.dtype)
@@ -351,7 +356,8 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
             kl = self.per_record_kl(*self.label_shift.to_base(onehot, mu, log_var, z))
         else:
             kl = self.per_record_kl(mu, log_var, z)
-        sample = {"recon": -log_px_z.mean(1), "kl": self.beta * kl}
+        sample = {"recon": -log_px_z.mean(1), "kl": self.beta * kl,
+                  **self.extra_sample_terms(mu, log_var, z)}
         batch_terms: dict[str, Tensor] = {}
         pairwise: dict[str, PairwiseTerm] = {}
         if self.divergence_key is not None and self.lam != 0.0:

@@ -3,6 +3,7 @@ verdicts."""
 
 from __future__ import annotations
 
+import json
 import math
 
 from experiments import divergence_effect as dfx
@@ -45,3 +46,27 @@ def test_must_show_verdicts():
     info = next(line for line in lines if line.startswith("| info"))
     assert "| 0.62 | ≥ 0.5 | yes |" in cluster
     assert "| 0.25 | ≥ 0.5 | **no** |" in info
+
+
+def test_validation_cells_and_lambda_overrides_are_kept_apart(tmp_path):
+    test = {c["key"] for c in dfx.cells("small", [10.0], [0], ["auto"])}
+    val3 = dfx.cells("small", [10.0], [0], ["auto"], split="val", lam=3.0)
+    val10 = dfx.cells("small", [10.0], [0], ["auto"], split="val", lam=10.0)
+    assert all(c["split"] == "val" for c in val3) and not test & {c["key"] for c in val3}
+    on3 = [c for c in val3 if c["lam"] == "on"]
+    assert on3 and all(c["model_kwargs"] == {"lam": 3.0} and c["key"].endswith("-val-lam3")
+                       for c in on3)
+    # λ = 0 cells do not depend on the override: shared between the λ grids
+    off = lambda cs: {c["key"] for c in cs if c["lam"] == "off"}  # noqa: E731
+    assert off(val3) == off(val10) and {c["key"] for c in val3 if c["lam"] == "on"}.isdisjoint(
+        c["key"] for c in val10)
+    # the summary reads one split and one λ only
+    (tmp_path / "cells").mkdir()
+    rows = [{**c, "hoyer": 0.5} for c in val3 + val10 if c["pairing"] == "sparse"]
+    rows.append({**next(c for c in dfx.cells("small", [10.0], [0], ["auto"])
+                         if c["pairing"] == "sparse"), "hoyer": 0.1})
+    for i, r in enumerate(rows):
+        (tmp_path / "cells" / f"{i}.json").write_text(json.dumps(r))
+    got = dfx.load(tmp_path, "val", 3.0)
+    assert {r["key"] for r in got} == {c["key"] for c in val3 if c["pairing"] == "sparse"}
+    assert len(dfx.load(tmp_path)) == 1

@@ -158,3 +158,54 @@ def test_auto_optimizer_is_dp_adam_bc_under_a_dp_strategy_and_adam_otherwise():
     assert type(opt) is DPAdamBC and opt.defaults["lr"] == model.lr
     with pytest.raises(ValueError, match='"auto"'):
         model_class("VanillaVAE")(**SMALL, optimizer="adamw")
+
+
+def test_sparse_hoyer_term_is_sample_wise_bounded_and_row_independent():
+    from lit_dpvae.metrics.latent import hoyer_sparsity
+    from lit_dpvae.models import SparseVAE
+
+    from .helpers import make_batch, record_noise
+
+    lam = 3.0
+    model = SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,), lam=lam,
+                      divergence="hoyer", likelihood="gaussian")
+    model.draw_noise = record_noise  # reparameterisation noise from the record itself
+    assert model.batch_term_compositions() == {}
+    x, _ = make_batch(12, (1, 8, 8))
+    x[3] = 0.0  # an extreme record next to ordinary ones
+    x[7] = 1e6
+    terms = model.loss_terms(x)
+    assert set(terms.sample) == {"recon", "kl", "hoyer"} and not terms.batch
+    h = terms.sample["hoyer"]
+    assert h.shape == (12,) and bool(torch.isfinite(h).all())
+    assert float(h.min()) >= 0.0 and float(h.max()) <= lam + 1e-6
+    # the value is λ·(1 − Hoyer sparsity) of the record's own posterior mean
+    mu = model.encode(x, None)[0].detach()
+    for i in (0, 3, 7):
+        assert float(h[i]) == pytest.approx(lam * (1 - hoyer_sparsity(mu[i:i + 1])), rel=1e-5)
+    # row i depends on record i only: replacing another record changes nothing in row i
+    x2 = x.clone()
+    x2[5] = torch.rand(1, 8, 8) * 1e3
+    h2 = model.loss_terms(x2).sample["hoyer"]
+    keep = torch.arange(12) != 5
+    assert torch.equal(h[keep], h2[keep]) and not torch.equal(h[5], h2[5])
+    # λ = 0 removes it; a code of zeros is finite; bad settings are refused with the fix
+    off = SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,), lam=0.0,
+                    divergence="hoyer", likelihood="gaussian")
+    assert "hoyer" not in off.loss_terms(x).sample
+    # float edge cases stay in [0, λ]: zeros, one-hot, huge and subnormal codes
+    edge = torch.tensor([[0.0] * 4, [0.0, 2.0, 0.0, 0.0], [1e30, -1e30, 3e29, 1e30],
+                         [1e-44, 0.0, -1e-44, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    e = model.extra_sample_terms(edge, torch.zeros_like(edge), edge[:, None])["hoyer"]
+    assert e.dtype == edge.dtype and bool(torch.isfinite(e).all())
+    assert float(e.min()) >= 0.0 and float(e.max()) <= lam
+    assert float(e[1]) == 0.0 and float(e[4]) == pytest.approx(lam)
+    with pytest.raises(ValueError, match="dim_mmd"):
+        SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,), divergence="l1")
+    with pytest.raises(ValueError, match="latent_dim >= 2"):
+        SparseVAE(data_shape=(1, 8, 8), latent_dim=1, hidden=(8,), divergence="hoyer")
+    # the default is this term; the dimension-wise MMD is batch-wise (pairwise)
+    default = SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,))
+    assert default.sparsity_term == "hoyer" and default.lam == 3.0
+    assert SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,),
+                     divergence="dim_mmd").batch_term_compositions() == {"dim_mmd": "pairwise"}

@@ -32,7 +32,8 @@ def small(cls, **kw):
     (lambda: small(VanillaVAE), "termwise", 1.0),
     (lambda: small(InfoVAE, lam=0.0), "termwise", 1.0),
     (lambda: small(InfoVAE), "pairwise", None),
-    (lambda: small(SparseVAE), "pairwise", None),
+    (lambda: small(SparseVAE), "termwise", 1.0),  # the Hoyer term is sample-wise
+    (lambda: small(SparseVAE, divergence="dim_mmd"), "pairwise", None),
     (lambda: small(ClusterVAE), "pairwise", None),
     (lambda: small(ClusterVAE, divergence="aggregate_kl"), "termwise", 0.5),
     (lambda: ToyVAE(), "termwise", 0.5),  # declares nothing: term-wise handles any term

@@ -160,6 +160,8 @@ def _model(kind: str) -> pl.LightningModule:
         kw["divergence"] = "aggregate_kl"  # the default before issue 15
     if name == "SparseVAE":
         kw.update(lam=0.5, reads="sample")  # reads: the default before issue 15
+        if "divergence" in inspect.signature(models.SparseVAE).parameters:
+            kw["divergence"] = "dim_mmd"  # the default before the per-record Hoyer term
     return getattr(models, name)(**kw)
 
 
