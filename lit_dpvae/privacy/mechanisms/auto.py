@@ -50,7 +50,8 @@ class AutoMechanism(Mechanism):
     """A placeholder the strategy replaces by ``resolve(module)`` when it connects the model:
 
     * no batch-wise term (VanillaVAE, λ = 0): term-wise with ``sample_share=1``, i.e. DP-SGD;
-    * every batch-wise term pairwise-decomposable (InfoVAE, SparseVAE, ClusterVAE's MMD):
+    * every batch-wise term pairwise-decomposable (InfoVAE, ClusterVAE's MMD, SparseVAE's
+      ``dim_mmd``; SparseVAE's default Hoyer term is sample-wise, so it takes the first case):
       ``PairwiseDPSGD`` with its defaults (C_p = C/16, shares proportional to sensitivity);
     * otherwise (an opaque divergence such as ``AggregateKL``): ``TermwiseDPSGD`` with its
       defaults (C_b = C/(2B), γ = 1/2).
