@@ -51,6 +51,11 @@ PAIRINGS = {
     "sparse": ("SparseVAE", "digits", "hoyer", +1),
     "info": ("InfoVAE", "digits", "latent_mmd", -1),
 }
+#: λ-on cells' key tag of a pairing whose default term changed (cached cells of the previous
+#: default are not reused), and pairings whose default term is sample-wise: no term-wise
+#: variants (they need a batch-wise term: the strategy refuses the model)
+KEY_TAGS = {"sparse": "hoyer"}
+SAMPLE_WISE = {"sparse"}
 #: private λ-on variants: name -> DPStrategy keywords besides the budget
 VARIANTS = {
     "auto": {},
@@ -70,12 +75,15 @@ def cells(data: str, eps: list[float], seeds: list[int], variants: list[str],
         for seed in seeds:
             rows = [("nonprivate", math.inf, on_off) for on_off in ("on", "off")]
             for e in eps:
-                rows += [("auto", e, "off")] + [(v, e, "on") for v in variants]
+                rows += [("auto", e, "off")] + [(v, e, "on") for v in variants
+                                                  if v == "auto" or pairing not in SAMPLE_WISE]
             for mech, e, on_off in rows:
                 tag = "inf" if math.isinf(e) else f"{e:g}"
                 cell = {"pairing": pairing, "dataset": dataset, "mechanism": mech,
                         "eps": e, "lam": on_off, "seed": seed, "split": split,
                         "key": f"{pairing}-{dataset}-{mech}-eps{tag}-lam{on_off}-s{seed}"}
+                if on_off == "on" and pairing in KEY_TAGS:
+                    cell["key"] += f"-{KEY_TAGS[pairing]}"
                 if on_off == "on" and lam is not None:
                     cell["model_kwargs"] = {"lam": lam}
                     cell["key"] += suffix
@@ -179,6 +187,9 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         result.update(epsilon=report.epsilon, sigma_eff=report.sigma_eff,
                       chosen=strategy.mechanism_name,
                       sensitivity=report.sensitivity, noise_multipliers=report.noise_multipliers)
+    if result["steps"] == 0:  # refused before training: an untrained model is no result
+        result[PAIRINGS[cell["pairing"]][2]] = None
+        return result
     result.update(property_of(cell["pairing"], model, dm, cell.get("split", "test")))
     return result
 
@@ -191,7 +202,8 @@ def _work(args: tuple[dict, str]) -> str:
     tmp.write_text(json.dumps(result, indent=1, default=float))
     os.replace(tmp, path)
     return f"{cell['key']}: " + ", ".join(
-        f"{k}={result[k]:.4g}" for k in ("nmi", "hoyer", "latent_mmd") if k in result) + \
+        f"{k}={result[k]:.4g}" for k in ("nmi", "hoyer", "latent_mmd")
+        if result.get(k) is not None) + \
         f" ({result['train_s']} s)"
 
 

@@ -7,7 +7,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lit_dpvae.divergences import SPIKE_BANDWIDTHS, DimensionWiseMMD
@@ -17,6 +16,8 @@ from lit_dpvae.priors import SpikeAndSlab
 
 #: λ of the per-record Hoyer penalty (``divergence="hoyer"``), chosen on digits' validation split
 HOYER_LAM = 3.0
+#: codes with ‖μ_i‖₂ below this get no Hoyer term (its gradient grows like 1/‖μ_i‖₂)
+HOYER_FLOOR = 1e-6
 
 
 class SparseVAE(BaseVAE):
@@ -82,12 +83,13 @@ class SparseVAE(BaseVAE):
             )
         if lam is None:
             lam = HOYER_LAM if divergence == "hoyer" else 10.0
+        if divergence == "hoyer":
+            # no batch-wise term (set before BaseVAE's checks read it: label_prior is allowed)
+            self.divergence_key = None
         super().__init__(lam=lam, **kwargs)
         self.sparsity_term = divergence
-        if divergence == "hoyer":
-            if self.latent_dim < 2:
-                raise ValueError("SparseVAE: divergence='hoyer' needs latent_dim >= 2")
-            self.divergence_key = None  # no batch-wise term: the penalty is sample-wise
+        if divergence == "hoyer" and self.latent_dim < 2:
+            raise ValueError("SparseVAE: divergence='hoyer' needs latent_dim >= 2")
         self.prior = SpikeAndSlab(self.latent_dim, gamma, spike_scale, slab_scale)
         self.divergence = None if divergence == "hoyer" else \
             DimensionWiseMMD(kernel, bandwidths, n_prior_samples, reads)
@@ -95,15 +97,29 @@ class SparseVAE(BaseVAE):
     def extra_sample_terms(self, mu: Tensor, log_var: Tensor, z: Tensor) -> dict[str, Tensor]:
         if self.sparsity_term != "hoyer" or self.lam == 0.0:
             return {}
-        # float64: a float32 code of 1e20 would overflow ‖μ_i‖₂² and give l1/l2 = 0; the ratio
-        # lies in [1, √d] (clamped against rounding), and a code of zeros counts as dense
-        # (ratio 1, term 0) instead of 0/0
+        # float64: a float32 code of 1e20 would overflow ‖μ_i‖₂² and give l1/l2 = 0. The ratio
+        # lies in [1, √d] (clamped against rounding). Its gradient grows like 1/‖μ_i‖₂, so codes
+        # with ‖μ_i‖₂ < HOYER_FLOOR get ratio l1/HOYER_FLOOR, clamped to 1: term 0 and gradient
+        # 0 (a code of zeros included), never a float32 overflow that would drop the record.
         m = mu.double()
         sqrt_d = math.sqrt(self.latent_dim)
         l1, l2 = m.abs().sum(1), m.norm(dim=1)
-        ratio = torch.where(l2 > 0, l1 / l2.clamp_min(1e-300), torch.ones_like(l1))
+        ratio = l1 / l2.clamp_min(HOYER_FLOOR)
         term = (ratio.clamp(1.0, sqrt_d) - 1.0) / (sqrt_d - 1.0)
         return {"hoyer": (self.lam * term).to(mu.dtype)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint saved before the Hoyer term (no ``divergence`` in its hyper-parameters)
+        was trained with the dimension-wise MMD: refused unless loaded as such, so it never
+        silently continues under another objective."""
+        hparams = checkpoint.get("hyper_parameters") or {}
+        if "divergence" not in hparams and self.sparsity_term != "dim_mmd":
+            raise ValueError(
+                "this SparseVAE checkpoint is from before the per-record Hoyer term (its "
+                "hyper-parameters have no 'divergence'): it was trained with the dimension-wise "
+                "MMD; load it with SparseVAE.load_from_checkpoint(path, divergence='dim_mmd')"
+            )
+        super().on_load_checkpoint(checkpoint)
 
     def latent_metrics(self, mu: Tensor, y: Tensor | None,
                        z: Tensor | None = None) -> dict[str, float]:

@@ -114,6 +114,29 @@ def probe_record_contract(module: nn.Module, batch: Any, n: int, *,
                         "make it read record i only. (Random numbers must be drawn in a "
                         "fixed shape per batch, not in a data-dependent count.)"
                     )
+        # 3b: every other record replaced at once, by copies of record r (two choices of r):
+        # a detached batch statistic (a max, a norm over the batch) then moves whichever
+        # record attains it, which three single replacements can miss; r's own signature
+        # must not move.
+        # (a rank of a multi-process run with < 3 records runs the same two forwards unchanged)
+        ends = (records[0], records[-1]) if records else (0, 0)
+        for r in (ends if n >= 3 or collective else ()):
+            changed = _copy_record_everywhere(batch, r, n) if n >= 3 else batch
+            same_draws()
+            signature = _record_signature(module, changed, n, records)
+            if n >= 3 and reproducible is True:
+                moved = _same_signature(reference, signature, None, only=r)
+                if moved is not True:
+                    label, i = moved
+                    raise LossTermsError(
+                        f"{label} of record {i} changed when every other record's data was "
+                        f"replaced by a copy of record {i}'s (labels included, under the same "
+                        "random draws): it reads other records — through a detached batch "
+                        "statistic such as a max or a norm over the batch, a label or a "
+                        "comparison — so per-record clipping does not bound it. Declare it in "
+                        "LossTerms.batch (a batch-wise term) instead, or make it read record "
+                        "i only."
+                    )
     _refuse_state_changes(module, states)
     return n >= 3
 
@@ -250,6 +273,26 @@ def _replace_record(batch: Any, j: int, k: int, n: int) -> Any:
     return batch
 
 
+def _copy_record_everywhere(batch: Any, k: int, n: int) -> Any:
+    """``batch`` with every record's row replaced by record ``k``'s in every per-record column
+    (the columns ``_replace_record`` replaces)."""
+    if isinstance(batch, Tensor) or isinstance(batch, np.ndarray):
+        if batch.ndim > 0 and batch.shape[0] == n:
+            batch = batch.clone() if isinstance(batch, Tensor) else batch.copy()
+            batch[:] = batch[k]
+        return batch
+    if isinstance(batch, dict):
+        return type(batch)((key, _copy_record_everywhere(v, k, n)) for key, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        scalars = all(isinstance(v, (int, float, complex, str, bool)) for v in batch)
+        if scalars and len(batch) == n:
+            items = [batch[k]] * n
+        else:
+            items = [_copy_record_everywhere(v, k, n) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch
+
+
 def _donor(batch: Any, j: int, n: int, first: bool) -> int:
     """A record whose data replaces record ``j``'s in the replacement probe: the last (or the
     first) record whose integer columns (labels, ids) differ from ``j``'s, so that label counts
@@ -339,10 +382,11 @@ def _record_signature(module: nn.Module, batch: Any, n: int, records: list[int])
     return signature
 
 
-def _same_signature(a: dict, b: dict, replaced: int | None) -> bool | tuple[str, int]:
-    """True if every probed record other than ``replaced`` has the same signature in ``a``
-    and ``b`` (bit for bit on CPU; relative 1e-6 of the row's scale on accelerators), else
-    ``(what moved, which record)``."""
+def _same_signature(a: dict, b: dict, replaced: int | None,
+                    only: int | None = None) -> bool | tuple[str, int]:
+    """True if every probed record other than ``replaced`` (only record ``only``, if given)
+    has the same signature in ``a`` and ``b`` (bit for bit on CPU; relative 1e-6 of the row's
+    scale on accelerators), else ``(what moved, which record)``."""
     if a.keys() != b.keys() or a.get("#calls") != b.get("#calls"):
         return ("the layer calls", -1 if replaced is None else (replaced + 1) % 2)
     records = a.get("#records", [])
@@ -353,7 +397,7 @@ def _same_signature(a: dict, b: dict, replaced: int | None) -> bool | tuple[str,
         if x.shape != y.shape:
             return (key, records[0] if records else -1)
         for r, record in enumerate(records):
-            if record == replaced:
+            if record == replaced or (only is not None and record != only):
                 continue
             u, v = x[r], y[r]
             if u.device.type == "cpu":

@@ -12,7 +12,11 @@ from experiments import divergence_effect as dfx
 def test_cells_cover_every_pairing_lambda_and_mechanism():
     cells = dfx.cells("small", [1.0, 10.0], [0, 1], ["auto", "termwise"])
     keys = {c["key"] for c in cells}
-    assert len(keys) == len(cells) == 3 * 2 * (2 + 2 * 3)
+    # SparseVAE's default term is sample-wise: no term-wise cells (the strategy refuses them)
+    assert len(keys) == len(cells) == 2 * (2 * (2 + 2 * 3) + (2 + 2 * 2))
+    assert not any(c["pairing"] == "sparse" and c["mechanism"] == "termwise" for c in cells)
+    # the new default's λ-on cells never reuse a cached cell of the previous default
+    assert "sparse-digits-auto-eps10-lamon-s0-hoyer" in keys
     assert {c["dataset"] for c in cells if c["pairing"] == "cluster"} == {"pinwheel"}
     assert "info-digits-auto-eps10-lamoff-s1" in keys  # λ = 0 under the defaults (DP-SGD)
     assert not any(c["mechanism"] == "termwise" and c["lam"] == "off" for c in cells)
@@ -26,6 +30,15 @@ def test_one_cell_uses_the_library_defaults(monkeypatch):
     assert out["chosen"] == "pairwise" and out["steps"] == 3 and not out["diverged"]
     assert out["sensitivity"] == {"sample": 1.0, "pairwise": 0.5}  # C_p = C/16
     assert 0 < out["epsilon"] <= 10.0 and math.isfinite(out["latent_mmd"])
+
+
+def test_a_refused_cell_records_no_property(monkeypatch):
+    monkeypatch.setattr(dfx, "STEPS", 2)
+    cell = {"pairing": "sparse", "dataset": "digits", "mechanism": "termwise", "eps": 10.0,
+            "lam": "on", "seed": 0, "key": "t"}
+    out = dfx.run_cell(cell)  # term-wise needs a batch-wise term; the Hoyer term is sample-wise
+    assert out["steps"] == 0 and out["diverged"] and out["hoyer"] is None
+    assert dfx.mean_std([out["hoyer"]])[2] == 0
 
 
 def _rows(pairing, dataset, values):

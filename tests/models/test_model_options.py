@@ -200,10 +200,30 @@ def test_sparse_hoyer_term_is_sample_wise_bounded_and_row_independent():
     assert e.dtype == edge.dtype and bool(torch.isfinite(e).all())
     assert float(e.min()) >= 0.0 and float(e.max()) <= lam
     assert float(e[1]) == 0.0 and float(e[4]) == pytest.approx(lam)
+    # its gradient stays finite in float32 however small the code (no silently dropped record)
+    for scale in (1e-3, 1e-7, 1e-20, 1e-38, 1e-44):
+        tiny = (torch.tensor([[1.0, -0.5, 0.25, 0.0]]) * scale).requires_grad_(True)
+        (g,) = torch.autograd.grad(model.extra_sample_terms(tiny, tiny, tiny[:, None])["hoyer"]
+                                   .sum(), tiny)
+        assert g.dtype == torch.float32 and bool(torch.isfinite(g).all()), scale
     with pytest.raises(ValueError, match="dim_mmd"):
         SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,), divergence="l1")
     with pytest.raises(ValueError, match="latent_dim >= 2"):
         SparseVAE(data_shape=(1, 8, 8), latent_dim=1, hidden=(8,), divergence="hoyer")
+    # with no batch-wise term, the class-conditional prior is allowed
+    SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,), conditional=True,
+              num_classes=3, label_prior=True)
+    with pytest.raises(ValueError, match="label_prior"):
+        SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,), conditional=True,
+                  num_classes=3, label_prior=True, divergence="dim_mmd")
+    # a checkpoint from before the Hoyer term (no "divergence" hyper-parameter) is refused
+    # unless loaded with the dimension-wise MMD it was trained with
+    old = {"hyper_parameters": {"lam": 10.0}, "state_dict": {}}
+    with pytest.raises(ValueError, match="divergence='dim_mmd'"):
+        default_model = SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,))
+        default_model.on_load_checkpoint(old)
+    SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,),
+              divergence="dim_mmd").on_load_checkpoint(old)
     # the default is this term; the dimension-wise MMD is batch-wise (pairwise)
     default = SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,))
     assert default.sparsity_term == "hoyer" and default.lam == 3.0

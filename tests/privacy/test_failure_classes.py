@@ -253,15 +253,22 @@ class _Coupled(nn.Module):
         elif self.how == "detached":
             x = batch[0]
             xin = x - x.mean(0).detach()
+        elif self.how == "detached_max":  # moves only when the record attaining it changes
+            x = batch[0]
+            xin = x * (1.0 + x.abs().max().detach())
         else:  # "middle": records 0 and n-1 are clean, the others read their neighbours
             x = batch[0]
             xin = torch.cat([x[:1], x[1:-1] - x[1:-1].mean(0), x[-1:]]) if len(x) > 2 else x
         return LossTerms(sample={"r": (self.dec(self.enc(xin)) - x).pow(2).sum(-1)})
 
 
-@pytest.mark.parametrize("how", ["dict", "second_float", "labels", "detached", "middle"])
+@pytest.mark.parametrize("how", ["dict", "second_float", "labels", "detached", "middle",
+                                 "detached_max"])
 def test_the_probe_sees_coupling_through_any_input(how):
     x = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    # the batch max sits in record 2, which no single replacement (records 3, 0, 5) touches:
+    # only replacing every other record at once (by copies of a probed record) moves it
+    x[2] *= 10.0
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     batch = {"dict": {"x": x}, "second_float": (torch.rand(6, 6), x), "labels": (x, y)}.get(
         how, (x, y))
