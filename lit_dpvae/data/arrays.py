@@ -69,12 +69,13 @@ class ArrayDataModule(VAEDataModule):
     """
 
     data_arguments = ("x", "y")
+    hparams_ignore = ("num_classes",)  # the model's num_classes means something else
 
     def __init__(self, x: Any, y: Any = None, *, value_range: tuple[float, float],
                  num_classes: int | None = None, rescale: bool = True,
                  test_size: int | float = 0.2, batch_size: int = 64, **kwargs: Any) -> None:
         declared, num_classes = num_classes, 1 if num_classes is None else num_classes
-        super().__init__(batch_size, **kwargs)  # hparams: num_classes as the model gets it
+        super().__init__(batch_size, **kwargs)
         if isinstance(x, (str, Path)):
             x, stored_y = load_arrays(x)
             y = stored_y if y is None else y

@@ -52,6 +52,10 @@ class VAEDataModule(ScrubbedHyperparametersMixin, LightningDataModule):
 
     #: whether records must lie in [0, 1] (images for Bernoulli-type likelihoods).
     unit_interval: bool = True
+    #: ``__init__`` arguments kept out of ``hparams``: Lightning refuses a fit whose logger gets
+    #: a key that the model's hparams hold with another value (ArrayDataModule's
+    #: ``num_classes``: the model's 0 means "unconditional", the data's 1 "no labels").
+    hparams_ignore: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -73,7 +77,7 @@ class VAEDataModule(ScrubbedHyperparametersMixin, LightningDataModule):
             raise ValueError(f"val_size must be positive, got {val_size}")
         if limit_train is not None and limit_train < 1:
             raise ValueError(f"limit_train must be >= 1 or None, got {limit_train}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
         self.batch_size = int(batch_size)
         self.seed = None if seed is None else int(seed)
         self.data_seed = int(data_seed)

@@ -81,6 +81,16 @@ class SparseVAE(BaseVAE):
                 f"SparseVAE: divergence={divergence!r} is not known; use 'dim_mmd' (batch-wise "
                 "dimension-wise MMD) or 'hoyer' (sample-wise per-record Hoyer penalty)"
             )
+        if divergence == "hoyer":  # the MMD's settings would be silently ignored
+            mmd_only = {"kernel": (kernel, "imq"), "bandwidths": (tuple(bandwidths),
+                                                                  tuple(SPIKE_BANDWIDTHS)),
+                        "n_prior_samples": (n_prior_samples, 256), "reads": (reads, "mean")}
+            given = [name for name, (value, default) in mmd_only.items() if value != default]
+            if given:
+                raise ValueError(
+                    f"SparseVAE: {', '.join(given)} only apply to divergence='dim_mmd' (the "
+                    "default 'hoyer' term has no kernel): pass divergence='dim_mmd' or drop them"
+                )
         if lam is None:
             lam = HOYER_LAM if divergence == "hoyer" else 10.0
         if divergence == "hoyer":

@@ -78,6 +78,34 @@ def test_a_vae_trains_privately_on_an_array_data_module(tmp_path):
     assert strategy.accountant.steps == 5 and 0 < strategy.epsilon() <= 3.0 * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_a_fit_with_a_logger_accepts_the_data_modules_hparams(tmp_path, labels, conditional):
+    """Lightning refuses a fit whose model and data module log one key with two values; the
+    README's own ``ArrayDataModule(x, y, ..., num_classes=10)`` next to an unconditional model
+    (num_classes=0) was refused that way under any default Trainer."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lit_dpvae.models import SparseVAE
+    from lit_dpvae.strategy import DPStrategy
+
+    if conditional and not labels:
+        pytest.skip("a conditional model needs labels")
+    x, y = _records(n=120)
+    dm = ArrayDataModule(x, y if labels else None, value_range=(-3.0, 3.0), rescale=False,
+                         num_classes=4 if labels else None, batch_size=32)
+    kw = {"conditional": True, "num_classes": dm.num_classes} if conditional else {}
+    model = SparseVAE(data_shape=(10,), latent_dim=2, hidden=(8,), likelihood="gaussian", **kw)
+    strategy = DPStrategy(target_epsilon=3.0, noise_seed=1)
+    pl.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=2,
+               logger=CSVLogger(tmp_path), enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+               default_root_dir=tmp_path).fit(model, dm)
+    assert strategy.accountant.steps == 2
+    assert "num_classes" not in dm.hparams and dm.num_classes == (4 if labels else 1)
+
+
 def test_any_map_style_dataset_becomes_a_private_data_module(tmp_path):
     """PrivateDataModule: Poisson batches (q = B/N) from a user's Dataset; the dataset is not a
     hyper-parameter; the strategy accepts the loader and accounts q."""

@@ -208,6 +208,8 @@ def test_sparse_hoyer_term_is_sample_wise_bounded_and_row_independent():
         assert g.dtype == torch.float32 and bool(torch.isfinite(g).all()), scale
     with pytest.raises(ValueError, match="dim_mmd"):
         SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,), divergence="l1")
+    with pytest.raises(ValueError, match="kernel, reads only apply to divergence='dim_mmd'"):
+        SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,), kernel="rbf", reads="sample")
     with pytest.raises(ValueError, match="latent_dim >= 2"):
         SparseVAE(data_shape=(1, 8, 8), latent_dim=1, hidden=(8,), divergence="hoyer")
     # with no batch-wise term, the class-conditional prior is allowed
