@@ -34,6 +34,14 @@ def test_settings_publish_constructor_arguments_only_never_other_attributes():
     assert "noise_multiplier" not in settings  # reported as sigma_eff
 
 
+def test_dp_sgd_reports_no_batch_part_settings():
+    mechanism = Diagnostic(max_grad_norm=0.7, sample_share=1.0, batch_params=["encoder."])
+    mechanism.set_sampling(50.0)
+    settings = mechanism.settings()
+    assert settings["sample_share"] == 1.0 and settings["max_grad_norm"] == 0.7
+    assert "batch_max_grad_norm" not in settings and "batch_params" not in settings
+
+
 def test_a_strategy_with_the_auto_mechanism_reports_before_any_fit():
     report = DPStrategy(target_epsilon=1.0).privacy_report()
     assert report.mechanism == "auto" and report.steps == 0 and report.epsilon == 0.0

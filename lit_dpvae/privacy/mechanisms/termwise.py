@@ -105,6 +105,15 @@ class TermwiseDPSGD(Mechanism):
     def part_parameters(self, part: str) -> tuple[str, ...] | None:
         return self.batch_params if part == "batch" else None
 
+    def settings(self) -> dict[str, Any]:
+        """As ``Mechanism.settings``; without a batch part (γ = 1: DP-SGD) the batch part's
+        C_b and parameter subset are left out (they play no role in the release)."""
+        out = super().settings()
+        if "batch" not in self.parts:
+            out.pop("batch_max_grad_norm", None)
+            out.pop("batch_params", None)
+        return out
+
     @property
     def sensitivity(self) -> dict[str, float]:
         sens = {"sample": self.max_grad_norm}
