@@ -359,8 +359,10 @@ def load_model(ckpt: str | Path) -> BaseVAE:
         )
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
+    saved = checkpoint.get("hyper_parameters") or {}
+    legacy = getattr(cls, "legacy_hparams", dict)(saved)  # keys an older version did not save
     if checkpoint.get(EXPORT_KEY):
-        model = cls(**checkpoint["hyper_parameters"])
+        model = cls(**legacy)
         model.load_state_dict(checkpoint["state_dict"])
         privacy = checkpoint.get("privacy") or {}
         if "accountant" in privacy:  # fine-tuning these weights continues their spend
@@ -371,7 +373,8 @@ def load_model(ckpt: str | Path) -> BaseVAE:
                 {CHECKPOINT_KEY: {"mechanism": privacy.get("mechanism"),
                                   "accountant": privacy["accountant"]}}))
     else:
-        model = cls.load_from_checkpoint(path, map_location="cpu")
+        model = cls.load_from_checkpoint(path, map_location="cpu",
+                                         **{k: v for k, v in legacy.items() if k not in saved})
     model.eval()
     return model
 

@@ -100,3 +100,28 @@ def test_audit_parser_has_a_flag_per_config_field(capsys):
     with pytest.raises(SystemExit):
         main(["audit", "--help"])
     assert "--noise-multiplier" in capsys.readouterr().out
+
+
+def test_a_pre_hoyer_sparse_export_loads_with_the_mmd_it_was_trained_with(tmp_path):
+    """An export (or checkpoint) written before SparseVAE's Hoyer term has no ``divergence``
+    hyper-parameter: the CLI's loader rebuilds the dimension-wise MMD model it was trained
+    with, and plain ``load_from_checkpoint`` refuses it with the fix (not the Hoyer objective
+    with the MMD's λ)."""
+    import torch
+
+    from lit_dpvae.cli import EXPORT_KEY, load_model
+    from lit_dpvae.models import SparseVAE
+    from lit_dpvae.strategy import MODEL_CLASS_KEY
+
+    for divergence, saved in (("dim_mmd", False), ("hoyer", True)):
+        model = SparseVAE(data_shape=(1, 8, 8), latent_dim=3, hidden=(8,), divergence=divergence)
+        hparams = dict(model.hparams)
+        if not saved:  # as an older version wrote it
+            hparams.pop("divergence")
+        path = tmp_path / f"{divergence}.pt"
+        torch.save({EXPORT_KEY: True, MODEL_CLASS_KEY: "lit_dpvae.models.SparseVAE",
+                    "hyper_parameters": hparams, "state_dict": model.state_dict(),
+                    "privacy": {}}, path)
+        loaded = load_model(path)
+        assert loaded.sparsity_term == divergence and loaded.lam == model.lam
+        assert loaded.batch_term_compositions() == model.batch_term_compositions()

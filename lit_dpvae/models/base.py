@@ -477,6 +477,13 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
     # ---- generation ----------------------------------------------------------------------------
+    @classmethod
+    def legacy_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Saved hyper-parameters with the keys an older version did not save filled in with
+        what that version used (a pairing whose default changed overrides it), so loaders that
+        build the model from them (``lit_dpvae.cli.load_model``) rebuild the trained model."""
+        return dict(hparams)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Weights loaded from a DP checkpoint (``load_from_checkpoint``) remember the privacy
         they already spent, so a later ``fit`` continues that accountant instead of starting

@@ -118,6 +118,12 @@ class SparseVAE(BaseVAE):
         term = (ratio.clamp(1.0, sqrt_d) - 1.0) / (sqrt_d - 1.0)
         return {"hoyer": (self.lam * term).to(mu.dtype)}
 
+    @classmethod
+    def legacy_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Hyper-parameters saved before the Hoyer term have no ``divergence``: they were
+        trained with the dimension-wise MMD."""
+        return {"divergence": "dim_mmd", **hparams}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint saved before the Hoyer term (no ``divergence`` in its hyper-parameters)
         was trained with the dimension-wise MMD: refused unless loaded as such, so it never

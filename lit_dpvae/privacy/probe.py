@@ -8,9 +8,10 @@ that each declared sample-wise term and pairwise code of a record depends on tha
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -95,47 +96,51 @@ def probe_record_contract(module: nn.Module, batch: Any, n: int, *,
                 "(randomness from its own generator or from Python/NumPy), so the probe "
                 "could not check that records do not read each other through labels or "
                 "detached statistics; the gradient probe still ran.", stacklevel=3)
-        for j, first in (((n // 2, False), (0, False), (n - 1, True))
-                         if n >= 3 or collective else ()):
-            changed = (_replace_record(batch, j, _donor(batch, j, n, first), n)
-                       if n >= 3 else batch)
+        opaque = sorted(_opaque_leaves(batch))
+        if opaque and n >= 3:
+            warnings.warn(
+                f"lit_dpvae: the record probe cannot look inside batch items of type "
+                f"{', '.join(opaque)}: records they hold are not replaced, so a term that "
+                "reads other records through them is not caught; pass records as tensors, "
+                "NumPy arrays or lists of scalars (in tuples, lists or mappings)", stacklevel=3)
+        # Each check: (row i of the changed batch is row src[i]; the records whose data did
+        # not change, whose signatures must not move; what changed, for the error).
+        checks: list[tuple[list[int], set[int], str]] = []
+        for j, first in ((n // 2, False), (0, False), (n - 1, True)):  # one record replaced
+            src = list(range(n))
+            if n >= 3:
+                src[j] = _donor(batch, j, n, first)
+            checks.append((src, set(range(n)) - {j}, f"only record {j}'s data changed"))
+        # every other record replaced at once, by copies of record r (r the first and the
+        # last probed): a detached statistic that only the record attaining it moves (a batch
+        # max) moves then; (a multi-process rank with < 3 records runs the same forwards)
+        for r in ((records[0], records[-1]) if records else (0, 0)):
+            checks.append(([r] * n, {r}, f"every other record's data was replaced by a copy "
+                                         f"of record {r}'s"))
+        # half swaps: every even record replaced by its odd neighbour (then the reverse), all
+        # unchanged records compared: a statistic that only some records read (gated by a
+        # label or a value) and that records r do not read
+        odd = [i + 1 if i % 2 == 0 and i + 1 < n else i for i in range(n)]
+        even = [i - 1 if i % 2 else i for i in range(n)]
+        for src, what in ((odd, "even"), (even, "odd")):
+            checks.append((src, {i for i in range(n) if src[i] == i},
+                           f"every {what} record's data was replaced by its neighbour's"))
+        for src, keep, what in (checks if n >= 3 or collective else ()):
+            changed = _remap_records(batch, src, n) if n >= 3 else batch
             same_draws()
             signature = _record_signature(module, changed, n, records)
             if n >= 3 and reproducible is True:
-                moved = _same_signature(reference, signature, j)
+                moved = _same_signature(reference, signature, keep)
                 if moved is not True:
                     label, i = moved
                     raise LossTermsError(
-                        f"{label} of record {i} changed when only record {j}'s data changed "
-                        "(every tensor of the batch, labels included, under the same random "
-                        "draws): it reads other records — through a label, a detached batch "
-                        "statistic or a comparison — so per-record clipping does not bound "
-                        "it. Declare it in LossTerms.batch (a batch-wise term) instead, or "
-                        "make it read record i only. (Random numbers must be drawn in a "
-                        "fixed shape per batch, not in a data-dependent count.)"
-                    )
-        # 3b: every other record replaced at once, by copies of record r (two choices of r):
-        # a detached batch statistic (a max, a norm over the batch) then moves whichever
-        # record attains it, which three single replacements can miss; r's own signature
-        # must not move.
-        # (a rank of a multi-process run with < 3 records runs the same two forwards unchanged)
-        ends = (records[0], records[-1]) if records else (0, 0)
-        for r in (ends if n >= 3 or collective else ()):
-            changed = _copy_record_everywhere(batch, r, n) if n >= 3 else batch
-            same_draws()
-            signature = _record_signature(module, changed, n, records)
-            if n >= 3 and reproducible is True:
-                moved = _same_signature(reference, signature, None, only=r)
-                if moved is not True:
-                    label, i = moved
-                    raise LossTermsError(
-                        f"{label} of record {i} changed when every other record's data was "
-                        f"replaced by a copy of record {i}'s (labels included, under the same "
-                        "random draws): it reads other records — through a detached batch "
-                        "statistic such as a max or a norm over the batch, a label or a "
+                        f"{label} of record {i} changed when {what} (every tensor of the "
+                        "batch, labels included, under the same random draws): it reads "
+                        "other records — through a label, a detached batch statistic or a "
                         "comparison — so per-record clipping does not bound it. Declare it in "
                         "LossTerms.batch (a batch-wise term) instead, or make it read record "
-                        "i only."
+                        "i only. (Random numbers must be drawn in a fixed shape per batch, "
+                        "not in a data-dependent count.)"
                     )
     _refuse_state_changes(module, states)
     return n >= 3
@@ -217,8 +222,8 @@ def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     """``batch`` with ``fn`` applied to every tensor (in tuples, lists and dicts, nested)."""
     if isinstance(batch, Tensor):
         return fn(batch)
-    if isinstance(batch, dict):
-        return type(batch)((k, _map_tensors(v, fn)) for k, v in batch.items())
+    if isinstance(batch, Mapping):
+        return _rebuild_mapping(batch, {k: _map_tensors(v, fn) for k, v in batch.items()})
     if isinstance(batch, (list, tuple)):
         items = [_map_tensors(v, fn) for v in batch]
         return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
@@ -252,45 +257,68 @@ def _with_grad_inputs(batch: Any, n: int) -> tuple[Any, list[Tensor]]:
     return _map_tensors(batch, leaf), inputs
 
 
-def _replace_record(batch: Any, j: int, k: int, n: int) -> Any:
-    """``batch`` with record ``j``'s row replaced by record ``k``'s in every per-record column:
-    tensors and NumPy arrays with ``n`` rows, and lists of ``n`` scalars (nested)."""
-    if isinstance(batch, Tensor) or isinstance(batch, np.ndarray):
-        if batch.ndim > 0 and batch.shape[0] == n:
-            batch = batch.clone() if isinstance(batch, Tensor) else batch.copy()
-            batch[j] = batch[k]
+_LEAVES = (int, float, complex, str, bool, np.generic)
+
+
+def _is_leaf_column(items: list | tuple, n: int) -> bool:
+    """Whether a list/tuple of ``n`` items is one per-record column: Python or NumPy scalars,
+    or tensors/arrays of one shape that are rows (0-d, or not themselves ``n`` rows long)."""
+    if len(items) != n or n == 0:
+        return False
+    if all(isinstance(v, _LEAVES) for v in items):
+        return True
+    if all(isinstance(v, (Tensor, np.ndarray)) for v in items):
+        shapes = {tuple(v.shape) for v in items}
+        return len(shapes) == 1 and (not items[0].shape or items[0].shape[0] != n)
+    return False
+
+
+def _rebuild_mapping(batch: Any, items: dict) -> Any:
+    """A mapping of ``batch``'s type holding ``items`` (a copy, so its other state is kept)."""
+    try:
+        new = copy.copy(batch)
+        for key, value in items.items():
+            new[key] = value
+        return new
+    except TypeError:
+        try:
+            return type(batch)(items)
+        except TypeError as error:
+            raise LossTermsError(
+                f"the record probe cannot rebuild a batch mapping of type "
+                f"{type(batch).__name__}: pass the batch as a dict, list or tuple") from error
+
+
+def _remap_records(batch: Any, src: list[int], n: int) -> Any:
+    """``batch`` with row ``i`` of every per-record column taken from row ``src[i]``: tensors
+    and NumPy arrays with ``n`` rows, and lists/tuples of ``n`` scalars or row tensors
+    (``_is_leaf_column``), nested in tuples, lists and any mapping."""
+    if isinstance(batch, Tensor):
+        if batch.dim() > 0 and batch.shape[0] == n:
+            return batch[torch.as_tensor(src, device=batch.device)]
         return batch
-    if isinstance(batch, dict):
-        return type(batch)((key, _replace_record(v, j, k, n)) for key, v in batch.items())
+    if isinstance(batch, np.ndarray):
+        return batch[np.asarray(src)] if batch.ndim > 0 and batch.shape[0] == n else batch
+    if isinstance(batch, Mapping):
+        return _rebuild_mapping(batch, {k: _remap_records(v, src, n) for k, v in batch.items()})
     if isinstance(batch, (list, tuple)):
-        scalars = all(isinstance(v, (int, float, complex, str, bool)) for v in batch)
-        if scalars and len(batch) == n:
-            items = list(batch)
-            items[j] = items[k]
+        if _is_leaf_column(batch, n):
+            items = [batch[i] for i in src]
         else:
-            items = [_replace_record(v, j, k, n) for v in batch]
+            items = [_remap_records(v, src, n) for v in batch]
         return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
     return batch
 
 
-def _copy_record_everywhere(batch: Any, k: int, n: int) -> Any:
-    """``batch`` with every record's row replaced by record ``k``'s in every per-record column
-    (the columns ``_replace_record`` replaces)."""
-    if isinstance(batch, Tensor) or isinstance(batch, np.ndarray):
-        if batch.ndim > 0 and batch.shape[0] == n:
-            batch = batch.clone() if isinstance(batch, Tensor) else batch.copy()
-            batch[:] = batch[k]
-        return batch
-    if isinstance(batch, dict):
-        return type(batch)((key, _copy_record_everywhere(v, k, n)) for key, v in batch.items())
+def _opaque_leaves(batch: Any) -> set[str]:
+    """Type names of the items in ``batch`` that the probe does not open or replace."""
+    if batch is None or isinstance(batch, (Tensor, np.ndarray, *_LEAVES)):
+        return set()
+    if isinstance(batch, Mapping):
+        return set().union(*(_opaque_leaves(v) for v in batch.values()))
     if isinstance(batch, (list, tuple)):
-        scalars = all(isinstance(v, (int, float, complex, str, bool)) for v in batch)
-        if scalars and len(batch) == n:
-            items = [batch[k]] * n
-        else:
-            items = [_copy_record_everywhere(v, k, n) for v in batch]
-        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
-    return batch
+        return set().union(*(_opaque_leaves(v) for v in batch))
+    return {type(batch).__name__}
 
 
 def _donor(batch: Any, j: int, n: int, first: bool) -> int:
@@ -382,13 +410,12 @@ def _record_signature(module: nn.Module, batch: Any, n: int, records: list[int])
     return signature
 
 
-def _same_signature(a: dict, b: dict, replaced: int | None,
-                    only: int | None = None) -> bool | tuple[str, int]:
-    """True if every probed record other than ``replaced`` (only record ``only``, if given)
-    has the same signature in ``a`` and ``b`` (bit for bit on CPU; relative 1e-6 of the row's
-    scale on accelerators), else ``(what moved, which record)``."""
+def _same_signature(a: dict, b: dict, keep: set[int] | None) -> bool | tuple[str, int]:
+    """True if every probed record in ``keep`` (None: every probed record) has the same
+    signature in ``a`` and ``b`` (bit for bit on CPU; relative 1e-6 of the row's scale on
+    accelerators), else ``(what moved, which record)``."""
     if a.keys() != b.keys() or a.get("#calls") != b.get("#calls"):
-        return ("the layer calls", -1 if replaced is None else (replaced + 1) % 2)
+        return ("the layer calls", min(keep) if keep else -1)
     records = a.get("#records", [])
     for key, x in a.items():
         if key.startswith("#") or x is None or b[key] is None:
@@ -397,7 +424,7 @@ def _same_signature(a: dict, b: dict, replaced: int | None,
         if x.shape != y.shape:
             return (key, records[0] if records else -1)
         for r, record in enumerate(records):
-            if record == replaced or (only is not None and record != only):
+            if keep is not None and record not in keep:
                 continue
             u, v = x[r], y[r]
             if u.device.type == "cpu":

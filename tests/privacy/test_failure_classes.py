@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -241,7 +242,7 @@ class _Coupled(nn.Module):
         self.enc, self.dec, self.how = nn.Linear(6, 2), nn.Linear(2, 6), how
 
     def loss_terms(self, batch) -> LossTerms:
-        if self.how == "dict":
+        if self.how in ("dict", "userdict"):
             x = batch["x"]
             xin = x - x.mean(0)
         elif self.how == "second_float":
@@ -256,6 +257,13 @@ class _Coupled(nn.Module):
         elif self.how == "detached_max":  # moves only when the record attaining it changes
             x = batch[0]
             xin = x * (1.0 + x.abs().max().detach())
+        elif self.how == "gated_max":  # a max that only records with label 1 read
+            x, y = batch
+            xin = x * (1.0 + (y == 1).float()[:, None] * x.abs().max().detach())
+        elif self.how in ("numpy_labels", "tensor_labels"):  # a label count, as a list column
+            x, labels = batch
+            share = sum(int(v) == 1 for v in labels) / len(labels)
+            xin = x * (1.0 + share)
         else:  # "middle": records 0 and n-1 are clean, the others read their neighbours
             x = batch[0]
             xin = torch.cat([x[:1], x[1:-1] - x[1:-1].mean(0), x[-1:]]) if len(x) > 2 else x
@@ -263,18 +271,41 @@ class _Coupled(nn.Module):
 
 
 @pytest.mark.parametrize("how", ["dict", "second_float", "labels", "detached", "middle",
-                                 "detached_max"])
+                                 "detached_max", "gated_max", "userdict", "numpy_labels",
+                                 "tensor_labels"])
 def test_the_probe_sees_coupling_through_any_input(how):
+    import collections
+
     x = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
     # the batch max sits in record 2, which no single replacement (records 3, 0, 5) touches:
-    # only replacing every other record at once (by copies of a probed record) moves it
+    # only replacing every other record at once (by copies of a probed record) moves it; with
+    # gated_max only records 1 and 4 (label 1) read it, neither the first nor the last probed
     x[2] *= 10.0
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    batch = {"dict": {"x": x}, "second_float": (torch.rand(6, 6), x), "labels": (x, y)}.get(
-        how, (x, y))
+    listed = [np.int64(v) for v in y] if how == "numpy_labels" else list(y.unbind())
+    batch = {"dict": {"x": x}, "second_float": (torch.rand(6, 6), x), "labels": (x, y),
+             "userdict": collections.UserDict(x=x), "numpy_labels": (x, listed),
+             "tensor_labels": (x, listed)}.get(how, (x, y))
     mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0)
     with pytest.raises(LossTermsError, match="record"):
         mech.aggregate(_Coupled(how), batch)
+
+
+def test_a_batch_item_the_probe_cannot_open_is_named():
+    class Opaque:  # a container the probe does not open, holding the batch's records
+        def __init__(self, x):
+            self.x = x
+
+    class Reads(_Coupled):
+        def loss_terms(self, batch):
+            x = batch[1].x
+            return LossTerms(sample={"r": (self.dec(self.enc(x)) - x).pow(2).sum(-1)})
+
+    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0)
+    # the records sit in an object the probe does not open: it says so
+    with pytest.warns(UserWarning, match="cannot look inside batch items of type Opaque"):
+        mech.aggregate(Reads("plain"), (torch.zeros(6, 0), Opaque(torch.randn(6, 6))))
+
 
 
 def test_shared_rows_are_refused_with_a_dict_batch():
