@@ -11,6 +11,7 @@ import contextlib
 import copy
 import random
 import warnings
+from collections import UserDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -111,10 +112,10 @@ def probe_record_contract(module: nn.Module, batch: Any, n: int, *,
             if n >= 3:
                 src[j] = _donor(batch, j, n, first)
             checks.append((src, set(range(n)) - {j}, f"only record {j}'s data changed"))
-        # every other record replaced at once, by copies of record r (r the first and the
-        # last probed): a detached statistic that only the record attaining it moves (a batch
+        # every other record replaced at once, by copies of record r (r = 0 and n − 1): a
+        # detached statistic that only the record attaining it moves (a batch
         # max) moves then; (a multi-process rank with < 3 records runs the same forwards)
-        for r in ((records[0], records[-1]) if records else (0, 0)):
+        for r in ((min(records), max(records)) if records else (0, 0)):
             checks.append(([r] * n, {r}, f"every other record's data was replaced by a copy "
                                          f"of record {r}'s"))
         # half swaps: every even record replaced by its odd neighbour (then the reverse), all
@@ -261,32 +262,31 @@ _LEAVES = (int, float, complex, str, bool, np.generic)
 
 
 def _is_leaf_column(items: list | tuple, n: int) -> bool:
-    """Whether a list/tuple of ``n`` items is one per-record column: Python or NumPy scalars,
-    or tensors/arrays of one shape that are rows (0-d, or not themselves ``n`` rows long)."""
+    """Whether a list/tuple of ``n`` items is one per-record column (item i is record i's:
+    scalars, row tensors of any shapes — ragged sequences —, lists, dicts): any list of ``n``
+    items none of which is itself ``n`` rows long (that is a batch of columns, e.g. ``(x, y)``
+    with n = 2)."""
     if len(items) != n or n == 0:
         return False
-    if all(isinstance(v, _LEAVES) for v in items):
-        return True
-    if all(isinstance(v, (Tensor, np.ndarray)) for v in items):
-        shapes = {tuple(v.shape) for v in items}
-        return len(shapes) == 1 and (not items[0].shape or items[0].shape[0] != n)
-    return False
+    return not any(isinstance(v, (Tensor, np.ndarray)) and v.ndim > 0 and v.shape[0] == n
+                   for v in items)
 
 
 def _rebuild_mapping(batch: Any, items: dict) -> Any:
-    """A mapping of ``batch``'s type holding ``items`` (a copy, so its other state is kept)."""
-    try:
+    """A new mapping of ``batch``'s type holding ``items``, never writing into ``batch``:
+    dicts and ``UserDict`` (e.g. transformers' ``BatchEncoding``) are copied with their other
+    state (their copies own their storage); any other mapping is built from ``items``."""
+    if isinstance(batch, (dict, UserDict)):
         new = copy.copy(batch)
         for key, value in items.items():
             new[key] = value
         return new
-    except TypeError:
-        try:
-            return type(batch)(items)
-        except TypeError as error:
-            raise LossTermsError(
-                f"the record probe cannot rebuild a batch mapping of type "
-                f"{type(batch).__name__}: pass the batch as a dict, list or tuple") from error
+    try:
+        return type(batch)(items)
+    except Exception as error:  # a custom constructor: say what to pass instead
+        raise LossTermsError(
+            f"the record probe cannot build a batch mapping of type {type(batch).__name__} "
+            "from its items: pass the batch as a dict, UserDict, list or tuple") from error
 
 
 def _remap_records(batch: Any, src: list[int], n: int) -> Any:

@@ -260,6 +260,9 @@ class _Coupled(nn.Module):
         elif self.how == "gated_max":  # a max that only records with label 1 read
             x, y = batch
             xin = x * (1.0 + (y == 1).float()[:, None] * x.abs().max().detach())
+        elif self.how == "ragged":  # a per-record sequence column, scaled by the max length
+            x, seqs = batch
+            xin = x * (1.0 + max(len(q) for q in seqs) / 10.0)
         elif self.how in ("numpy_labels", "tensor_labels"):  # a label count, as a list column
             x, labels = batch
             share = sum(int(v) == 1 for v in labels) / len(labels)
@@ -272,7 +275,7 @@ class _Coupled(nn.Module):
 
 @pytest.mark.parametrize("how", ["dict", "second_float", "labels", "detached", "middle",
                                  "detached_max", "gated_max", "userdict", "numpy_labels",
-                                 "tensor_labels"])
+                                 "tensor_labels", "ragged"])
 def test_the_probe_sees_coupling_through_any_input(how):
     import collections
 
@@ -285,10 +288,42 @@ def test_the_probe_sees_coupling_through_any_input(how):
     listed = [np.int64(v) for v in y] if how == "numpy_labels" else list(y.unbind())
     batch = {"dict": {"x": x}, "second_float": (torch.rand(6, 6), x), "labels": (x, y),
              "userdict": collections.UserDict(x=x), "numpy_labels": (x, listed),
-             "tensor_labels": (x, listed)}.get(how, (x, y))
+             "tensor_labels": (x, listed),
+             "ragged": (x, [torch.randn(2 + 5 * (i == 2), 3) for i in range(6)])}.get(how, (x, y))
     mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0)
     with pytest.raises(LossTermsError, match="record"):
         mech.aggregate(_Coupled(how), batch)
+
+
+def test_a_custom_mapping_batch_is_never_written_into():
+    from collections.abc import MutableMapping
+
+    class Batch(MutableMapping):  # its storage would be shared by a shallow copy
+        def __init__(self):
+            self._d = {}
+
+        def __getitem__(self, key):
+            return self._d[key]
+
+        def __setitem__(self, key, value):
+            self._d[key] = value
+
+        def __delitem__(self, key):
+            del self._d[key]
+
+        def __iter__(self):
+            return iter(self._d)
+
+        def __len__(self):
+            return len(self._d)
+
+    batch = Batch()
+    batch["x"] = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
+    before = batch["x"].clone()
+    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0)
+    with pytest.raises(LossTermsError, match="cannot build a batch mapping of type Batch"):
+        mech.aggregate(_Coupled("userdict"), batch)
+    assert torch.equal(batch["x"], before)
 
 
 def test_a_batch_item_the_probe_cannot_open_is_named():
