@@ -114,7 +114,7 @@ def test_shipped_pairings_only_declare_their_divergence():
     # SparseVAE: its default sparsity term is sample-wise (no batch-wise term); the
     # dimension-wise MMD is pairwise
     sparse = SparseVAE(data_shape=(6,), latent_dim=3, hidden=(8,), likelihood="gaussian")
-    assert sparse.lam == 3.0 and sparse.batch_term_compositions() == {}
+    assert sparse.lam == 10.0 and sparse.batch_term_compositions() == {}  # Gaussian: λ = 10
     mmd = SparseVAE(data_shape=(6,), latent_dim=3, hidden=(8,), likelihood="gaussian",
                     divergence="dim_mmd")
     assert isinstance(mmd.divergence, PairwiseDivergence) and mmd.lam == 10.0

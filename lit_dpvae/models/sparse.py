@@ -14,8 +14,13 @@ from lit_dpvae.metrics.latent import hoyer_sparsity
 from lit_dpvae.models.base import BaseVAE
 from lit_dpvae.priors import SpikeAndSlab
 
-#: λ of the per-record Hoyer penalty (``divergence="hoyer"``), chosen on digits' validation split
+#: λ of the per-record Hoyer penalty (``divergence="hoyer"``) by likelihood, chosen on
+#: validation splits (experiments/results/divergence_effect.md): the Gaussian reconstruction's
+#: gradient (scale 0.1) is far larger than a Bernoulli pixel's, so its records need a larger
+#: weight for the same balance. Other likelihoods (Laplace, a table's mixed one, a user's) get
+#: the Bernoulli value: not validated.
 HOYER_LAM = 3.0
+HOYER_LAM_BY_LIKELIHOOD = {"bernoulli": 3.0, "gaussian": 10.0}
 #: codes with ‖μ_i‖₂ below this get no Hoyer term (its gradient grows like 1/‖μ_i‖₂)
 HOYER_FLOOR = 1e-6
 
@@ -45,10 +50,10 @@ class SparseVAE(BaseVAE):
     References: Hoyer, JMLR 2004; Mathieu, Rainforth, Siddharth, Teh, arXiv 1812.02833.
 
     Args:
-        lam: λ, weight of the sparsity term (default ``HOYER_LAM`` = 3 for ``"hoyer"``, chosen
-            on digits' validation split with the Bernoulli likelihood; 10 for ``"dim_mmd"``).
-            With ``likelihood="gaussian"`` (scale 0.1) the reconstruction's gradient is ≈ 100×
-            larger and λ ≈ 30 is needed (experiments/sparse_own_data.py).
+        lam: λ, weight of the sparsity term. Default for ``"hoyer"``: 3 with the Bernoulli
+            likelihood (the default), 10 with ``likelihood="gaussian"`` (its reconstruction's
+            gradient is far larger), 3 otherwise (``HOYER_LAM_BY_LIKELIHOOD``, chosen on
+            validation splits); 10 for ``"dim_mmd"``.
         gamma: see ``lit_dpvae.priors.SpikeAndSlab``.
         spike_scale: see ``lit_dpvae.priors.SpikeAndSlab``.
         slab_scale: see ``lit_dpvae.priors.SpikeAndSlab``.
@@ -94,7 +99,10 @@ class SparseVAE(BaseVAE):
                     "default 'hoyer' term has no kernel): pass divergence='dim_mmd' or drop them"
                 )
         if lam is None:
-            lam = HOYER_LAM if divergence == "hoyer" else 10.0
+            like = kwargs.get("likelihood", "auto")
+            like = "bernoulli" if like == "auto" and kwargs.get("schema") is None else like
+            lam = (HOYER_LAM_BY_LIKELIHOOD.get(like, HOYER_LAM) if isinstance(like, str)
+                   else HOYER_LAM) if divergence == "hoyer" else 10.0
         if divergence == "hoyer":
             # no batch-wise term (set before BaseVAE's checks read it: label_prior is allowed)
             self.divergence_key = None

@@ -228,6 +228,9 @@ def test_sparse_hoyer_term_is_sample_wise_bounded_and_row_independent():
               divergence="dim_mmd").on_load_checkpoint(old)
     # the default is this term; the dimension-wise MMD is batch-wise (pairwise)
     default = SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,))
-    assert default.sparsity_term == "hoyer" and default.lam == 3.0
+    assert default.sparsity_term == "hoyer" and default.lam == 3.0  # Bernoulli
+    for likelihood, lam in (("gaussian", 10.0), ("laplace", 3.0), ("bernoulli", 3.0)):
+        assert SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,),
+                         likelihood=likelihood).lam == lam
     assert SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,),
                      divergence="dim_mmd").batch_term_compositions() == {"dim_mmd": "pairwise"}
