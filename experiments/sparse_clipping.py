@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| setting | Hoyer (↑) | recon | σ_eff |\n|---|---|---|---|")
     for label, (mech, eps, lam, model_kw, strategy_kw) in rows.items():
         cell = {"pairing": "sparse", "dataset": "digits", "mechanism": mech, "eps": eps,
-                "lam": lam, "seed": args.seed, "key": label, "model_kwargs": model_kw,
+                "lam": lam, "seed": args.seed, "key": label,
+                "model_kwargs": {"divergence": "dim_mmd", **model_kw},
                 "strategy_kwargs": strategy_kw}
-        cell["model_kwargs"] = {"divergence": "dim_mmd", **model_kw}
         r = de.run_cell(cell)
         print(f"| {label} | {r['hoyer']:.3f} | {r['recon']:.2f} | "
               f"{r.get('sigma_eff', '–')} |", flush=True)

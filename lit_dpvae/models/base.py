@@ -487,7 +487,18 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Weights loaded from a DP checkpoint (``load_from_checkpoint``) remember the privacy
         they already spent, so a later ``fit`` continues that accountant instead of starting
-        ε at 0 (``TermwiseDPStrategy(warm_start=...)``)."""
+        ε at 0 (``TermwiseDPStrategy(warm_start=...)``). A checkpoint of an older version whose
+        model this one would build differently (``legacy_hparams``) is refused, naming the
+        arguments that rebuild it: it never silently continues under another objective."""
+        saved = checkpoint.get("hyper_parameters") or {}
+        legacy = {k: v for k, v in type(self).legacy_hparams(saved).items() if k not in saved}
+        differ = {k: v for k, v in legacy.items() if self.hparams.get(k) != v}
+        if differ:
+            args = ", ".join(f"{k}={v!r}" for k, v in differ.items())
+            raise ValueError(
+                f"this {type(self).__name__} checkpoint was saved by an older version, whose "
+                f"model was {args} (its hyper-parameters lack them); load it with "
+                f"{type(self).__name__}.load_from_checkpoint(path, {args})")
         super().on_load_checkpoint(checkpoint)
         # Called before the weights are loaded: the loaders fingerprint them afterwards
         # (DPStrategy.load_model_state_dict, the load_from_checkpoint wrap, load_model).

@@ -19,10 +19,19 @@ from lit_dpvae.priors import SpikeAndSlab
 #: gradient (scale 0.1) is far larger than a Bernoulli pixel's, so its records need a larger
 #: weight for the same balance. Other likelihoods (Laplace, a table's mixed one, a user's) get
 #: the Bernoulli value: not validated.
-HOYER_LAM = 3.0
 HOYER_LAM_BY_LIKELIHOOD = {"bernoulli": 3.0, "gaussian": 10.0}
 #: codes with ‖μ_i‖₂ below this get no Hoyer term (its gradient grows like 1/‖μ_i‖₂)
 HOYER_FLOOR = 1e-6
+
+
+def _default_lam(divergence: str, likelihood: Any, schema: Any) -> float:
+    """λ when none is given: the MMD's 10, or the Hoyer term's for the likelihood (``"auto"``
+    without a schema is Bernoulli; any other, a table's mixed one included, gets Bernoulli's)."""
+    if divergence != "hoyer":
+        return 10.0
+    name = "bernoulli" if likelihood == "auto" and schema is None else likelihood
+    default = HOYER_LAM_BY_LIKELIHOOD["bernoulli"]
+    return HOYER_LAM_BY_LIKELIHOOD.get(name, default) if isinstance(name, str) else default
 
 
 class SparseVAE(BaseVAE):
@@ -99,10 +108,8 @@ class SparseVAE(BaseVAE):
                     "default 'hoyer' term has no kernel): pass divergence='dim_mmd' or drop them"
                 )
         if lam is None:
-            like = kwargs.get("likelihood", "auto")
-            like = "bernoulli" if like == "auto" and kwargs.get("schema") is None else like
-            lam = (HOYER_LAM_BY_LIKELIHOOD.get(like, HOYER_LAM) if isinstance(like, str)
-                   else HOYER_LAM) if divergence == "hoyer" else 10.0
+            lam = _default_lam(divergence, kwargs.get("likelihood", "auto"),
+                               kwargs.get("schema"))
         if divergence == "hoyer":
             # no batch-wise term (set before BaseVAE's checks read it: label_prior is allowed)
             self.divergence_key = None
@@ -131,21 +138,9 @@ class SparseVAE(BaseVAE):
     @classmethod
     def legacy_hparams(cls, hparams: dict[str, Any]) -> dict[str, Any]:
         """Hyper-parameters saved before the Hoyer term have no ``divergence``: they were
-        trained with the dimension-wise MMD."""
+        trained with the dimension-wise MMD (``BaseVAE.on_load_checkpoint`` refuses them as
+        the default Hoyer model)."""
         return {"divergence": "dim_mmd", **hparams}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint saved before the Hoyer term (no ``divergence`` in its hyper-parameters)
-        was trained with the dimension-wise MMD: refused unless loaded as such, so it never
-        silently continues under another objective."""
-        hparams = checkpoint.get("hyper_parameters") or {}
-        if "divergence" not in hparams and self.sparsity_term != "dim_mmd":
-            raise ValueError(
-                "this SparseVAE checkpoint is from before the per-record Hoyer term (its "
-                "hyper-parameters have no 'divergence'): it was trained with the dimension-wise "
-                "MMD; load it with SparseVAE.load_from_checkpoint(path, divergence='dim_mmd')"
-            )
-        super().on_load_checkpoint(checkpoint)
 
     def latent_metrics(self, mu: Tensor, y: Tensor | None,
                        z: Tensor | None = None) -> dict[str, float]:

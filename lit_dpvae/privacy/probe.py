@@ -262,13 +262,13 @@ _LEAVES = (int, float, complex, str, bool, np.generic)
 
 
 def _is_leaf_column(items: list | tuple, n: int) -> bool:
-    """Whether a list/tuple of ``n`` items is one per-record column (item i is record i's:
-    scalars, row tensors of any shapes — ragged sequences —, lists, dicts): any list of ``n``
-    items none of which is itself ``n`` rows long (that is a batch of columns, e.g. ``(x, y)``
-    with n = 2)."""
+    """Whether a list/tuple of ``n`` items *inside* the batch (the batch itself is a container
+    of columns) is one per-record column, item i record i's: scalars, row tensors of any shapes
+    (ragged sequences, some of length n by chance), lists, dicts — unless every item is itself
+    ``n`` rows long (a nested container of columns)."""
     if len(items) != n or n == 0:
         return False
-    return not any(isinstance(v, (Tensor, np.ndarray)) and v.ndim > 0 and v.shape[0] == n
+    return not all(isinstance(v, (Tensor, np.ndarray)) and v.ndim > 0 and v.shape[0] == n
                    for v in items)
 
 
@@ -289,10 +289,11 @@ def _rebuild_mapping(batch: Any, items: dict) -> Any:
             "from its items: pass the batch as a dict, UserDict, list or tuple") from error
 
 
-def _remap_records(batch: Any, src: list[int], n: int) -> Any:
+def _remap_records(batch: Any, src: list[int], n: int, top: bool = True) -> Any:
     """``batch`` with row ``i`` of every per-record column taken from row ``src[i]``: tensors
-    and NumPy arrays with ``n`` rows, and lists/tuples of ``n`` scalars or row tensors
-    (``_is_leaf_column``), nested in tuples, lists and any mapping."""
+    and NumPy arrays with ``n`` rows, and lists/tuples of ``n`` per-record items
+    (``_is_leaf_column``), nested in tuples, lists and any mapping (``top``: the batch itself,
+    a container of columns)."""
     if isinstance(batch, Tensor):
         if batch.dim() > 0 and batch.shape[0] == n:
             return batch[torch.as_tensor(src, device=batch.device)]
@@ -300,12 +301,13 @@ def _remap_records(batch: Any, src: list[int], n: int) -> Any:
     if isinstance(batch, np.ndarray):
         return batch[np.asarray(src)] if batch.ndim > 0 and batch.shape[0] == n else batch
     if isinstance(batch, Mapping):
-        return _rebuild_mapping(batch, {k: _remap_records(v, src, n) for k, v in batch.items()})
+        return _rebuild_mapping(batch, {k: _remap_records(v, src, n, False)
+                                        for k, v in batch.items()})
     if isinstance(batch, (list, tuple)):
-        if _is_leaf_column(batch, n):
+        if not top and _is_leaf_column(batch, n):
             items = [batch[i] for i in src]
         else:
-            items = [_remap_records(v, src, n) for v in batch]
+            items = [_remap_records(v, src, n, False) for v in batch]
         return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
     return batch
 

@@ -234,3 +234,38 @@ def test_sparse_hoyer_term_is_sample_wise_bounded_and_row_independent():
                          likelihood=likelihood).lam == lam
     assert SparseVAE(data_shape=(1, 8, 8), latent_dim=4, hidden=(8,),
                      divergence="dim_mmd").batch_term_compositions() == {"dim_mmd": "pairwise"}
+
+
+@pytest.mark.parametrize(("arch", "k"), [("mlp", 1), ("conv", 2)])
+def test_hoyer_default_released_sum_moves_by_at_most_c_on_adversarial_neighbours(arch, k):
+    """The clipped sum ``auto`` releases for SparseVAE's default (DP-SGD on recon + kl + hoyer)
+    moves by ≤ C when one record is added: a zero image into a zero-bias encoder (μ = 0, the
+    term's floor), a one-hot code, a saturated image, large values (Gaussian likelihood), a
+    duplicate."""
+    from lit_dpvae.models import SparseVAE
+    from lit_dpvae.privacy.mechanisms import AutoMechanism
+
+    from .helpers import record_noise
+    from .test_tabular_models import coupled_diff
+
+    torch.manual_seed(0)
+    model = SparseVAE(data_shape=(1, 8, 8), latent_dim=4, arch=arch, hidden=(16,),
+                      channels=(4, 8), likelihood="gaussian", n_samples=k)
+    model.draw_noise = record_noise
+    with torch.no_grad():
+        for name, p in model.encoder.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()  # a zero record then has μ = 0 exactly
+    mech = AutoMechanism().resolve(model)[0]
+    assert mech.name == "termwise" and mech.parts == ("sample",)
+    mech.noise_multiplier, c = 1.0, mech.max_grad_norm
+    mech.set_sampling(8.0)
+    s = torch.rand(7, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    extras = [torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8), torch.full((1, 1, 8, 8), 30.0),
+              s[:1].clone(), torch.rand(1, 1, 8, 8) * 0.01]
+    worst = 0.0
+    for x in extras:
+        d = coupled_diff(mech, model, s, torch.cat([s[:3], x, s[3:]]))["sample"]
+        assert math.isfinite(d) and d <= c * (1 + 1e-5), (float(x.max()), d)
+        worst = max(worst, d)
+    assert worst > 0.5 * c  # not vacuous: a record's clipped gradient is released

@@ -289,7 +289,8 @@ def test_the_probe_sees_coupling_through_any_input(how):
     batch = {"dict": {"x": x}, "second_float": (torch.rand(6, 6), x), "labels": (x, y),
              "userdict": collections.UserDict(x=x), "numpy_labels": (x, listed),
              "tensor_labels": (x, listed),
-             "ragged": (x, [torch.randn(2 + 5 * (i == 2), 3) for i in range(6)])}.get(how, (x, y))
+             # ragged, record 1's sequence as long as the batch (n = 6) by chance
+             "ragged": (x, [torch.randn(n, 3) for n in (2, 6, 7, 2, 2, 2)])}.get(how, (x, y))
     mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0)
     with pytest.raises(LossTermsError, match="record"):
         mech.aggregate(_Coupled(how), batch)
