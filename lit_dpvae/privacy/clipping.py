@@ -50,6 +50,7 @@ from lit_dpvae.privacy.capture import (
     named_trainable,
     rows_per_record,
 )
+from lit_dpvae.privacy.conv import SAMPLERS
 
 BACKENDS = ("ghost", "hooks", "functorch")
 _EPS = 1e-6
@@ -165,7 +166,8 @@ def _block_grads(call: LayerCall, backprops: Tensor, n: int, lo: int, hi: int,
     else:
         acts = [a[lo * m:hi * m] for a in call.activations]
         b = backprops[lo * m:hi * m]
-    sampler = None if functorch else GradSampleModule.GRAD_SAMPLERS.get(type(call.module))
+    sampler = None if functorch else (SAMPLERS.get(type(call.module))
+                                      or GradSampleModule.GRAD_SAMPLERS.get(type(call.module)))
     if sampler is None:
         grads = ft_compute_per_sample_gradient(call.module, acts, b)
     else:

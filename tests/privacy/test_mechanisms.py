@@ -464,18 +464,17 @@ def test_layers_that_cannot_be_cut_by_rows_keep_the_oracle(make, monkeypatch):
 def test_conv_sampler_calls_are_blocked(limit, monkeypatch):
     """The conv sampler really sees blocks of ≤ the bound (kept route: one pass; two-pass route:
     each block twice), not the whole batch."""
-    from opacus.grad_sample import GradSampleModule
-
     import lit_dpvae.privacy.clipping as gs
+    from lit_dpvae.privacy.conv import SAMPLERS
 
-    conv_sampler = GradSampleModule.GRAD_SAMPLERS[nn.Conv2d]
+    conv_sampler = SAMPLERS[nn.Conv2d]
     rows_seen = []
 
     def spy(module, activations, backprops):
         rows_seen.append(backprops.shape[0])
         return conv_sampler(module, activations, backprops)
 
-    monkeypatch.setitem(GradSampleModule.GRAD_SAMPLERS, nn.Conv2d, spy)
+    monkeypatch.setitem(SAMPLERS, nn.Conv2d, spy)
     monkeypatch.setattr(gs, "_SAMPLER_BLOCK", 2 * 144)  # the toy's conv: 16 · 9 per row
     monkeypatch.setattr(gs, "_MATERIALISE_LIMIT", limit)
     model, shape = make_toy("conv")

@@ -1,0 +1,137 @@
+"""Per-record gradients of ``nn.Conv2d`` without unfolding the input (docs/privacy.md §2).
+
+Opacus' conv sampler forms the unfolded input ``[rows, C_in·k², L]`` (im2col, a k²-fold copy of
+the activation) and multiplies it by the backprops. The same per-record weight gradients
+
+    G_i[o, c, u, v] = Σ_{y,x} b_i[o, y, x] · a_i[c, s·y + d·u − p, s·x + d·v − p]
+
+are a convolution too, and torch has two exact ways to form them for a whole block of records
+at once, with the records folded into the groups of one convolution:
+
+- ``"grouped_backward"``: the weight gradient of a convolution with ``groups = rows`` (input
+  ``[1, rows·C_in, H, W]``, output gradient ``[1, rows·C_out, H', W']``), the route
+  ``torch.func.vmap`` takes; fast for 3×3 stride-1 layers with tens of channels;
+- ``"grouped_forward"``: a forward convolution of the input, channels as the batch
+  (``[C_in, rows, H, W]``), with the output gradient as ``rows·C_out`` one-channel kernels
+  (stride and dilation swap roles; Opacus' ``convolution2d_backward_as_a_convolution``); fast
+  when ``C_in`` or ``C_out`` is small (an image's first or last layer);
+- ``"unfold"``: Opacus' sampler (im2col + einsum); fast for strided layers at low resolution.
+
+All three return the per-record gradients themselves, materialised: the norm that sets each
+``c_i`` and the clipped sum ``Σ c_i g_i`` are formed from the *same* tensor (§2, rule (i)), so
+which method ran changes rounding (float32, IEEE kernels) and time, never the bound. Which one
+is fastest depends on the layer and the machine, so the first call of a layer configuration
+times each method once on that block and keeps the fastest for the process
+(``_chosen``, keyed by the layer's settings and the per-record shapes: never by values, and not
+by the number of records, so adding a record to a batch does not switch the method). Layers
+outside the shape these methods cover (``groups > 1``, a non-zero ``padding_mode``, a string
+padding, a subclass) keep Opacus' sampler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from torch import Tensor, nn
+
+Sampler = Callable[[nn.Module, list[Tensor], Tensor], dict[nn.Parameter, Tensor]]
+
+
+def _grouped_forward(layer: nn.Conv2d, x: Tensor, g: Tensor) -> Tensor:
+    rows, c_in = x.shape[:2]
+    c_out = g.shape[1]
+    kh, kw = layer.kernel_size
+    kernels = g.reshape(rows * c_out, 1, *g.shape[2:])
+    out = F.conv2d(x.transpose(0, 1), kernels, stride=layer.dilation, padding=layer.padding,
+                   dilation=layer.stride, groups=rows)  # [C_in, rows·C_out, ≥kh, ≥kw]
+    out = out[:, :, :kh, :kw]
+    return out.reshape(c_in, rows, c_out, kh, kw).permute(1, 2, 0, 3, 4)
+
+
+def _grouped_backward(layer: nn.Conv2d, x: Tensor, g: Tensor) -> Tensor:
+    rows, c_in = x.shape[:2]
+    c_out = g.shape[1]
+    weight_shape = [rows * c_out, c_in, *layer.kernel_size]
+    _, grad_w, _ = torch.ops.aten.convolution_backward(
+        g.reshape(1, rows * c_out, *g.shape[2:]), x.reshape(1, rows * c_in, *x.shape[2:]),
+        x.new_empty(weight_shape), None, list(layer.stride), list(layer.padding),
+        list(layer.dilation), False, [0, 0], rows, [False, True, False])
+    return grad_w.reshape(rows, c_out, c_in, *layer.kernel_size)
+
+
+def _unfold(layer: nn.Conv2d, x: Tensor, g: Tensor) -> Tensor:
+    return compute_conv_grad_sample(layer, [x], g)[layer.weight]
+
+
+#: The exact per-record weight-gradient methods, by name.
+METHODS: dict[str, Callable[[nn.Conv2d, Tensor, Tensor], Tensor]] = {
+    "grouped_backward": _grouped_backward,
+    "grouped_forward": _grouped_forward,
+    "unfold": _unfold,
+}
+
+#: layer configuration and per-record shapes -> the method chosen for it in this process
+_chosen: dict[tuple, str] = {}
+
+
+def covered(layer: nn.Module) -> bool:
+    """A layer these methods compute: exactly ``nn.Conv2d``, one group, zero padding given as
+    numbers."""
+    return (type(layer) is nn.Conv2d and layer.groups == 1 and layer.padding_mode == "zeros"
+            and not isinstance(layer.padding, str))
+
+
+def _key(layer: nn.Conv2d, x: Tensor, g: Tensor) -> tuple:
+    return (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+            layer.padding, layer.dilation, tuple(x.shape[1:]), tuple(g.shape[1:]),
+            x.dtype, x.device.type, x.device.index)
+
+
+def _timed(fn: Callable[[], Tensor], device: torch.device) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()  # warm-up (kernel selection, allocation)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def method_for(layer: nn.Conv2d, x: Tensor, g: Tensor) -> str:
+    """The method for this layer configuration: chosen once by timing each on this block."""
+    key = _key(layer, x, g)
+    if key not in _chosen:
+        times = {name: _timed(lambda f=f: f(layer, x, g), x.device)
+                 for name, f in METHODS.items()}
+        _chosen[key] = min(times, key=times.__getitem__)
+    return _chosen[key]
+
+
+def conv2d_grad_sample(layer: nn.Module, activations: list[Tensor], backprops: Tensor
+                       ) -> dict[nn.Parameter, Tensor]:
+    """Per-row gradients ``{param: [rows, *param.shape]}`` of a Conv2d call (the sampler
+    interface of Opacus' ``GRAD_SAMPLERS``)."""
+    if not covered(layer):
+        return compute_conv_grad_sample(layer, activations, backprops)
+    assert isinstance(layer, nn.Conv2d)
+    x = activations[0].to(backprops.dtype)
+    g = backprops
+    out: dict[nn.Parameter, Tensor] = {}
+    if x.shape[0] == 0:
+        return compute_conv_grad_sample(layer, [x], g)
+    if layer.weight.requires_grad:
+        out[layer.weight] = METHODS[method_for(layer, x, g)](layer, x, g).contiguous()
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = g.sum(dim=(2, 3))
+    return out
+
+
+#: The project's own samplers, consulted before Opacus' (``clipping._block_grads``).
+SAMPLERS: dict[type, Sampler] = {nn.Conv2d: conv2d_grad_sample}

@@ -1,0 +1,118 @@
+"""The project's Conv2d per-record gradients (lit_dpvae/privacy/conv.py): every method equals a
+one-record-at-a-time autograd oracle on strided, dilated, padded, rectangular and bias-free
+layers; the choice between them depends on the layer and shapes only (never on values or on the
+number of records); and a clipped release through a conv model stays within C per record
+whichever method is forced (neighbouring batches, adversarial images)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lit_dpvae.privacy import TermwiseDPSGD
+from lit_dpvae.privacy import conv as conv_samplers
+from lit_dpvae.privacy.terms import LossTerms
+
+LAYERS = [
+    dict(in_channels=1, out_channels=3, kernel_size=3, padding=1),
+    dict(in_channels=3, out_channels=4, kernel_size=(3, 2), stride=(2, 1), padding=(1, 0)),
+    dict(in_channels=2, out_channels=5, kernel_size=3, stride=2, padding=2, dilation=2,
+         bias=False),
+    dict(in_channels=4, out_channels=1, kernel_size=1),
+    dict(in_channels=3, out_channels=2, kernel_size=4, stride=3),
+    dict(in_channels=2, out_channels=3, kernel_size=3, padding=1, dilation=(2, 1)),
+]
+
+
+def _oracle(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> dict:
+    """∂⟨layer(x_i), g_i⟩/∂θ for each record alone."""
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    rows = [torch.autograd.grad((layer(x[i:i + 1]) * g[i:i + 1]).sum(), params)
+            for i in range(x.shape[0])]
+    return {p: torch.stack([r[k] for r in rows]) for k, p in enumerate(params)}
+
+
+@pytest.mark.parametrize("settings", LAYERS)
+@pytest.mark.parametrize("method", sorted(conv_samplers.METHODS))
+def test_every_method_equals_the_per_record_oracle(settings, method, monkeypatch):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(**settings)
+    x = torch.randn(5, settings["in_channels"], 11, 9)
+    g = torch.randn_like(layer(x))
+    monkeypatch.setattr(conv_samplers, "method_for", lambda *a: method)
+    got = conv_samplers.conv2d_grad_sample(layer, [x], g)
+    want = _oracle(layer, x, g)
+    assert set(got) == set(want)
+    for p in want:
+        torch.testing.assert_close(got[p], want[p], rtol=1e-4, atol=1e-5)
+
+
+def test_the_choice_depends_on_shapes_not_on_values_or_the_number_of_records(monkeypatch):
+    """Timed once per layer configuration and per-record shapes; later calls with other values
+    or another number of records reuse it (a record joining a batch never switches the method,
+    so the other records' gradients keep their rounding)."""
+    monkeypatch.setattr(conv_samplers, "_chosen", {})
+    timed = []
+    real = conv_samplers._timed
+    monkeypatch.setattr(conv_samplers, "_timed",
+                        lambda fn, device: timed.append(1) or real(fn, device))
+    layer = nn.Conv2d(2, 3, 3, padding=1)
+    for n, scale in [(4, 1.0), (7, 1e30), (1, 0.0)]:
+        x = torch.randn(n, 2, 6, 6) * scale
+        conv_samplers.conv2d_grad_sample(layer, [x], torch.randn(n, 3, 6, 6))
+    assert len(timed) == len(conv_samplers.METHODS)
+    assert len(conv_samplers._chosen) == 1
+    conv_samplers.conv2d_grad_sample(layer, [torch.randn(3, 2, 8, 6)], torch.randn(3, 3, 8, 6))
+    assert len(conv_samplers._chosen) == 2  # another image shape is another configuration
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(2, 4, 3, groups=2), nn.Conv2d(2, 3, 3, padding="same"),
+    nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")])
+def test_layers_outside_the_methods_keep_opacus_sampler(layer):
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    assert not conv_samplers.covered(layer)
+    x = torch.randn(3, 2, 7, 7)
+    g = torch.randn_like(layer(x))
+    got = conv_samplers.conv2d_grad_sample(layer, [x], g)
+    want = compute_conv_grad_sample(layer, [x], g)
+    for p in want:
+        assert torch.equal(got[p], want[p])
+
+
+class _ConvNet(nn.Module):
+    """Conv stack ending in one record-wise loss: a stride-2 conv, a 3×3 conv, a one-channel
+    conv (each method's favourite case)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(1, 6, 4, stride=2, padding=1), nn.Tanh(),
+                                 nn.Conv2d(6, 6, 3, padding=1), nn.Tanh(),
+                                 nn.Conv2d(6, 1, 3, padding=1))
+
+    def loss_terms(self, batch):
+        x = batch[0]
+        return LossTerms(sample={"recon": self.net(x).flatten(1).pow(2).sum(1)}, batch={})
+
+
+@pytest.mark.parametrize("method", sorted(conv_samplers.METHODS))
+def test_neighbouring_batches_move_the_clipped_sum_by_at_most_c(method, monkeypatch):
+    """Add one adversarial image (huge, tiny, constant, a copy of another record) to a batch:
+    the released sample sum moves by ≤ C, with each method forced for every layer."""
+    monkeypatch.setattr(conv_samplers, "method_for", lambda *a: method)
+    model = _ConvNet()
+    g = torch.Generator().manual_seed(2)
+    base = torch.rand(6, 1, 8, 8, generator=g)
+    clip = 0.05
+    mech = TermwiseDPSGD(max_grad_norm=clip, noise_multiplier=1.0, sample_share=1.0)
+    released = mech.aggregate(model, (base,))["sample"]
+    for extra in (torch.full((1, 1, 8, 8), 1e18), torch.full((1, 1, 8, 8), 1e-30),
+                  torch.ones(1, 1, 8, 8), base[:1].clone()):
+        neighbour = mech.aggregate(model, (torch.cat([base, extra]),))["sample"]
+        moved = torch.sqrt(sum((neighbour[k].double() - released[k].double()).pow(2).sum()
+                               for k in released))
+        assert float(moved) <= clip * (1 + 1e-5)
+        assert float(moved) > 0 or float(extra.abs().max()) == 0
