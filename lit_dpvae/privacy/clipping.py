@@ -50,7 +50,7 @@ from lit_dpvae.privacy.capture import (
     named_trainable,
     rows_per_record,
 )
-from lit_dpvae.privacy.conv import SAMPLERS
+from lit_dpvae.privacy.conv import SAMPLERS, covered, jacobian_rows
 
 BACKENDS = ("ghost", "hooks", "functorch")
 _EPS = 1e-6
@@ -87,7 +87,7 @@ def _trainable_numel(call: LayerCall) -> int:
     return sum(p.numel() for p in call.module.parameters(recurse=False) if p.requires_grad)
 
 
-def _record_blocks(call: LayerCall, n: int) -> list[tuple[int, int]]:
+def _record_blocks(call: LayerCall, n: int, directions: int = 1) -> list[tuple[int, int]]:
     """Record ranges ``[lo, hi)`` for the sampler calls of one layer call. Blocks only when every
     input of the call has the batch's rows first (an EmbeddingBag's flat indices do not: one
     block); a block's working set is ``rows × max(input per row × kernel size, parameters)``."""
@@ -100,7 +100,7 @@ def _record_blocks(call: LayerCall, n: int) -> list[tuple[int, int]]:
     if isinstance(call.module, nn.modules.conv._ConvNd):
         per_row *= math.prod(call.module.kernel_size)  # the sampler's unfold
     per_row = max(per_row, _trainable_numel(call), 1)
-    records = max(1, _SAMPLER_BLOCK // (per_row * m))
+    records = max(1, _SAMPLER_BLOCK // (per_row * m * directions))
     return [(lo, min(n, lo + records)) for lo in range(0, n, records)]
 
 
@@ -192,6 +192,28 @@ def per_sample_grads(call: LayerCall, backprops: Tensor, n: int, functorch: bool
     if len(parts) == 1:
         return parts[0]
     return {p: torch.cat([part[p] for part in parts]) for p in parts[0]}
+
+
+def per_record_jacobian(call: LayerCall, backprops: Tensor, n: int,
+                        own: Sequence[nn.Parameter]) -> dict[nn.Parameter, Tensor]:
+    """Per-record Jacobian rows ``{param: [n, d, P_param]}`` of one layer call for ``d`` output
+    gradients ``backprops [d, rows, ...]`` (the pairwise mechanism's latent directions), for the
+    parameters ``own`` of the layer. A plain Conv2d (``conv.covered``) forms all ``d``
+    directions in one grouped convolution per block of records; any other layer calls its
+    per-sample sampler once per direction."""
+    d = backprops.shape[0]
+    m = rows_per_record(call, n)
+    if covered(call.module) and len(call.activations) == 1:
+        out = {p: backprops.new_empty(n, d, p.numel()) for p in own}
+        for lo, hi in _record_blocks(call, n, directions=d):
+            rows = jacobian_rows(call.module, call.activations[0][lo * m:hi * m],
+                                 backprops[:, lo * m:hi * m])
+            for p in own:  # [rows, d, *shape] (a permuted view) into its records' slice
+                g = rows[p].reshape(hi - lo, m, d, -1).sum(1) if m > 1 else rows[p]
+                out[p][lo:hi].view(hi - lo, d, *g.shape[2:]).copy_(g)
+        return out
+    per_k = [per_sample_grads(call, backprops[k], n, functorch=False) for k in range(d)]
+    return {p: torch.stack([g[p].reshape(n, -1) for g in per_k], 1) for p in own}
 
 
 def layer_backprops(cap: Any, loss: Tensor) -> list[Tensor]:

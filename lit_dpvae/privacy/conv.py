@@ -43,31 +43,39 @@ Sampler = Callable[[nn.Module, list[Tensor], Tensor], dict[nn.Parameter, Tensor]
 
 def _grouped_forward(layer: nn.Conv2d, x: Tensor, g: Tensor) -> Tensor:
     rows, c_in = x.shape[:2]
-    c_out = g.shape[1]
+    d, c_out = g.shape[0], g.shape[2]
     kh, kw = layer.kernel_size
-    kernels = g.reshape(rows * c_out, 1, *g.shape[2:])
+    kernels = g.transpose(0, 1).reshape(rows * d * c_out, 1, *g.shape[3:])
     out = F.conv2d(x.transpose(0, 1), kernels, stride=layer.dilation, padding=layer.padding,
-                   dilation=layer.stride, groups=rows)  # [C_in, rows·C_out, ≥kh, ≥kw]
+                   dilation=layer.stride, groups=rows)  # [C_in, rows·d·C_out, ≥kh, ≥kw]
     out = out[:, :, :kh, :kw]
-    return out.reshape(c_in, rows, c_out, kh, kw).permute(1, 2, 0, 3, 4)
+    return out.reshape(c_in, rows, d, c_out, kh, kw).permute(1, 2, 3, 0, 4, 5)
 
 
 def _grouped_backward(layer: nn.Conv2d, x: Tensor, g: Tensor) -> Tensor:
     rows, c_in = x.shape[:2]
-    c_out = g.shape[1]
-    weight_shape = [rows * c_out, c_in, *layer.kernel_size]
+    d, c_out = g.shape[0], g.shape[2]
+    weight_shape = [rows * d * c_out, c_in, *layer.kernel_size]
     _, grad_w, _ = torch.ops.aten.convolution_backward(
-        g.reshape(1, rows * c_out, *g.shape[2:]), x.reshape(1, rows * c_in, *x.shape[2:]),
-        x.new_empty(weight_shape), None, list(layer.stride), list(layer.padding),
-        list(layer.dilation), False, [0, 0], rows, [False, True, False])
-    return grad_w.reshape(rows, c_out, c_in, *layer.kernel_size)
+        g.transpose(0, 1).reshape(1, rows * d * c_out, *g.shape[3:]),
+        x.reshape(1, rows * c_in, *x.shape[2:]), x.new_empty(weight_shape), None,
+        list(layer.stride), list(layer.padding), list(layer.dilation), False, [0, 0], rows,
+        [False, True, False])
+    return grad_w.reshape(rows, d, c_out, c_in, *layer.kernel_size)
 
 
 def _unfold(layer: nn.Conv2d, x: Tensor, g: Tensor) -> Tensor:
-    return compute_conv_grad_sample(layer, [x], g)[layer.weight]
+    patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                       stride=layer.stride)  # [rows, C_in·k², L]
+    d, rows, c_out = g.shape[:3]
+    out = torch.einsum("dnol,npl->ndop", g.reshape(d, rows, c_out, -1), patches)
+    return out.reshape(rows, d, *layer.weight.shape)
 
 
-#: The exact per-record weight-gradient methods, by name.
+#: The exact per-record weight-gradient methods, by name: ``f(layer, x [rows, C_in, H, W],
+#: g [d, rows, C_out, H', W']) -> [rows, d, *weight.shape]``, the gradients of ``⟨out, g_k⟩``
+#: for each row and each of ``d`` output directions (d = 1: the per-sample gradient; d > 1:
+#: the rows of a per-record Jacobian, as the pairwise mechanism's latent Gram needs).
 METHODS: dict[str, Callable[[nn.Conv2d, Tensor, Tensor], Tensor]] = {
     "grouped_backward": _grouped_backward,
     "grouped_forward": _grouped_forward,
@@ -87,7 +95,7 @@ def covered(layer: nn.Module) -> bool:
 
 def _key(layer: nn.Conv2d, x: Tensor, g: Tensor) -> tuple:
     return (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-            layer.padding, layer.dilation, tuple(x.shape[1:]), tuple(g.shape[1:]),
+            layer.padding, layer.dilation, tuple(x.shape[1:]), g.shape[0], tuple(g.shape[2:]),
             x.dtype, x.device.type, x.device.index)
 
 
@@ -114,23 +122,29 @@ def method_for(layer: nn.Conv2d, x: Tensor, g: Tensor) -> str:
     return _chosen[key]
 
 
+def jacobian_rows(layer: nn.Module, x: Tensor, g: Tensor) -> dict[nn.Parameter, Tensor]:
+    """``{param: [rows, d, *param.shape]}``: for each row of the call and each of the ``d``
+    output gradients ``g [d, rows, C_out, H', W']``, the gradient of that row's
+    ``⟨output, g_k⟩`` w.r.t. the layer's own trainable parameters (a :func:`covered` layer);
+    possibly permuted views (the caller copies them where it keeps them)."""
+    assert isinstance(layer, nn.Conv2d) and covered(layer)
+    x = x.to(g.dtype)
+    out: dict[nn.Parameter, Tensor] = {}
+    if layer.weight.requires_grad:
+        out[layer.weight] = METHODS[method_for(layer, x, g)](layer, x, g)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = g.sum(dim=(3, 4)).transpose(0, 1)
+    return out
+
+
 def conv2d_grad_sample(layer: nn.Module, activations: list[Tensor], backprops: Tensor
                        ) -> dict[nn.Parameter, Tensor]:
     """Per-row gradients ``{param: [rows, *param.shape]}`` of a Conv2d call (the sampler
     interface of Opacus' ``GRAD_SAMPLERS``)."""
-    if not covered(layer):
+    if not covered(layer) or activations[0].shape[0] == 0:
         return compute_conv_grad_sample(layer, activations, backprops)
-    assert isinstance(layer, nn.Conv2d)
-    x = activations[0].to(backprops.dtype)
-    g = backprops
-    out: dict[nn.Parameter, Tensor] = {}
-    if x.shape[0] == 0:
-        return compute_conv_grad_sample(layer, [x], g)
-    if layer.weight.requires_grad:
-        out[layer.weight] = METHODS[method_for(layer, x, g)](layer, x, g).contiguous()
-    if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = g.sum(dim=(2, 3))
-    return out
+    return {p: rows[:, 0].contiguous() for p, rows in
+            jacobian_rows(layer, activations[0], backprops[None]).items()}
 
 
 #: The project's own samplers, consulted before Opacus' (``clipping._block_grads``).

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_dpvae.privacy.capture import AttributionError, LayerCall, is_plain_linear, rows_per_record
-from lit_dpvae.privacy.clipping import clip_factors, per_sample_grads
+from lit_dpvae.privacy.clipping import clip_factors, per_record_jacobian
 from lit_dpvae.privacy.precision import reduced_fp32_matmul
 from lit_dpvae.privacy.terms import PairKernel
 
@@ -278,9 +278,7 @@ def latent_jacobian(calls: list[LayerCall], codes: Tensor, n: int,
             gram = gram + _scaled_gram(bb, coef)
             terms += bb.shape[-1] + acts[0].shape[1] + 4
             continue
-        per_k = [per_sample_grads(call, b[k], n, functorch=False) for k in range(d)]
-        for p in own:
-            rows = torch.stack([g[p].reshape(n, -1) for g in per_k], 1)  # [n, d, P_p]
+        for p, rows in per_record_jacobian(call, b, n, own).items():  # [n, d, P_p]
             materialised[p] = materialised[p] + rows if p in materialised else rows
     for rows in materialised.values():
         gram = gram + _scaled_gram(rows, torch.ones(n, dtype=acc, device=rows.device))
@@ -509,7 +507,8 @@ def clipped_owner_sum(
             raise AttributionError(f"parameter of shape {tuple(p.shape)} is not trainable")
         r = rows if keep_all else torch.where(keep[:, None, None], rows, torch.zeros_like(rows))
         u = owner.to(r.dtype)
-        out[by_param[p]] += torch.einsum("nd,ndp->p", u, r).reshape(p.shape).to(p.dtype)
+        out[by_param[p]] += (u.reshape(1, -1) @ r.reshape(u.numel(), -1)).reshape(
+            p.shape).to(p.dtype)
     calls = []
     for i in jac.used:
         call = jac.calls[i]

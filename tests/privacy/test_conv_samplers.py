@@ -116,3 +116,31 @@ def test_neighbouring_batches_move_the_clipped_sum_by_at_most_c(method, monkeypa
                                for k in released))
         assert float(moved) <= clip * (1 + 1e-5)
         assert float(moved) > 0 or float(extra.abs().max()) == 0
+
+
+@pytest.mark.parametrize("rows_per_record", [1, 3])
+@pytest.mark.parametrize("block", [1, 10 ** 9])
+@pytest.mark.parametrize("method", sorted(conv_samplers.METHODS))
+def test_jacobian_rows_equal_one_direction_at_a_time(rows_per_record, block, method,
+                                                     monkeypatch):
+    """The pairwise Gram's per-record Jacobian rows ``[n, d, P]`` of a conv layer, all ``d``
+    directions in one grouped call per block of records (blocks of one record, or one block;
+    K rows per record summed), equal the per-sample sampler called once per direction."""
+    import lit_dpvae.privacy.clipping as gs
+    from lit_dpvae.privacy.capture import LayerCall
+
+    monkeypatch.setattr(conv_samplers, "method_for", lambda *a: method)
+    monkeypatch.setattr(gs, "_SAMPLER_BLOCK", block)
+    torch.manual_seed(1)
+    layer = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    n, d = 4, 5
+    x = torch.randn(n * rows_per_record, 2, 7, 6)
+    out = layer(x)
+    b = torch.randn(d, *out.shape)
+    call = LayerCall(layer, [x], out, [x])
+    own = [layer.weight, layer.bias]
+    got = gs.per_record_jacobian(call, b, n, own)
+    for p in own:
+        want = torch.stack([_oracle(layer, x, b[k])[p].reshape(n, rows_per_record, -1).sum(1)
+                            for k in range(d)], 1)
+        torch.testing.assert_close(got[p], want, rtol=1e-4, atol=1e-5)
