@@ -49,6 +49,7 @@ from lit_dpvae.privacy.capture import (
     is_plain_linear,
     named_trainable,
     rows_per_record,
+    trainable_layers,
 )
 from lit_dpvae.privacy.conv import SAMPLERS, covered, jacobian_rows
 
@@ -75,6 +76,8 @@ def clip_factors(norms: Tensor, max_norm: float) -> Tensor:
 # Elements of the per-row working set of one sampler call (a conv's unfolded input, the per-row
 # gradients): blocks of records are sized so that rows × this stays ≤ _SAMPLER_BLOCK.
 _SAMPLER_BLOCK = 1 << 24
+#: At most this many records per sampler call (a fixed block size: ``_block_size``).
+_BLOCK_RECORDS = 64
 
 # Above this many elements (rows × the layer's trainable parameters) a layer's per-sample
 # gradients are not kept for the whole batch: a first pass over blocks of records takes their
@@ -87,21 +90,66 @@ def _trainable_numel(call: LayerCall) -> int:
     return sum(p.numel() for p in call.module.parameters(recurse=False) if p.requires_grad)
 
 
-def _record_blocks(call: LayerCall, n: int, directions: int = 1) -> list[tuple[int, int]]:
-    """Record ranges ``[lo, hi)`` for the sampler calls of one layer call. Blocks only when every
-    input of the call has the batch's rows first (an EmbeddingBag's flat indices do not: one
-    block); a block's working set is ``rows × max(input per row × kernel size, parameters)``."""
-    m = rows_per_record(call, n)
-    rows = n * m
+def _rows_first(call: LayerCall, n: int) -> bool:
+    """Every input of the call has the batch's rows first (an EmbeddingBag's flat indices do
+    not)."""
+    rows = n * rows_per_record(call, n)
     acts = call.activations
-    if not acts or not all(a.dim() > 0 and a.shape[0] == rows for a in acts):
-        return [(0, n)]
+    return bool(acts) and all(a.dim() > 0 and a.shape[0] == rows for a in acts)
+
+
+def _block_size(call: LayerCall, n: int, directions: int = 1) -> int:
+    """Records per sampler call: ``_SAMPLER_BLOCK // working set per record`` (a block's working
+    set is ``rows × max(input per row × kernel size, parameters)``, times the output directions
+    of a Jacobian), at most ``_BLOCK_RECORDS``. A function of the layer's configuration and the
+    per-record shapes only, never of ``n``: every sampler call of the layer sees the same number
+    of rows (the last block is padded with zero rows, ``_block_grads``), so one record's
+    gradient is computed by the same kernel, with the same rounding, whatever else is in the
+    batch (a kernel chosen per block size rounded a record whose gradient cancels differently
+    once another record joined, and clipping rescales that rounding to norm C; docs/privacy.md
+    §2)."""
+    m = rows_per_record(call, n)
+    acts = call.activations
     per_row = acts[0][0].numel()
     if isinstance(call.module, nn.modules.conv._ConvNd):
         per_row *= math.prod(call.module.kernel_size)  # the sampler's unfold
     per_row = max(per_row, _trainable_numel(call), 1)
-    records = max(1, _SAMPLER_BLOCK // (per_row * m * directions))
+    return max(1, min(_BLOCK_RECORDS, _SAMPLER_BLOCK // (per_row * m * directions)))
+
+
+def _record_blocks(call: LayerCall, n: int, directions: int = 1) -> list[tuple[int, int]]:
+    """Record ranges ``[lo, hi)`` for the sampler calls of one layer call, ``_block_size``
+    records each (the last one shorter; it is padded to that size when sampled). Blocks only
+    when every input of the call has the batch's rows first: otherwise one unpadded block."""
+    if not _rows_first(call, n):
+        return [(0, n)]
+    records = _block_size(call, n, directions)
     return [(lo, min(n, lo + records)) for lo in range(0, n, records)]
+
+
+def _padded(t: Tensor, rows: int) -> Tensor:
+    """``t`` (contiguous) with zero rows appended up to ``rows`` rows."""
+    t = t.contiguous()
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def _block_inputs(call: LayerCall, backprops: Tensor, n: int, lo: int, hi: int,
+                  directions: int = 1) -> tuple[list[Tensor], Tensor, int]:
+    """The activations and backprops (``[directions, rows, ...]`` when ``directions`` > 1) of
+    records ``lo..hi−1``, contiguous, padded with zero rows to ``_block_size`` records, and
+    that size. Contiguous: Opacus' unfold reads a conv input's pixels by assumed strides and
+    mixed records for a channels-last or batch-innermost input (4.2C released)."""
+    m = rows_per_record(call, n)
+    if not _rows_first(call, n):
+        return [a.contiguous() for a in call.activations], backprops.contiguous(), n
+    size = _block_size(call, n, directions)
+    acts = [_padded(a[lo * m:hi * m], size * m) for a in call.activations]
+    if directions == 1:
+        return acts, _padded(backprops[lo * m:hi * m], size * m), size
+    b = _padded(backprops[:, lo * m:hi * m].transpose(0, 1), size * m).transpose(0, 1)
+    return acts, b, size
 
 
 def _ghost_norm_is_exact(call: LayerCall, backprops: Tensor, n: int) -> bool:
@@ -158,14 +206,10 @@ def _block_grads(call: LayerCall, backprops: Tensor, n: int, lo: int, hi: int,
     the layer's *own* trainable parameters only (``torch.func`` differentiates every parameter
     of the module, children included; a child layer is attributed at its own call, so keeping
     its gradient here too would count it twice, once outside the clipping norm's ghost part).
-    Each row's gradient reads its own row only, so blocks change the peak memory, not the
-    result."""
+    Each row's gradient reads its own row only, and every call sees a block of the same size
+    (``_block_inputs``), so blocks change the peak memory, not the result."""
     m = rows_per_record(call, n)
-    if (lo, hi) == (0, n):
-        acts, b = call.activations, backprops
-    else:
-        acts = [a[lo * m:hi * m] for a in call.activations]
-        b = backprops[lo * m:hi * m]
+    acts, b, _ = _block_inputs(call, backprops, n, lo, hi)
     sampler = None if functorch else (SAMPLERS.get(type(call.module))
                                       or GradSampleModule.GRAD_SAMPLERS.get(type(call.module)))
     if sampler is None:
@@ -173,7 +217,7 @@ def _block_grads(call: LayerCall, backprops: Tensor, n: int, lo: int, hi: int,
     else:
         grads = sampler(call.module, acts, b)
     own = _own_trainable(call.module)
-    grads = {p: g for p, g in grads.items() if p in own}
+    grads = {p: g[:(hi - lo) * m] for p, g in grads.items() if p in own}
     if len(grads) != len(own):
         raise AttributionError(
             f"the per-sample sampler of {type(call.module).__name__} returned gradients for "
@@ -206,10 +250,11 @@ def per_record_jacobian(call: LayerCall, backprops: Tensor, n: int,
     if covered(call.module) and len(call.activations) == 1:
         out = {p: backprops.new_empty(n, d, p.numel()) for p in own}
         for lo, hi in _record_blocks(call, n, directions=d):
-            rows = jacobian_rows(call.module, call.activations[0][lo * m:hi * m],
-                                 backprops[:, lo * m:hi * m])
+            acts, b, _ = _block_inputs(call, backprops, n, lo, hi, directions=d)
+            rows = jacobian_rows(call.module, acts[0], b)
             for p in own:  # [rows, d, *shape] (a permuted view) into its records' slice
-                g = rows[p].reshape(hi - lo, m, d, -1).sum(1) if m > 1 else rows[p]
+                g = rows[p][:(hi - lo) * m]
+                g = g.reshape(hi - lo, m, d, *g.shape[2:]).sum(1) if m > 1 else g
                 out[p][lo:hi].view(hi - lo, d, *g.shape[2:]).copy_(g)
         return out
     per_k = [per_sample_grads(call, backprops[k], n, functorch=False) for k in range(d)]
@@ -352,6 +397,10 @@ class LayerwiseClipper:
         return out, norms, aux
 
 
+def _contiguous_inputs(module: nn.Module, inputs: tuple) -> tuple:
+    return tuple(t.contiguous() if isinstance(t, Tensor) else t for t in inputs)
+
+
 class OpacusHooksClipper:
     """The ``hooks`` backend: Opacus' GradSampleModule materialises ``p.grad_sample``."""
 
@@ -362,6 +411,11 @@ class OpacusHooksClipper:
         if n == 0:
             return empty_clipped_sum(params, run)
         saved_grads = {name: p.grad for name, p in params.items()}
+        # Opacus' conv sampler reads pixels by assumed strides: a channels-last or
+        # batch-innermost input mixed records (4.2C released). Every trainable layer gets its
+        # inputs contiguous (same values; Opacus' capture hook runs after this pre-hook).
+        contiguous = [m.register_forward_pre_hook(_contiguous_inputs)
+                      for m in trainable_layers(module)]
         gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum", strict=False)
         try:
             for p in params.values():
@@ -391,6 +445,8 @@ class OpacusHooksClipper:
             for p in params.values():
                 p.grad_sample = None  # type: ignore[attr-defined]  # Opacus per-sample attribute
             gsm._close()
+            for handle in contiguous:
+                handle.remove()
             for m in module.modules():  # a refused step must not leave activations behind
                 for attr in ("activations", "max_batch_len"):
                     if attr in m.__dict__:

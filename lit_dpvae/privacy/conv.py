@@ -21,9 +21,12 @@ All three return the per-record gradients themselves, materialised: the norm tha
 ``c_i`` and the clipped sum ``Σ c_i g_i`` are formed from the *same* tensor (§2, rule (i)), so
 which method ran changes rounding (float32, IEEE kernels) and time, never the bound. Which one
 is fastest depends on the layer and the machine, so the first call of a layer configuration
-times each method once on that block and keeps the fastest for the process
-(``_chosen``, keyed by the layer's settings and the per-record shapes: never by values, and not
-by the number of records, so adding a record to a batch does not switch the method). Layers
+times each method once on random inputs of that block's shapes and keeps the fastest for the
+process (``_chosen``, keyed by the layer's settings and the per-record shapes: never by the
+data's values, and not by the number of records, so adding a record to a batch does not switch
+the method). Every call of a layer sees blocks of one fixed number of rows
+(``clipping._block_size``), contiguous: each record's gradient is then bit-identical whatever
+else is in its block (``tests/privacy/test_conv_samplers.py``). Layers
 outside the shape these methods cover (``groups > 1``, a non-zero ``padding_mode``, a string
 padding, a subclass) keep Opacus' sampler.
 """
@@ -115,8 +118,11 @@ def _timed(fn: Callable[[], Tensor], device: torch.device) -> float:
 def method_for(layer: nn.Conv2d, x: Tensor, g: Tensor) -> str:
     """The method for this layer configuration: chosen once by timing each on this block."""
     key = _key(layer, x, g)
-    if key not in _chosen:
-        times = {name: _timed(lambda f=f: f(layer, x, g), x.device)
+    if key not in _chosen:  # timed on random values of the same shapes, never on the data's
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        xs = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+        gs = torch.randn(g.shape, generator=gen, dtype=g.dtype, device=g.device)
+        times = {name: _timed(lambda f=f: f(layer, xs, gs), x.device)
                  for name, f in METHODS.items()}
         _chosen[key] = min(times, key=times.__getitem__)
     return _chosen[key]
