@@ -25,6 +25,12 @@ Backends (same numbers up to float rounding; tests compare them with a one-recor
   activation); when ``rows × parameters`` exceeds ``_MATERIALISE_LIMIT`` and the layer is called
   once, they are not kept for the whole batch: one pass over the blocks takes the norms, a
   second recomputes each block and adds ``Σ c_i g_i`` with the same ``weighted_sum``.
+  A plain Conv2d's per-sample gradients come from ``privacy.conv`` (grouped convolutions, no
+  im2col). Every sampler call of a layer sees one fixed number of contiguous rows (the last block
+  padded with zero rows), so a record's gradient does not depend on what else is in the batch.
+  Every backend clips at ``max(‖g_i‖, κ·S_i)``, ``S_i`` the rounding scale of the record's Linear
+  and conv gradients (``rounding_scale_sq``): rounding upstream that differs between
+  neighbouring batches is not amplified by clipping a gradient that cancels.
 - ``"hooks"``: Opacus' ``GradSampleModule`` materialises ``p.grad_sample`` for every parameter.
 - ``"functorch"``: as ``"ghost"``, but every layer's per-sample gradients come from
   ``torch.func`` (Opacus' ``ft_compute_per_sample_gradient``), never from a hand-written sampler.
@@ -38,6 +44,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from torch import Tensor, nn
@@ -338,6 +345,79 @@ def blocked_clipped_sum(call: LayerCall, backprops: Tensor, factors: Tensor, n: 
     return out
 
 
+#: Clip with at least ``_SCALE_FLOOR`` times a record's rounding scale (``rounding_scale_sq``).
+_SCALE_FLOOR = 2.0 ** -7
+
+
+def _rows_sum(values: Tensor, n: int) -> Tensor:
+    """Per-row values ``[rows]`` summed per record ``[n]`` (record-major rows)."""
+    return values.reshape(n, -1).sum(1)
+
+
+def _conv_patch_sq(layer: nn.modules.conv._ConvNd, a: Tensor) -> Tensor:
+    """``‖u_l‖²`` for every output position ``l`` of a conv call (``u_l`` the input patch the
+    kernel reads there, all input channels), float64, ``[rows, *output spatial]``: a
+    convolution of the channel-summed squares with a kernel of ones, after the layer's own
+    padding (its mode too: reflect/replicate/circular padding copies input values)."""
+    dims = a.dim() - 2
+    sq = a.to(torch.float64).pow(2).sum(1, keepdim=True)
+    pad = layer._reversed_padding_repeated_twice
+    if any(pad):
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        sq = F.pad(sq, pad, mode=mode)
+    ones = sq.new_ones(1, 1, *layer.kernel_size)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    return conv(sq, ones, stride=layer.stride, dilation=layer.dilation)[:, 0]
+
+
+def rounding_scale_sq(call: LayerCall, backprops: Tensor, n: int) -> Tensor | None:
+    """``[n]`` float64: the squared *rounding scale* ``S_i²`` of record i's gradient of this
+    call, ``S_i = Σ_l ‖b_l‖‖u_l‖`` over the positions ``l`` its gradient sums (a conv's output
+    positions, a Linear's rows and tokens; ``+ Σ_l ‖b_l‖`` for a bias), or None for a layer of
+    another kind. ``‖g_i‖ ≤ S_i``, and a relative perturbation δ of the activations or
+    backprops (another kernel for another batch size upstream, float32 accumulation) moves the
+    computed ``g_i`` by at most ``≈ δ S_i`` — far more than ``δ‖g_i‖`` when the sum cancels.
+    Clipping at ``max(‖g_i‖, κ S_i)`` (``_SCALE_FLOOR``) keeps that perturbation at
+    ``≈ 2δ/κ · C`` after clipping instead of up to 2C (docs/privacy.md §2)."""
+    module = call.module
+    own = _own_trainable(module)
+    if not own or len(call.activations) != 1:
+        return None
+    rows_per_record(call, n)  # refuses rows that are not the batch's (AttributionError)
+    a = call.activations[0]
+    if isinstance(module, nn.Linear) and a.dim() >= 2 and a.shape[:-1] == backprops.shape[:-1]:
+        a_norm = torch.linalg.vector_norm(a.to(torch.float64), dim=-1)
+        b_norm = torch.linalg.vector_norm(backprops.to(torch.float64), dim=-1)
+    elif (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and a.dim() == backprops.dim()
+          and a.dim() in (3, 4, 5)):
+        a_norm = _conv_patch_sq(module, a).sqrt()
+        b_norm = torch.linalg.vector_norm(backprops.to(torch.float64), dim=1)
+        if a_norm.shape != b_norm.shape:
+            return None
+    else:
+        return None
+    total = a_norm.new_zeros(n)
+    if module.weight in own:
+        total = total + _rows_sum(a_norm * b_norm, n).pow(2)
+    bias = getattr(module, "bias", None)
+    if bias is not None and bias in own:
+        total = total + _rows_sum(b_norm, n).pow(2)
+    return total
+
+
+def scale_floor_sq(calls: list[LayerCall], backprops: list[Tensor], n: int) -> Tensor:
+    """``Σ S_i²`` ``[n]`` (float64) over the Linear and conv calls (``rounding_scale_sq``): every
+    backend clips at least at ``κ·√`` of it. A larger norm only clips more, and never for a
+    gradient whose sum over positions does not cancel by more than 1/κ."""
+    total = torch.zeros(n, dtype=torch.float64, device=backprops[0].device if backprops
+                        else None)
+    for call, b in zip(calls, backprops):
+        part = rounding_scale_sq(call, b, n)
+        if part is not None:
+            total = total + part
+    return total
+
+
 class LayerwiseClipper:
     """The ``ghost`` and ``functorch`` backends: attribution from captured layer calls.
 
@@ -381,6 +461,7 @@ class LayerwiseClipper:
         for g in materialised.values():
             sq_norm = sq_norm + _sq_norms(g, n)
         norms = sq_norm.sqrt()
+        norms = torch.maximum(norms, _SCALE_FLOOR * scale_floor_sq(cap.calls, backprops, n).sqrt())
         factors = clip_factors(norms, max_norm)
 
         out = {name: torch.zeros_like(p) for name, p in params.items()}
@@ -421,10 +502,13 @@ class OpacusHooksClipper:
             for p in params.values():
                 p.grad = None
                 p.grad_sample = None  # type: ignore[attr-defined]  # Opacus per-sample attribute
-            loss, aux = run()
+            with capture_layers(module) as cap:
+                loss, aux = run()
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward(retain_graph=True)
+                gsm.disable_hooks()  # the layer backprops for the floor: no second capture
+                scale_sq = scale_floor_sq(cap.calls, layer_backprops(cap, loss), n)
             grad_samples = {}
             for name, p in params.items():
                 gs = getattr(p, "grad_sample", None)
@@ -454,6 +538,7 @@ class OpacusHooksClipper:
             for name, p in params.items():
                 p.grad = saved_grads[name]
         norms = torch.stack([_sq_norms(g, n) for g in grad_samples.values()]).sum(0).sqrt()
+        norms = torch.maximum(norms, _SCALE_FLOOR * scale_sq.sqrt())
         factors = clip_factors(norms, max_norm)
         out = {name: weighted_sum(factors, g) for name, g in grad_samples.items()}
         check_finite(out)
