@@ -44,7 +44,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient
 from torch import Tensor, nn
@@ -349,36 +348,45 @@ def blocked_clipped_sum(call: LayerCall, backprops: Tensor, factors: Tensor, n: 
 _SCALE_FLOOR = 2.0 ** -7
 
 
-def _rows_sum(values: Tensor, n: int) -> Tensor:
-    """Per-row values ``[rows]`` summed per record ``[n]`` (record-major rows)."""
-    return values.reshape(n, -1).sum(1)
+def _record_norms(t: Tensor, n: int) -> Tensor:
+    """``‖t_i‖`` ``[n]`` (float64) over all entries of each record's rows (record-major). Taken
+    in float32 (one fast reduction) and redone in float64 for the records whose float32 norm
+    is zero, non-finite or outside ``[1e-10, 1e15]`` (where squares may have under- or
+    overflowed); inside it every square that underflowed weighs < 1e-20 of the total."""
+    flat = t.reshape(n, -1)
+    norms = torch.linalg.vector_norm(flat, dim=1).to(torch.float64)
+    bad = ~(torch.isfinite(norms) & (norms > 1e-10) & (norms < 1e15))
+    if bool(bad.any()):
+        norms[bad] = torch.linalg.vector_norm(flat[bad].to(torch.float64), dim=1)
+    return norms
 
 
-def _conv_patch_sq(layer: nn.modules.conv._ConvNd, a: Tensor) -> Tensor:
-    """``‖u_l‖²`` for every output position ``l`` of a conv call (``u_l`` the input patch the
-    kernel reads there, all input channels), float64, ``[rows, *output spatial]``: a
-    convolution of the channel-summed squares with a kernel of ones, after the layer's own
-    padding (its mode too: reflect/replicate/circular padding copies input values)."""
-    dims = a.dim() - 2
-    sq = a.to(torch.float64).pow(2).sum(1, keepdim=True)
-    pad = layer._reversed_padding_repeated_twice
-    if any(pad):
-        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-        sq = F.pad(sq, pad, mode=mode)
-    ones = sq.new_ones(1, 1, *layer.kernel_size)
-    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-    return conv(sq, ones, stride=layer.stride, dilation=layer.dilation)[:, 0]
+def _patch_multiplicity(layer: nn.modules.conv._ConvNd) -> float:
+    """How often one input value can appear in a conv call's patches: once per kernel offset
+    (``Π k``), times the copies a non-zero padding mode makes of it (at most ``1 + 2p`` per
+    dimension for reflect/replicate/circular padding of width p)."""
+    copies = 1.0
+    if layer.padding_mode != "zeros":
+        pad = layer._reversed_padding_repeated_twice
+        for j in range(0, len(pad), 2):
+            copies *= 1 + 2 * max(pad[j], pad[j + 1])
+    return math.prod(layer.kernel_size) * copies
 
 
 def rounding_scale_sq(call: LayerCall, backprops: Tensor, n: int) -> Tensor | None:
-    """``[n]`` float64: the squared *rounding scale* ``S_i²`` of record i's gradient of this
-    call, ``S_i = Σ_l ‖b_l‖‖u_l‖`` over the positions ``l`` its gradient sums (a conv's output
-    positions, a Linear's rows and tokens; ``+ Σ_l ‖b_l‖`` for a bias), or None for a layer of
-    another kind. ``‖g_i‖ ≤ S_i``, and a relative perturbation δ of the activations or
-    backprops (another kernel for another batch size upstream, float32 accumulation) moves the
-    computed ``g_i`` by at most ``≈ δ S_i`` — far more than ``δ‖g_i‖`` when the sum cancels.
-    Clipping at ``max(‖g_i‖, κ S_i)`` (``_SCALE_FLOOR``) keeps that perturbation at
-    ``≈ 2δ/κ · C`` after clipping instead of up to 2C (docs/privacy.md §2)."""
+    """``[n]`` float64: the square of an upper bound ``S̄_i`` of the *rounding scale*
+    ``S_i = Σ_l ‖b_l‖‖u_l‖`` of record i's gradient of this call, summed over the positions
+    ``l`` the gradient sums (a conv's output positions, a Linear's rows and tokens; ``u_l`` the
+    input patch or row there); None for a layer of another kind. By Cauchy–Schwarz
+    ``S_i ≤ ‖b_i‖·√(Σ_l ‖u_l‖²) ≤ ‖b_i‖·‖a_i‖·√M`` (M: ``_patch_multiplicity``, 1 for a
+    Linear), and a bias's ``Σ_l ‖b_l‖ ≤ √L·‖b_i‖`` over its L positions. ``‖g_i‖ ≤ S_i``, and
+    a relative perturbation δ of the activations or backprops (another kernel for another
+    batch size upstream, float32 accumulation) moves the computed ``g_i`` by at most
+    ``≈ δ S_i`` — far more than ``δ‖g_i‖`` when the sum cancels. Clipping at
+    ``max(‖g_i‖, κ S̄_i)`` (``_SCALE_FLOOR``) keeps that perturbation at ``≈ 2δ/κ · C`` after
+    clipping instead of up to 2C (docs/privacy.md §2). A plain Linear on a 2-D input with one
+    row per record is left out (None): there ``S_i = ‖g_i‖`` exactly, so its floor never
+    binds."""
     module = call.module
     own = _own_trainable(module)
     if not own or len(call.activations) != 1:
@@ -386,22 +394,24 @@ def rounding_scale_sq(call: LayerCall, backprops: Tensor, n: int) -> Tensor | No
     rows_per_record(call, n)  # refuses rows that are not the batch's (AttributionError)
     a = call.activations[0]
     if isinstance(module, nn.Linear) and a.dim() >= 2 and a.shape[:-1] == backprops.shape[:-1]:
-        a_norm = torch.linalg.vector_norm(a.to(torch.float64), dim=-1)
-        b_norm = torch.linalg.vector_norm(backprops.to(torch.float64), dim=-1)
+        if a.dim() == 2 and a.shape[0] == n:
+            return None
+        channel_dim = -1
+        multiplicity = 1.0
     elif (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and a.dim() == backprops.dim()
           and a.dim() in (3, 4, 5)):
-        a_norm = _conv_patch_sq(module, a).sqrt()
-        b_norm = torch.linalg.vector_norm(backprops.to(torch.float64), dim=1)
-        if a_norm.shape != b_norm.shape:
-            return None
+        channel_dim = 1
+        multiplicity = _patch_multiplicity(module)
     else:
         return None
-    total = a_norm.new_zeros(n)
+    b_norm = _record_norms(backprops, n)
+    total = b_norm.new_zeros(n)
     if module.weight in own:
-        total = total + _rows_sum(a_norm * b_norm, n).pow(2)
+        total = total + (_record_norms(a, n) * b_norm).pow(2) * multiplicity
     bias = getattr(module, "bias", None)
     if bias is not None and bias in own:
-        total = total + _rows_sum(b_norm, n).pow(2)
+        positions = backprops.numel() // (n * backprops.shape[channel_dim])
+        total = total + b_norm.pow(2) * positions
     return total
 
 
