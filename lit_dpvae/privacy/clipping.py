@@ -29,7 +29,7 @@ Backends (same numbers up to float rounding; tests compare them with a one-recor
   im2col). Every sampler call of a layer sees one fixed number of contiguous rows (the last block
   padded with zero rows), so a record's gradient does not depend on what else is in the batch.
   Every backend clips at ``max(‖g_i‖, κ·S_i)``, ``S_i`` the rounding scale of the record's Linear
-  and conv gradients (``rounding_scale_sq``): rounding upstream that differs between
+  and conv gradients (``rounding_scale``): rounding upstream that differs between
   neighbouring batches is not amplified by clipping a gradient that cancels.
 - ``"hooks"``: Opacus' ``GradSampleModule`` materialises ``p.grad_sample`` for every parameter.
 - ``"functorch"``: as ``"ghost"``, but every layer's per-sample gradients come from
@@ -344,7 +344,7 @@ def blocked_clipped_sum(call: LayerCall, backprops: Tensor, factors: Tensor, n: 
     return out
 
 
-#: Clip with at least ``_SCALE_FLOOR`` times a record's rounding scale (``rounding_scale_sq``).
+#: Clip with at least ``_SCALE_FLOOR`` times a record's rounding scale (``rounding_scale``).
 _SCALE_FLOOR = 2.0 ** -7
 
 
@@ -373,20 +373,21 @@ def _patch_multiplicity(layer: nn.modules.conv._ConvNd) -> float:
     return math.prod(layer.kernel_size) * copies
 
 
-def rounding_scale_sq(call: LayerCall, backprops: Tensor, n: int) -> Tensor | None:
-    """``[n]`` float64: the square of an upper bound ``S̄_i`` of the *rounding scale*
+def rounding_scale(call: LayerCall, backprops: Tensor, n: int
+                   ) -> dict[nn.Parameter, Tensor] | None:
+    """``{param: [n]}`` float64: an upper bound ``S̄_i`` of the *rounding scale*
     ``S_i = Σ_l ‖b_l‖‖u_l‖`` of record i's gradient of this call, summed over the positions
     ``l`` the gradient sums (a conv's output positions, a Linear's rows and tokens; ``u_l`` the
-    input patch or row there); None for a layer of another kind. By Cauchy–Schwarz
+    input patch or row there), per trainable parameter of the layer; None for a layer of another
+    kind. By Cauchy–Schwarz
     ``S_i ≤ ‖b_i‖·√(Σ_l ‖u_l‖²) ≤ ‖b_i‖·‖a_i‖·√M`` (M: ``_patch_multiplicity``, 1 for a
     Linear), and a bias's ``Σ_l ‖b_l‖ ≤ √L·‖b_i‖`` over its L positions. ``‖g_i‖ ≤ S_i``, and
     a relative perturbation δ of the activations or backprops (another kernel for another
     batch size upstream, float32 accumulation) moves the computed ``g_i`` by at most
     ``≈ δ S_i`` — far more than ``δ‖g_i‖`` when the sum cancels. Clipping at
     ``max(‖g_i‖, κ S̄_i)`` (``_SCALE_FLOOR``) keeps that perturbation at ``≈ 2δ/κ · C`` after
-    clipping instead of up to 2C (docs/privacy.md §2). A plain Linear on a 2-D input with one
-    row per record is left out (None): there ``S_i = ‖g_i‖`` exactly, so its floor never
-    binds."""
+    clipping instead of up to 2C (docs/privacy.md §2). For a Linear called once on a 2-D input
+    with one row per record ``S_i = ‖g_i‖`` exactly: its floor never binds."""
     module = call.module
     own = _own_trainable(module)
     if not own or len(call.activations) != 1:
@@ -394,8 +395,6 @@ def rounding_scale_sq(call: LayerCall, backprops: Tensor, n: int) -> Tensor | No
     rows_per_record(call, n)  # refuses rows that are not the batch's (AttributionError)
     a = call.activations[0]
     if isinstance(module, nn.Linear) and a.dim() >= 2 and a.shape[:-1] == backprops.shape[:-1]:
-        if a.dim() == 2 and a.shape[0] == n:
-            return None
         channel_dim = -1
         multiplicity = 1.0
     elif (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and a.dim() == backprops.dim()
@@ -405,26 +404,30 @@ def rounding_scale_sq(call: LayerCall, backprops: Tensor, n: int) -> Tensor | No
     else:
         return None
     b_norm = _record_norms(backprops, n)
-    total = b_norm.new_zeros(n)
+    out: dict[nn.Parameter, Tensor] = {}
     if module.weight in own:
-        total = total + (_record_norms(a, n) * b_norm).pow(2) * multiplicity
+        out[module.weight] = _record_norms(a, n) * b_norm * math.sqrt(multiplicity)
     bias = getattr(module, "bias", None)
     if bias is not None and bias in own:
         positions = backprops.numel() // (n * backprops.shape[channel_dim])
-        total = total + b_norm.pow(2) * positions
-    return total
+        out[bias] = b_norm * math.sqrt(positions)
+    return out
 
 
 def scale_floor_sq(calls: list[LayerCall], backprops: list[Tensor], n: int) -> Tensor:
-    """``Σ S_i²`` ``[n]`` (float64) over the Linear and conv calls (``rounding_scale_sq``): every
-    backend clips at least at ``κ·√`` of it. A larger norm only clips more, and never for a
-    gradient whose sum over positions does not cancel by more than 1/κ."""
+    """``Σ_p S̄_{i,p}²`` ``[n]`` (float64) over the parameters of the Linear and conv calls
+    (``rounding_scale``), each parameter's ``S̄`` summed over the calls that use it (a layer
+    called twice: its gradient is the sum of both calls', so is its scale): every backend clips
+    at least at ``κ·√`` of it. A larger norm only clips more, and never for a gradient whose sum
+    over positions does not cancel by more than 1/κ."""
+    per_param: dict[nn.Parameter, Tensor] = {}
+    for call, b in zip(calls, backprops):
+        for p, scale in (rounding_scale(call, b, n) or {}).items():
+            per_param[p] = per_param[p] + scale if p in per_param else scale
     total = torch.zeros(n, dtype=torch.float64, device=backprops[0].device if backprops
                         else None)
-    for call, b in zip(calls, backprops):
-        part = rounding_scale_sq(call, b, n)
-        if part is not None:
-            total = total + part
+    for scale in per_param.values():
+        total = total + scale.pow(2)
     return total
 
 
