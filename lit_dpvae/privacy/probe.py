@@ -97,7 +97,7 @@ def probe_record_contract(module: nn.Module, batch: Any, n: int, *,
                 "(randomness from its own generator or from Python/NumPy), so the probe "
                 "could not check that records do not read each other through labels or "
                 "detached statistics; the gradient probe still ran.", stacklevel=3)
-        opaque = sorted(_opaque_leaves(batch))
+        opaque = sorted(opaque_leaves(batch))
         if opaque and n >= 3:
             warnings.warn(
                 f"lit_dpvae: the record probe cannot look inside batch items of type "
@@ -127,7 +127,7 @@ def probe_record_contract(module: nn.Module, batch: Any, n: int, *,
             checks.append((src, {i for i in range(n) if src[i] == i},
                            f"every {what} record's data was replaced by its neighbour's"))
         for src, keep, what in (checks if n >= 3 or collective else ()):
-            changed = _remap_records(batch, src, n) if n >= 3 else batch
+            changed = remap_records(batch, src, n) if n >= 3 else batch
             same_draws()
             signature = _record_signature(module, changed, n, records)
             if n >= 3 and reproducible is True:
@@ -289,7 +289,7 @@ def _rebuild_mapping(batch: Any, items: dict) -> Any:
             "from its items: pass the batch as a dict, UserDict, list or tuple") from error
 
 
-def _remap_records(batch: Any, src: list[int], n: int, top: bool = True) -> Any:
+def remap_records(batch: Any, src: list[int], n: int, top: bool = True) -> Any:
     """``batch`` with row ``i`` of every per-record column taken from row ``src[i]``: tensors
     and NumPy arrays with ``n`` rows, and lists/tuples of ``n`` per-record items
     (``_is_leaf_column``), nested in tuples, lists and any mapping (``top``: the batch itself,
@@ -301,25 +301,25 @@ def _remap_records(batch: Any, src: list[int], n: int, top: bool = True) -> Any:
     if isinstance(batch, np.ndarray):
         return batch[np.asarray(src)] if batch.ndim > 0 and batch.shape[0] == n else batch
     if isinstance(batch, Mapping):
-        return _rebuild_mapping(batch, {k: _remap_records(v, src, n, False)
+        return _rebuild_mapping(batch, {k: remap_records(v, src, n, False)
                                         for k, v in batch.items()})
     if isinstance(batch, (list, tuple)):
         if not top and _is_leaf_column(batch, n):
             items = [batch[i] for i in src]
         else:
-            items = [_remap_records(v, src, n, False) for v in batch]
+            items = [remap_records(v, src, n, False) for v in batch]
         return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
     return batch
 
 
-def _opaque_leaves(batch: Any) -> set[str]:
+def opaque_leaves(batch: Any) -> set[str]:
     """Type names of the items in ``batch`` that the probe does not open or replace."""
     if batch is None or isinstance(batch, (Tensor, np.ndarray, *_LEAVES)):
         return set()
     if isinstance(batch, Mapping):
-        return set().union(*(_opaque_leaves(v) for v in batch.values()))
+        return set().union(*(opaque_leaves(v) for v in batch.values()))
     if isinstance(batch, (list, tuple)):
-        return set().union(*(_opaque_leaves(v) for v in batch))
+        return set().union(*(opaque_leaves(v) for v in batch))
     return {type(batch).__name__}
 
 

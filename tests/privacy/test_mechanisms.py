@@ -481,5 +481,6 @@ def test_conv_sampler_calls_are_blocked(limit, monkeypatch):
     x = torch.randn(7, *shape, generator=torch.Generator().manual_seed(1))
     TermwiseDPSGD(
         batch_max_grad_norm=1.0, max_grad_norm=0.5, noise_multiplier=1.0).aggregate(model, (x,))
-    # 7 records in blocks of 2, the last padded with a zero row: every call sees 2 rows
-    assert rows_seen == [2] * (4 if limit else 8)
+    # 7 records, padded to one forward block of 64 (record_block), sampled 2 rows at a time:
+    # every call sees 2 rows
+    assert rows_seen == [2] * (32 if limit else 64)

@@ -36,7 +36,7 @@ from lit_dpvae.privacy.capture import check_module, named_trainable, refuse_para
 from lit_dpvae.privacy.clipping import clip_factors, make_clipper, weighted_sum
 from lit_dpvae.privacy.collectives import LOCAL, Collectives
 from lit_dpvae.privacy.precision import ieee_fp32
-from lit_dpvae.privacy.probe import probe_record_contract
+from lit_dpvae.privacy.probe import opaque_leaves, probe_record_contract, remap_records
 from lit_dpvae.privacy.terms import LossTerms, batch_size_of, loss_terms_of
 
 Stats = dict[str, dict[str, Tensor]]
@@ -302,6 +302,67 @@ class Mechanism:
         terms.validate(n)
         self.last_terms = terms
         return terms
+
+    #: Records per forward of the sample part (``blocked_sample_sum``) when set; None: from
+    #: the public expected batch size (``record_block``).
+    record_block_setting: int | None = None
+
+    @property
+    def record_block(self) -> int:
+        """Records per forward of the sample part: fixed for the run, never a function of the
+        realised batch, so every record's forward and backward run with the same shapes. By
+        default a multiple of 32 covering the public expected batch size B plus two standard
+        deviations of a Poisson batch, ``32·⌈(B + 2√B)/32⌉`` (one block in almost every step),
+        or 64 before the sampling is known."""
+        if self.record_block_setting is not None:
+            return int(self.record_block_setting)
+        b = getattr(self, "_expected_batch_size", None)
+        if b is None:
+            return 64
+        return 32 * max(1, math.ceil((b + 2 * math.sqrt(b)) / 32))
+
+    def blocked_sample_sum(self, module: nn.Module, batch: Any, n: int,
+                           check: Callable[[LossTerms], None] | None = None
+                           ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``Σ_i clip_C(∇ℓ_i)`` of the sample-wise terms, with the model's forward *and*
+        backward run on blocks of exactly ``record_block`` records (the last padded with copies
+        of its first record, whose terms are left out: their rows get zero backprops), under
+        local collectives. BLAS and convolution libraries choose their kernels by batch size
+        (a Linear's row for one record, a gemv, is rounded differently from the same row in a
+        batch of two, a gemm); a record whose gradient is rounding (a record in a layer's null
+        space) then differed between S and S ∪ {x}, and clipping rescaled it to norm C in two
+        directions (1.2C released; docs/privacy.md §2). With one block shape every record is
+        computed the same way whatever else is in the batch. Returns the sum and the real
+        records' sample terms (detached, for logging). ``check`` sees each block's terms."""
+        if n == 0:
+            return {name: torch.zeros_like(p) for name, p in named_trainable(module).items()}, {}
+        # A batch item the library cannot open (the probe warns about it) may hold records it
+        # cannot split: one unblocked forward then (docs/privacy.md §7).
+        size = n if opaque_leaves(batch) else self.record_block
+        total: dict[str, Tensor] | None = None
+        logged: dict[str, list[Tensor]] = {}
+        for lo in range(0, n, size):
+            real = min(n, lo + size) - lo
+            block = batch if size == n else remap_records(
+                batch, list(range(lo, lo + real)) + [lo] * (size - real), n)
+
+            def run(block: Any = block, real: int = real) -> tuple[Tensor, LossTerms]:
+                terms = loss_terms_of(module, block)
+                terms.validate(size)
+                if check is not None:
+                    check(terms)
+                per_record = terms.per_record()
+                if per_record is None:
+                    raise ValueError(f"{type(self).__name__} needs at least one sample-wise term")
+                return per_record[:real].sum(), terms
+
+            with collectives.active(LOCAL):
+                sums, _, terms = self.clipper.clipped_sum(module, run, self.max_grad_norm, size)
+            for key, value in terms.sample.items():
+                logged.setdefault(key, []).append(value[:real].detach())
+            total = sums if total is None else {k: total[k] + v for k, v in sums.items()}
+        assert total is not None
+        return total, {k: torch.cat(v) for k, v in logged.items()}
 
     def start(self, module: nn.Module, batch: Any, comm: Collectives = LOCAL) -> int:
         """Checks every ``aggregate`` starts with; returns the number of local records."""

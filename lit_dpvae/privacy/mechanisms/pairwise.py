@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lit_dpvae.privacy.capture import capture_layers, named_trainable
 from lit_dpvae.privacy.clipping import check_finite
@@ -153,8 +153,7 @@ class PairwiseDPSGD(Mechanism):
             return {part: comm.all_reduce(v) for part, v in self.zeros(module).items()}
         params = named_trainable(module)
 
-        def run() -> tuple[Tensor, LossTerms]:
-            terms = self.forward_terms(module, batch, n)
+        def check(terms: LossTerms) -> None:
             if not terms.pairwise:
                 raise ValueError(
                     "the model declares no pairwise-decomposable divergence "
@@ -178,13 +177,18 @@ class PairwiseDPSGD(Mechanism):
                     "num_pairwise_terms=... to the mechanism: each adds 8·C_p to the "
                     "sensitivity)"
                 )
-            per_record = terms.per_record()
-            if per_record is None:
+            if terms.per_record() is None:
                 raise ValueError("PairwiseDPSGD needs at least one sample-wise term")
-            return per_record.sum(), terms
 
+        # The pairwise and batch parts from one forward of the whole batch (first: its
+        # reparameterisation draws are the step's first), whose layer calls the latent Gram
+        # reads; the sample part in fixed-size blocks of records (each record computed the
+        # same way whatever else is in the batch).
         with capture_layers(module) as cap:
-            sample, _, terms = self.clipper.clipped_sum(module, run, self.max_grad_norm, n)
+            terms = self.forward_terms(module, batch, n)
+        check(terms)
+        sample, _ = self.blocked_sample_sum(module, batch, n, check)
+        self.last_terms = terms
         stats: Stats = {"sample": comm.all_reduce(sample)}
         pair_params = self.select(params, "pairwise")
         pairwise = {name: torch.zeros_like(p) for name, p in pair_params.items()}

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from lit_dpvae.privacy.accounting import split_noise_multiplier
 from lit_dpvae.privacy.capture import named_trainable
@@ -149,8 +149,7 @@ class TermwiseDPSGD(Mechanism):
         params = named_trainable(module)
         batch_params = self.select(params, "batch")
 
-        def run() -> tuple[Tensor, LossTerms]:
-            terms = self.forward_terms(module, batch, n)
+        def check(terms: LossTerms) -> None:
             if terms.batch and "batch" not in self.parts:
                 raise ValueError(
                     f"the model has batch-wise terms {sorted(terms.batch)} but sample_share=1 "
@@ -161,16 +160,21 @@ class TermwiseDPSGD(Mechanism):
                     "the model has no batch-wise terms, so the batch part would only burn budget: "
                     "set sample_share=1 (term-wise DP-SGD is then exactly DP-SGD)"
                 )
-            per_record = terms.per_record()
-            if per_record is None:
-                raise ValueError("term-wise DP-SGD needs at least one sample-wise term")
-            return per_record.sum(), terms
 
-        sample, _, terms = self.clipper.clipped_sum(module, run, self.max_grad_norm, n)
-        stats: Stats = {"sample": comm.all_reduce(sample)}
+        # The batch part from one forward of the whole batch (first: its reparameterisation
+        # draws are the step's first); the sample part in fixed-size blocks of records (each
+        # record computed the same way whatever else is in the batch).
+        h = None
         if "batch" in self.parts:
+            terms = self.forward_terms(module, batch, n)
+            check(terms)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 h = grads_of(terms.batch_total(), batch_params, retain=False)
+        sample, logged = self.blocked_sample_sum(module, batch, n, check)
+        stats: Stats = {"sample": comm.all_reduce(sample)}
+        if h is not None:
             stats["batch"] = clip_vector(comm.all_reduce(h), self.batch_max_grad_norm)
+        else:
+            self.last_terms = LossTerms(sample=logged)
         return stats
