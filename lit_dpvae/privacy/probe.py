@@ -289,27 +289,50 @@ def _rebuild_mapping(batch: Any, items: dict) -> Any:
             "from its items: pass the batch as a dict, UserDict, list or tuple") from error
 
 
-def remap_records(batch: Any, src: list[int], n: int, top: bool = True) -> Any:
+def remap_records(batch: Any, src: list[int], n: int, top: bool = True,
+                  paths: set[tuple] | None = None, _path: tuple = ()) -> Any:
     """``batch`` with row ``i`` of every per-record column taken from row ``src[i]``: tensors
     and NumPy arrays with ``n`` rows, and lists/tuples of ``n`` per-record items
     (``_is_leaf_column``), nested in tuples, lists and any mapping (``top``: the batch itself,
-    a container of columns)."""
+    a container of columns). ``paths``: remap only the columns at these positions in the
+    batch's structure (``record_columns``), leave every other item as it is."""
+    def mine() -> bool:
+        return paths is None or _path in paths
+
     if isinstance(batch, Tensor):
-        if batch.dim() > 0 and batch.shape[0] == n:
+        if batch.dim() > 0 and batch.shape[0] == n and mine():
             return batch[torch.as_tensor(src, device=batch.device)]
         return batch
     if isinstance(batch, np.ndarray):
-        return batch[np.asarray(src)] if batch.ndim > 0 and batch.shape[0] == n else batch
+        return (batch[np.asarray(src)] if batch.ndim > 0 and batch.shape[0] == n and mine()
+                else batch)
     if isinstance(batch, Mapping):
-        return _rebuild_mapping(batch, {k: remap_records(v, src, n, False)
+        return _rebuild_mapping(batch, {k: remap_records(v, src, n, False, paths, (*_path, k))
                                         for k, v in batch.items()})
     if isinstance(batch, (list, tuple)):
         if not top and _is_leaf_column(batch, n):
-            items = [batch[i] for i in src]
+            items = [batch[i] for i in src] if mine() else list(batch)
         else:
-            items = [remap_records(v, src, n, False) for v in batch]
+            items = [remap_records(v, src, n, False, paths, (*_path, i))
+                     for i, v in enumerate(batch)]
         return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
     return batch
+
+
+def record_columns(batch: Any, n: int, top: bool = True, _path: tuple = ()) -> set[tuple]:
+    """The positions (keys and indices from the batch's top) of the items ``remap_records``
+    treats as per-record columns of a batch of ``n`` records."""
+    if isinstance(batch, (Tensor, np.ndarray)):
+        return {_path} if batch.ndim > 0 and batch.shape[0] == n else set()
+    if isinstance(batch, Mapping):
+        return set().union(*(record_columns(v, n, False, (*_path, k))
+                             for k, v in batch.items()))
+    if isinstance(batch, (list, tuple)):
+        if not top and _is_leaf_column(batch, n):
+            return {_path}
+        return set().union(*(record_columns(v, n, False, (*_path, i))
+                             for i, v in enumerate(batch)))
+    return set()
 
 
 def opaque_leaves(batch: Any) -> set[str]:

@@ -652,3 +652,38 @@ def test_upstream_cancellation_under_batch_size_dependent_kernels(make, backend)
         a, b = mech.aggregate(model, s)["sample"], mech.aggregate(model, s1)["sample"]
         worst = max(worst, float(global_norm({k: a[k] - b[k] for k in a})))
     assert worst <= 1e-4, worst
+
+
+class _SharedTable(nn.Module):
+    """A record-wise model that reads a shared table passed in the batch (K rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1 = nn.Linear(4, 1)
+
+    def loss_terms(self, batch):
+        x, table = batch
+        return LossTerms(sample={"recon": (self.l1(x) - table.mean(0)).pow(2).sum(1)})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_shared_item_with_n_rows_by_chance_is_not_cut_into_record_blocks(backend):
+    """Review of 2026-12-04: when the realised n equalled a shared table's K rows, the record
+    blocks sliced the table too and every record's term changed (39C at n = K = 20). The
+    per-record columns are those of the first batch, fixed for the module."""
+    k = 20
+    table = torch.full((k, 1), -3000.0 / (k - 1))
+    table[0] = 1000.0
+    model, x = _SharedTable(), torch.ones(k - 1, 4)
+    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0,
+                         backend=backend)
+    a = mech.aggregate(model, (x, table))["sample"]
+    b = mech.aggregate(model, (torch.cat([x, torch.ones(1, 4)]), table))["sample"]
+    assert float(global_norm({key: a[key] - b[key] for key in a})) <= 1.0 * (1 + REL_TOL)
+    fresh = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0,
+                          backend=backend)
+    # a first batch of n = K records: the table looks per-record, and the contract probe,
+    # swapping its rows between records, refuses the model with a clear error
+    with pytest.raises(LossTermsError, match="depends on record"):
+        fresh.aggregate(model, (torch.ones(k, 4), table))

@@ -36,7 +36,12 @@ from lit_dpvae.privacy.capture import check_module, named_trainable, refuse_para
 from lit_dpvae.privacy.clipping import clip_factors, make_clipper, weighted_sum
 from lit_dpvae.privacy.collectives import LOCAL, Collectives
 from lit_dpvae.privacy.precision import ieee_fp32
-from lit_dpvae.privacy.probe import opaque_leaves, probe_record_contract, remap_records
+from lit_dpvae.privacy.probe import (
+    opaque_leaves,
+    probe_record_contract,
+    record_columns,
+    remap_records,
+)
 from lit_dpvae.privacy.terms import LossTerms, batch_size_of, loss_terms_of
 
 Stats = dict[str, dict[str, Tensor]]
@@ -169,6 +174,7 @@ class Mechanism:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_owner", None)  # a weak reference does not pickle (spawned processes)
+        state.pop("_columns", None)  # decided again on the first batch the copy sees
         return state
 
     def bind(self, owner: object) -> None:
@@ -339,12 +345,13 @@ class Mechanism:
         # A batch item the library cannot open (the probe warns about it) may hold records it
         # cannot split: one unblocked forward then (docs/privacy.md §7).
         size = n if opaque_leaves(batch) else self.record_block
+        columns = self.batch_columns(module, batch, n)
         total: dict[str, Tensor] | None = None
         logged: dict[str, list[Tensor]] = {}
         for lo in range(0, n, size):
             real = min(n, lo + size) - lo
             block = batch if size == n else remap_records(
-                batch, list(range(lo, lo + real)) + [lo] * (size - real), n)
+                batch, list(range(lo, lo + real)) + [lo] * (size - real), n, paths=columns)
 
             def run(block: Any = block, real: int = real) -> tuple[Tensor, LossTerms]:
                 terms = loss_terms_of(module, block)
@@ -363,6 +370,25 @@ class Mechanism:
             total = sums if total is None else {k: total[k] + v for k, v in sums.items()}
         assert total is not None
         return total, {k: torch.cat(v) for k, v in logged.items()}
+
+    def batch_columns(self, module: nn.Module, batch: Any, n: int) -> set[tuple]:
+        """Which items of the batch are per-record columns (positions in its structure),
+        decided on the first batch a module trains on and fixed for it: an item with n rows
+        by chance in a later batch (a shared table of K rows when n = K) is not sliced into
+        blocks (it moved every record's term: 39C at n = K = 20), and a column of the first
+        batch that later has another number of rows than records is refused."""
+        known = getattr(self, "_columns", None)
+        if known is None or known[0] is not module:
+            known = (module, record_columns(batch, n))
+            self._columns = known
+        now = record_columns(batch, n)
+        missing = sorted(map(str, known[1] - now))
+        if missing:
+            raise ValueError(
+                f"batch items at {missing} held one row per record in the first batch but not "
+                f"in this one ({n} records): a per-record column must have one row per record "
+                "in every batch; pass shared tables as module buffers, not in the batch")
+        return known[1]
 
     def start(self, module: nn.Module, batch: Any, comm: Collectives = LOCAL) -> int:
         """Checks every ``aggregate`` starts with; returns the number of local records."""
