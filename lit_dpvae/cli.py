@@ -137,6 +137,15 @@ class DPVAECLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="run the test split after fit and print the test loss")
 
+    def before_fit(self) -> None:
+        """A fit without a DP strategy is not private: say so before training, loudly (a
+        command line that forgot ``--trainer.strategy`` otherwise trained without a word)."""
+        if not hasattr(self.trainer.strategy, "privacy_report"):
+            rank_zero_only(print)(
+                "lit_dpvae: WARNING: no DP strategy (--trainer.strategy "
+                "lit_dpvae.strategy.DPStrategy --trainer.strategy.target_epsilon ...): this fit "
+                "is NOT differentially private and no ε bounds its release", flush=True)
+
     def after_fit(self) -> None:
         trainer, strategy = self.trainer, self.trainer.strategy
         report = {}
@@ -233,6 +242,7 @@ def cli_main(args: list[str] | None = None, run: bool = True,
     """Run LightningCLI in a run folder; ``exit_on_refusal``: a refused configuration
     (``PrivacyConfigError``) is an ``error:`` line and exit status 2 (the command line), not an
     exception (Python callers)."""
+    from lit_dpvae.data.checks import DataError
     from lit_dpvae.privacy.budget import PrivacyConfigError
     from lit_dpvae.runs import RUN_DIR_ENV, RUN_OWNER_ENV
 
@@ -241,14 +251,16 @@ def cli_main(args: list[str] | None = None, run: bool = True,
     DPVAECLI.outside_wandb_run = getattr(wandb, "run", None) if wandb is not None else None
     try:
         cli = build_cli(args, run)
-    except PrivacyConfigError as error:  # a refused configuration: the message is the fix
+    except (PrivacyConfigError, DataError) as error:  # a refusal: the message is the fix
         finish_wandb(exit_code=1, trainer=DPVAECLI.last_trainer)
         drop_empty_run_folder()
         if not exit_on_refusal:
             raise
         from lit_dpvae.cli_errors import exit_with
 
-        exit_with(str(error), tip="docs/refusals.md lists every refused setting and why")
+        exit_with(str(error), tip="docs/refusals.md lists every refused setting and why"
+                  if isinstance(error, PrivacyConfigError) else
+                  "fix the data or the data module's settings (README: Your own data)")
     except BaseException:
         finish_wandb(exit_code=1, trainer=DPVAECLI.last_trainer)
         drop_empty_run_folder()

@@ -125,3 +125,35 @@ def test_a_pre_hoyer_sparse_export_loads_with_the_mmd_it_was_trained_with(tmp_pa
         loaded = load_model(path)
         assert loaded.sparsity_term == divergence and loaded.lam == model.lam
         assert loaded.batch_term_compositions() == model.batch_term_compositions()
+
+
+def _array_fit(tmp_path, values, strategy: bool) -> list[str]:
+    np.save(tmp_path / "x.npy", values.astype(np.float32))
+    args = ["fit", "--model", "lit_dpvae.models.VanillaVAE", "--model.likelihood", "gaussian",
+            "--data", "lit_dpvae.data.ArrayDataModule", "--data.x", str(tmp_path / "x.npy"),
+            "--data.value_range", "[-1, 1]", "--data.rescale", "false",
+            "--trainer.logger=false", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+            "--trainer.enable_checkpointing=false", "--trainer.default_root_dir", str(tmp_path)]
+    if strategy:
+        args += ["--trainer.strategy", "lit_dpvae.strategy.DPStrategy",
+                 "--trainer.strategy.target_epsilon", "3"]
+    return args
+
+
+def test_values_outside_the_declared_range_are_one_error_line(tmp_path, monkeypatch, capsys):
+    """New-user trial (2026-12-04): a DataError at fit time was a full traceback."""
+    monkeypatch.chdir(tmp_path)
+    values = np.random.default_rng(0).normal(0, 3, (200, 6))
+    with pytest.raises(SystemExit) as exit_info:
+        main(_array_fit(tmp_path, values, strategy=True))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "outside the declared value_range" in err and "Traceback" not in err
+
+
+def test_a_fit_without_a_dp_strategy_says_it_is_not_private(tmp_path, monkeypatch, capsys):
+    """New-user trial (2026-12-04): forgetting --trainer.strategy trained without a word."""
+    monkeypatch.chdir(tmp_path)
+    values = np.random.default_rng(0).uniform(-1, 1, (200, 6))
+    main(_array_fit(tmp_path, values, strategy=False))
+    assert "NOT differentially private" in capsys.readouterr().out

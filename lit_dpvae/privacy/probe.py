@@ -102,8 +102,10 @@ def probe_record_contract(module: nn.Module, batch: Any, n: int, *,
             warnings.warn(
                 f"lit_dpvae: the record probe cannot look inside batch items of type "
                 f"{', '.join(opaque)}: records they hold are not replaced, so a term that "
-                "reads other records through them is not caught; pass records as tensors, "
-                "NumPy arrays or lists of scalars (in tuples, lists or mappings)", stacklevel=3)
+                "reads other records through them is not caught, and the sample part is "
+                "computed in one unblocked forward, whose rounding can depend on the batch "
+                "size (docs/privacy.md §7); pass records as tensors, NumPy arrays or lists of "
+                "scalars (in tuples, lists or mappings)", stacklevel=3)
         # Each check: (row i of the changed batch is row src[i]; the records whose data did
         # not change, whose signatures must not move; what changed, for the error).
         checks: list[tuple[list[int], set[int], str]] = []
