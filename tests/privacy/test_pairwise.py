@@ -555,3 +555,14 @@ def test_owner_blocks_keep_the_global_partner_offsets(monkeypatch):
     shifted = pw.owner_vectors(partners[2:6], w, kernel, 5.0, gram, 0.05, partners=partners,
                                offset=0)  # the wrong self pairs masked: a different statistic
     assert not torch.allclose(shifted[0], outs[0][0])
+
+
+def test_the_report_leaves_out_the_batch_parts_clip_norm_when_it_has_no_share():
+    """New-user trial (2026-12-04): the report showed ``batch_max_grad_norm 1`` for a pairwise
+    mechanism whose opaque batch part has no budget share (it plays no role in the release)."""
+    from lit_dpvae.privacy import PairwiseDPSGD
+
+    assert "batch_max_grad_norm" not in PairwiseDPSGD().settings()
+    with_batch = PairwiseDPSGD(sample_share=0.5, pairwise_share=0.3)
+    assert "batch" in with_batch.parts
+    assert with_batch.settings()["batch_max_grad_norm"] == 1.0

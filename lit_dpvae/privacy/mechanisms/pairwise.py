@@ -138,6 +138,14 @@ class PairwiseDPSGD(Mechanism):
     def part_parameters(self, part: str) -> tuple[str, ...] | None:
         return None if part == "sample" else self.batch_params
 
+    def settings(self) -> dict[str, Any]:
+        """As ``Mechanism.settings``; without an opaque batch part (no budget share left) its
+        C_b is left out (it plays no role in the release)."""
+        out = super().settings()
+        if "batch" not in self.parts:
+            out.pop("batch_max_grad_norm", None)
+        return out
+
     def aggregate(
         self,
         module: nn.Module,
