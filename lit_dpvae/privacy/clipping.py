@@ -434,8 +434,9 @@ def scale_floor_sq(calls: list[LayerCall], backprops: list[Tensor], n: int) -> T
 class LayerwiseClipper:
     """The ``ghost`` and ``functorch`` backends: attribution from captured layer calls.
 
-    ``clipped_sum(module, run, C, n)``: ``run()`` does the forward pass and returns
-    ``(loss_to_attribute, aux)``; the result is ``({param name: Σ_i c_i g_i}, norms [n], aux)``.
+    ``clipped_sum(module, run, C, n, keep)``: ``run()`` does the forward pass and returns
+    ``(loss_to_attribute, aux)``; the result is ``({param name: Σ_i c_i g_i}, norms [n], aux)``,
+    the sum over the first ``keep`` records only when ``keep`` is given (``c_i = 0`` after).
     The autograd graph is kept, so the caller can differentiate other terms of the same forward.
     Each layer call takes one route (``clipping_route``).
     """
@@ -444,7 +445,8 @@ class LayerwiseClipper:
         self.functorch = functorch
 
     def clipped_sum(
-        self, module: nn.Module, run: Callable[[], tuple[Tensor, Any]], max_norm: float, n: int
+        self, module: nn.Module, run: Callable[[], tuple[Tensor, Any]], max_norm: float, n: int,
+        keep: int | None = None,
     ) -> tuple[dict[str, Tensor], Tensor, Any]:
         params = named_trainable(module)
         if n == 0:
@@ -475,7 +477,7 @@ class LayerwiseClipper:
             sq_norm = sq_norm + _sq_norms(g, n)
         norms = sq_norm.sqrt()
         norms = torch.maximum(norms, _SCALE_FLOOR * scale_floor_sq(cap.calls, backprops, n).sqrt())
-        factors = clip_factors(norms, max_norm)
+        factors = _kept(clip_factors(norms, max_norm), keep)
 
         out = {name: torch.zeros_like(p) for name, p in params.items()}
         by_param = {p: name for name, p in params.items()}
@@ -491,6 +493,16 @@ class LayerwiseClipper:
         return out, norms, aux
 
 
+def _kept(factors: Tensor, keep: int | None) -> Tensor:
+    """Clip factors with records ``keep..n−1`` (a record block's padding copies) set to exactly
+    0: whatever the model does with them, they are never released."""
+    if keep is None or keep >= factors.shape[0]:
+        return factors
+    factors = factors.clone()
+    factors[keep:] = 0
+    return factors
+
+
 def _contiguous_inputs(module: nn.Module, inputs: tuple) -> tuple:
     return tuple(t.contiguous() if isinstance(t, Tensor) else t for t in inputs)
 
@@ -499,7 +511,8 @@ class OpacusHooksClipper:
     """The ``hooks`` backend: Opacus' GradSampleModule materialises ``p.grad_sample``."""
 
     def clipped_sum(
-        self, module: nn.Module, run: Callable[[], tuple[Tensor, Any]], max_norm: float, n: int
+        self, module: nn.Module, run: Callable[[], tuple[Tensor, Any]], max_norm: float, n: int,
+        keep: int | None = None,
     ) -> tuple[dict[str, Tensor], Tensor, Any]:
         params = named_trainable(module)
         if n == 0:
@@ -552,7 +565,7 @@ class OpacusHooksClipper:
                 p.grad = saved_grads[name]
         norms = torch.stack([_sq_norms(g, n) for g in grad_samples.values()]).sum(0).sqrt()
         norms = torch.maximum(norms, _SCALE_FLOOR * scale_sq.sqrt())
-        factors = clip_factors(norms, max_norm)
+        factors = _kept(clip_factors(norms, max_norm), keep)
         out = {name: weighted_sum(factors, g) for name, g in grad_samples.items()}
         check_finite(out)
         return out, norms, aux

@@ -687,3 +687,30 @@ def test_a_shared_item_with_n_rows_by_chance_is_not_cut_into_record_blocks(backe
     # swapping its rows between records, refuses the model with a clear error
     with pytest.raises(LossTermsError, match="depends on record"):
         fresh.aggregate(model, (torch.ones(k, 4), table))
+
+
+def test_a_first_batch_column_with_another_row_count_later_is_refused():
+    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0)
+    model = _SharedTable()
+    assert mech.batch_columns(model, (torch.ones(5, 4), torch.ones(5, 1)), 5) == {(0,), (1,)}
+    with pytest.raises(ValueError, match=r"batch items at \['\(1,\)'\] held one row per record"):
+        mech.batch_columns(model, (torch.ones(4, 4), torch.ones(5, 1)), 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_records_after_keep_are_never_released(backend):
+    """A record block's padding copies get clip factor exactly 0 (``keep``): the clipped sum
+    over a batch of three with ``keep=1`` is the first record's alone."""
+    from lit_dpvae.privacy.clipping import make_clipper
+
+    model = ToyVAE(batch_term=False)
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        terms = model.loss_terms((x,))
+        return terms.per_record().sum(), terms
+
+    got, _, _ = make_clipper(backend).clipped_sum(model, run, 0.5, 3, keep=1)
+    want = per_record_oracle(model, x[:1], 0.5)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7)

@@ -332,7 +332,7 @@ class Mechanism:
                            ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``Σ_i clip_C(∇ℓ_i)`` of the sample-wise terms, with the model's forward *and*
         backward run on blocks of exactly ``record_block`` records (the last padded with copies
-        of its first record, whose terms are left out: their rows get zero backprops), under
+        of its first record, whose terms are left out and whose clip factors are 0), under
         local collectives. BLAS and convolution libraries choose their kernels by batch size
         (a Linear's row for one record, a gemv, is rounded differently from the same row in a
         batch of two, a gemm); a record whose gradient is rounding (a record in a layer's null
@@ -364,7 +364,8 @@ class Mechanism:
                 return per_record[:real].sum(), terms
 
             with collectives.active(LOCAL):
-                sums, _, terms = self.clipper.clipped_sum(module, run, self.max_grad_norm, size)
+                sums, _, terms = self.clipper.clipped_sum(module, run, self.max_grad_norm, size,
+                                                          keep=real)
             for key, value in terms.sample.items():
                 logged.setdefault(key, []).append(value[:real].detach())
             total = sums if total is None else {k: total[k] + v for k, v in sums.items()}

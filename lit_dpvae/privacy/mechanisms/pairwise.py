@@ -196,7 +196,6 @@ class PairwiseDPSGD(Mechanism):
             terms = self.forward_terms(module, batch, n)
         check(terms)
         sample, _ = self.blocked_sample_sum(module, batch, n, check)
-        self.last_terms = terms
         stats: Stats = {"sample": comm.all_reduce(sample)}
         pair_params = self.select(params, "pairwise")
         pairwise = {name: torch.zeros_like(p) for name, p in pair_params.items()}
