@@ -5,8 +5,8 @@ the activation) and multiplies it by the backprops. The same per-record weight g
 
     G_i[o, c, u, v] = Σ_{y,x} b_i[o, y, x] · a_i[c, s·y + d·u − p, s·x + d·v − p]
 
-are a convolution too, and torch has two exact ways to form them for a whole block of records
-at once, with the records folded into the groups of one convolution:
+are a convolution too: two exact ways form them for a whole block of records at once, with the
+records folded into the groups of one convolution, and a third unfolds after all:
 
 - ``"grouped_backward"``: the weight gradient of a convolution with ``groups = rows`` (input
   ``[1, rows·C_in, H, W]``, output gradient ``[1, rows·C_out, H', W']``), the route
@@ -15,7 +15,8 @@ at once, with the records folded into the groups of one convolution:
   (``[C_in, rows, H, W]``), with the output gradient as ``rows·C_out`` one-channel kernels
   (stride and dilation swap roles; Opacus' ``convolution2d_backward_as_a_convolution``); fast
   when ``C_in`` or ``C_out`` is small (an image's first or last layer);
-- ``"unfold"``: Opacus' sampler (im2col + einsum); fast for strided layers at low resolution.
+- ``"unfold"``: ``F.unfold`` (im2col) and one einsum, as Opacus' sampler does; fast for
+  strided layers at low resolution.
 
 All three return the per-record gradients themselves, materialised: the norm that sets each
 ``c_i`` and the clipped sum ``Σ c_i g_i`` are formed from the *same* tensor (§2, rule (i)), so

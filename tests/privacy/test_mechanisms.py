@@ -484,3 +484,14 @@ def test_conv_sampler_calls_are_blocked(limit, monkeypatch):
     # 7 records, padded to one forward block of 64 (record_block), sampled 2 rows at a time:
     # every call sees 2 rows
     assert rows_seen == [2] * (32 if limit else 64)
+
+
+def test_the_record_block_follows_one_processs_share_of_the_public_batch_size():
+    """Blocks cover B/W + 2·√(B/W) records in multiples of 32 (one block in almost every step,
+    and W processes do not each pad up to the global batch)."""
+    mech = TermwiseDPSGD(max_grad_norm=1.0, noise_multiplier=1.0, sample_share=1.0)
+    assert mech.record_block() == 64  # before the sampling is known
+    mech.set_sampling(256.0)
+    assert mech.record_block() == 288
+    mech.set_sampling(4096.0)
+    assert mech.record_block(world_size=8) == 576 and mech.record_block() == 4224

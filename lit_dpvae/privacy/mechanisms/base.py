@@ -309,26 +309,22 @@ class Mechanism:
         self.last_terms = terms
         return terms
 
-    #: Records per forward of the sample part (``blocked_sample_sum``) when set; None: from
-    #: the public expected batch size (``record_block``).
-    record_block_setting: int | None = None
-
-    @property
-    def record_block(self) -> int:
+    def record_block(self, world_size: int = 1) -> int:
         """Records per forward of the sample part: fixed for the run, never a function of the
-        realised batch, so every record's forward and backward run with the same shapes. By
-        default a multiple of 32 covering the public expected batch size B plus two standard
-        deviations of a Poisson batch, ``32·⌈(B + 2√B)/32⌉`` (one block in almost every step),
-        or 64 before the sampling is known."""
-        if self.record_block_setting is not None:
-            return int(self.record_block_setting)
-        b = getattr(self, "_expected_batch_size", None)
-        if b is None:
+        realised batch, so every record's forward and backward run with the same shapes. A
+        multiple of 32 covering one process's share ``b = B / world_size`` of the public
+        expected batch size plus two standard deviations of a Poisson batch,
+        ``32·⌈(b + 2√b)/32⌉`` (one block in almost every step), or 64 before the sampling is
+        known."""
+        total = self._expected_batch_size
+        if total is None:
             return 64
+        b = total / max(1, world_size)
         return 32 * max(1, math.ceil((b + 2 * math.sqrt(b)) / 32))
 
     def blocked_sample_sum(self, module: nn.Module, batch: Any, n: int,
-                           check: Callable[[LossTerms], None] | None = None
+                           check: Callable[[LossTerms], None] | None = None,
+                           comm: Collectives = LOCAL
                            ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``Σ_i clip_C(∇ℓ_i)`` of the sample-wise terms, with the model's forward *and*
         backward run on blocks of exactly ``record_block`` records (the last padded with copies
@@ -339,12 +335,13 @@ class Mechanism:
         space) then differed between S and S ∪ {x}, and clipping rescaled it to norm C in two
         directions (1.2C released; docs/privacy.md §2). With one block shape every record is
         computed the same way whatever else is in the batch. Returns the sum and the real
-        records' sample terms (detached, for logging). ``check`` sees each block's terms."""
+        records' sample terms (detached, for logging). ``check`` sees each block's terms;
+        ``comm``: the run's collectives (its world size sets the block, ``record_block``)."""
         if n == 0:
             return {name: torch.zeros_like(p) for name, p in named_trainable(module).items()}, {}
         # A batch item the library cannot open (the probe warns about it) may hold records it
         # cannot split: one unblocked forward then (docs/privacy.md §7).
-        size = n if opaque_leaves(batch) else self.record_block
+        size = n if opaque_leaves(batch) else self.record_block(comm.world_size)
         columns = self.batch_columns(module, batch, n)
         total: dict[str, Tensor] | None = None
         logged: dict[str, list[Tensor]] = {}

@@ -195,7 +195,7 @@ class PairwiseDPSGD(Mechanism):
         with capture_layers(module) as cap:
             terms = self.forward_terms(module, batch, n)
         check(terms)
-        sample, _ = self.blocked_sample_sum(module, batch, n, check)
+        sample, _ = self.blocked_sample_sum(module, batch, n, check, comm)
         stats: Stats = {"sample": comm.all_reduce(sample)}
         pair_params = self.select(params, "pairwise")
         pairwise = {name: torch.zeros_like(p) for name, p in pair_params.items()}

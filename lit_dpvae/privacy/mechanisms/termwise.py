@@ -171,7 +171,7 @@ class TermwiseDPSGD(Mechanism):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 h = grads_of(terms.batch_total(), batch_params, retain=False)
-        sample, logged = self.blocked_sample_sum(module, batch, n, check)
+        sample, logged = self.blocked_sample_sum(module, batch, n, check, comm)
         stats: Stats = {"sample": comm.all_reduce(sample)}
         if h is not None:
             stats["batch"] = clip_vector(comm.all_reduce(h), self.batch_max_grad_norm)
