@@ -62,6 +62,10 @@ VARIANTS = {
     "termwise": {"mechanism": "termwise"},
     "termwise_head": {"mechanism": "termwise", "batch_params": ["encoder.head."]},
 }
+#: diagnostic variants, run only when named (``--variants``; their λ = 0 cells too):
+#: ``cliponly`` is the defaults' clipping with σ = 10⁻⁴ (no privacy to speak of): what
+#: clipping alone costs the divergence, apart from the noise
+DIAGNOSTIC = {"cliponly": {"noise_multiplier": 1e-4}}
 
 
 def cells(data: str, eps: list[float], seeds: list[int], variants: list[str],
@@ -76,7 +80,9 @@ def cells(data: str, eps: list[float], seeds: list[int], variants: list[str],
             rows = [("nonprivate", math.inf, on_off) for on_off in ("on", "off")]
             for e in eps:
                 rows += [("auto", e, "off")] + [(v, e, "on") for v in variants
-                                                  if v == "auto" or pairing not in SAMPLE_WISE]
+                                                  if v in ("auto", *DIAGNOSTIC)
+                                                  or pairing not in SAMPLE_WISE]
+                rows += [(v, e, "off") for v in variants if v in DIAGNOSTIC]
             for mech, e, on_off in rows:
                 tag = "inf" if math.isinf(e) else f"{e:g}"
                 cell = {"pairing": pairing, "dataset": dataset, "mechanism": mech,
@@ -129,7 +135,9 @@ def property_of(pairing: str, model, dm, split: str = "test") -> dict[str, float
     z = mu + (0.5 * log_var).exp() * torch.randn(mu.shape, generator=gen)
     out = {"recon": float(torch.cat(recon).mean())}
     if pairing == "cluster":
-        out["nmi"] = nmi(y, assign_clusters(mu, model.prior))
+        clusters = assign_clusters(mu, model.prior)
+        out["nmi"] = nmi(y, clusters)
+        out.update(component_use(y, clusters))
     elif pairing == "sparse":
         out["hoyer"] = hoyer_sparsity(mu, standardise=True)
         out["dim_mmd"] = latent_dim_mmd(z, model.prior)
@@ -137,6 +145,20 @@ def property_of(pairing: str, model, dm, split: str = "test") -> dict[str, float
         out["latent_mmd"] = latent_mmd(z, model.prior)
         out["latent_mmd_means"] = latent_mmd(mu, model.prior)
     return out
+
+
+def component_use(y, clusters) -> dict[str, float]:
+    """How the classes sit on the mixture: ``components`` holding ≥ 5 % of the records, and
+    ``shared``, the classes whose largest component is also another class's largest (merged
+    classes)."""
+    import torch
+
+    counts = torch.zeros(int(y.max()) + 1, int(clusters.max()) + 1)
+    counts.index_put_((y.long(), clusters.long()), torch.ones(len(y)), accumulate=True)
+    used = int((counts.sum(0) >= 0.05 * len(y)).sum())
+    top = counts.argmax(1)
+    shared = int(sum(int((top == t).sum()) for t in top.unique() if int((top == t).sum()) > 1))
+    return {"components": float(used), "shared": float(shared)}
 
 
 def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +186,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     if cell["mechanism"] == "nonprivate":
         strategy: Any = "auto"  # Lightning's own: the plain gradient of the mean loss
     else:
-        settings = {**VARIANTS[cell["mechanism"]], **cell.get("strategy_kwargs", {})}
+        settings = {**{**VARIANTS, **DIAGNOSTIC}[cell["mechanism"]],
+                    **cell.get("strategy_kwargs", {})}
         budget = {} if "noise_multiplier" in settings else {"target_epsilon": cell["eps"]}
         strategy = DPStrategy(target_delta=DELTA, noise_seed=10_000 + cell["seed"], **budget,
                               **settings)
@@ -276,9 +299,12 @@ def table(rows: list[dict]) -> list[str]:
         pm, ps, n = mean_std([r.get(metric) for r in rs])
         rm, rsd, _ = mean_std([r.get("recon") for r in rs])
         chosen = sorted({r.get("chosen", "-") for r in rs})
+        use = ""
+        if all("components" in r for r in rs):  # ClusterVAE: per seed, components/merged
+            use = " (" + " ".join(f"{r['components']:.0f}/{r['shared']:.0f}" for r in rs) + ")"
         lines.append(f"| {pairing} | {dataset} | {mech} ({'/'.join(chosen)}) | "
                      f"{'∞' if math.isinf(eps) else f'{eps:g}'} | {lam} | {n} | "
-                     f"{metric} {pm:.4f} ± {ps:.4f} | {rm:.2f} ± {rsd:.2f} | "
+                     f"{metric} {pm:.4f} ± {ps:.4f}{use} | {rm:.2f} ± {rsd:.2f} | "
                      f"{max(r['steps'] for r in rs)} |")
     return lines
 
@@ -340,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", choices=("small", "fmnist"), default="small")
     ap.add_argument("--eps", type=float, nargs="+", default=[1.0, 10.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                    choices=[*VARIANTS, *DIAGNOSTIC])
     ap.add_argument("--pairings", nargs="+", default=list(PAIRINGS), choices=list(PAIRINGS))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=OUT)

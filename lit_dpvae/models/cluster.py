@@ -23,8 +23,11 @@ class ClusterVAE(BaseVAE):
 
     ``divergence="mmd"`` (default): MMD² between one code per record and M samples of the
     mixture (``lit_dpvae.divergences.MMD``): pairwise-decomposable, so ``mechanism="auto"``
-    privatises it pair by pair (docs/privacy.md §8) and the clustering survives DP (issue 15:
-    on pinwheel at ε = 10 the aggregate KL's NMI fell below λ = 0's). ``"aggregate_kl"``: the
+    privatises it pair by pair (docs/privacy.md §8); under the aggregate KL the NMI on pinwheel
+    at ε = 10 fell below λ = 0's. Under DP each pair term is clipped to C_p, so the divergence
+    acts with a fixed weight (≤ 4·C_p per record against C; λ matters only below the clip) and
+    it needs large batches: on pinwheel it un-merges classes at B = 1,000, not at B = 100
+    (experiments/results/divergence_effect.md). ``"aggregate_kl"``: the
     inclusive KL(p ‖ q_agg) (``AggregateKL``, log-sum-exp over the batch), batch-wise:
     privatised as one clipped vector by term-wise DP-SGD (docs/privacy.md §3.3).
 

@@ -83,3 +83,24 @@ def test_validation_cells_and_lambda_overrides_are_kept_apart(tmp_path):
     got = dfx.load(tmp_path, "val", 3.0)
     assert {r["key"] for r in got} == {c["key"] for c in val3 if c["pairing"] == "sparse"}
     assert len(dfx.load(tmp_path)) == 1
+
+
+def test_diagnostic_variants_run_only_when_named_with_their_own_lambda_off_cells():
+    default = dfx.cells("small", [10.0], [0], list(dfx.VARIANTS))
+    assert not any(c["mechanism"] in dfx.DIAGNOSTIC for c in default)
+    cells = dfx.cells("small", [10.0], [0], ["auto", "cliponly"])
+    clip = {(c["pairing"], c["lam"]) for c in cells if c["mechanism"] == "cliponly"}
+    # every pairing, sample-wise SparseVAE too, gets clip-only cells with λ on and λ = 0
+    assert clip == {(p, lam) for p in dfx.PAIRINGS for lam in ("on", "off")}
+    assert len({c["key"] for c in cells}) == len(cells)
+
+
+def test_component_use_counts_used_components_and_merged_classes():
+    import torch
+
+    # classes 0, 1 share component 4; class 2 sits on 7; component 9 holds 1 of 100 (< 5 %)
+    y = torch.tensor([0] * 33 + [1] * 33 + [2] * 34)
+    clusters = torch.tensor([4] * 33 + [4] * 33 + [7] * 33 + [9])
+    assert dfx.component_use(y, clusters) == {"components": 2.0, "shared": 2.0}
+    assert dfx.component_use(y, torch.tensor([1] * 33 + [2] * 33 + [3] * 34)) == {
+        "components": 3.0, "shared": 0.0}
