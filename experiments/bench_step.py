@@ -124,12 +124,21 @@ class BenchVAE(nn.Module):
         logits = self.decoder(z)
         recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
         kl = 0.5 * (mu.pow(2) + log_var.exp() - 1.0 - log_var).sum(1)
-        terms = LossTerms(sample={"recon": recon, "kl": kl})
-        if batch_terms:
-            prior = torch.randn(self.n_prior, self.latent_dim, dtype=z.dtype, device=z.device)
-            terms.batch["mmd"] = self.mmd_weight * imq_mmd2(z, prior, self.kernel_scale)
-            terms.pairwise["mmd"] = PairwiseTerm(z, prior, self.pair_kernel, self.mmd_weight)
+        terms = self._divergence(z) if batch_terms else LossTerms()
+        terms.sample = {"recon": recon, "kl": kl}
         return terms
+
+    def batch_terms(self, batch: Tensor) -> LossTerms:
+        """``loss_terms``' batch-wise and pairwise terms under the same draws, without the
+        decoder (the mechanisms' full-batch forward; as ``lit_dpvae.models.BaseVAE``)."""
+        mu, log_var = self.encoder(batch).chunk(2, dim=-1)
+        return self._divergence(mu + torch.randn_like(mu) * torch.exp(0.5 * log_var))
+
+    def _divergence(self, z: Tensor) -> LossTerms:
+        prior = torch.randn(self.n_prior, self.latent_dim, dtype=z.dtype, device=z.device)
+        return LossTerms(batch={"mmd": self.mmd_weight * imq_mmd2(z, prior, self.kernel_scale)},
+                         pairwise={"mmd": PairwiseTerm(z, prior, self.pair_kernel,
+                                                       self.mmd_weight)})
 
 
 class MLPVAE(BenchVAE):

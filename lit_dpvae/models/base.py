@@ -341,13 +341,32 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
         x, y = batch[0], (batch[1] if len(batch) > 1 else None)
         return x, y
 
+    def _codes(self, batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor,
+                                           Tensor]:
+        """``(x, y, onehot, mu, log_var, z)`` of a batch, z ``[n, K, d]`` reparameterised (the
+        step's first random draw)."""
+        x, y = self._split(batch)
+        onehot = self._onehot(y if self.conditional else None, x.shape[0], "loss_terms")
+        mu, log_var = self.encode(x, onehot)
+        z = mu[:, None] + (0.5 * log_var).exp()[:, None] * self.draw_noise(mu, self.n_samples)
+        return x, y, onehot, mu, log_var, z
+
+    def _divergence_terms(self, z: Tensor, mu: Tensor, log_var: Tensor) -> LossTerms:
+        """The batch-wise (and pairwise) terms: λ·D of the batch's codes (none when λ = 0)."""
+        terms = LossTerms()
+        if self.divergence_key is not None and self.lam != 0.0:
+            pair = self.pairwise_divergence(z, mu, log_var)
+            if pair is None:
+                d = self.divergence_value(z, mu, log_var)
+            else:
+                d, terms.pairwise[self.divergence_key] = pair
+            terms.batch[self.divergence_key] = self.lam * d
+        return terms
+
     def _terms(self, batch: Any) -> tuple[LossTerms, Tensor, Tensor | None, Tensor]:
         """``(terms, mu, y, z)``: z ``[n, d]`` the first reparameterised sample per record."""
-        x, y = self._split(batch)
+        x, y, onehot, mu, log_var, z = self._codes(batch)
         n, k = x.shape[0], self.n_samples
-        onehot = self._onehot(y if self.conditional else None, n, "loss_terms")
-        mu, log_var = self.encode(x, onehot)
-        z = mu[:, None] + (0.5 * log_var).exp()[:, None] * self.draw_noise(mu, k)  # [n, K, d]
         rep = None if onehot is None else onehot.repeat_interleave(k, 0)  # record-major
         params = self.decode(z.reshape(n * k, self.latent_dim), rep)
         log_px_z = self.likelihood.log_prob(x.repeat_interleave(k, 0), params).view(n, k)
@@ -356,22 +375,26 @@ class BaseVAE(ScrubbedHyperparametersMixin, L.LightningModule):
             kl = self.per_record_kl(*self.label_shift.to_base(onehot, mu, log_var, z))
         else:
             kl = self.per_record_kl(mu, log_var, z)
-        sample = {"recon": -log_px_z.mean(1), "kl": self.beta * kl,
-                  **self.extra_sample_terms(mu, log_var, z)}
-        batch_terms: dict[str, Tensor] = {}
-        pairwise: dict[str, PairwiseTerm] = {}
-        if self.divergence_key is not None and self.lam != 0.0:
-            pair = self.pairwise_divergence(z, mu, log_var)
-            if pair is None:
-                d = self.divergence_value(z, mu, log_var)
-            else:
-                d, pairwise[self.divergence_key] = pair
-            batch_terms[self.divergence_key] = self.lam * d
-        return LossTerms(sample=sample, batch=batch_terms, pairwise=pairwise), mu, y, z[:, 0]
+        terms = self._divergence_terms(z, mu, log_var)
+        terms.sample = {"recon": -log_px_z.mean(1), "kl": self.beta * kl,
+                        **self.extra_sample_terms(mu, log_var, z)}
+        return terms, mu, y, z[:, 0]
 
     def loss_terms(self, batch: Any) -> LossTerms:
         """Named sample-wise (``[n]``) and batch-wise (scalar) loss terms of a batch."""
         return self._terms(batch)[0]
+
+    def batch_terms(self, batch: Any) -> LossTerms:
+        """``loss_terms``' batch-wise and pairwise terms alone, under the same random draws:
+        the encoder and the divergence, no decoder (the mechanisms' full-batch forward;
+        ``lit_dpvae.privacy.terms.batch_terms_of``). A subclass that overrides
+        ``loss_terms`` (or ``_terms``) gets its own ``loss_terms``' batch terms here."""
+        if (type(self).loss_terms is not BaseVAE.loss_terms
+                or type(self)._terms is not BaseVAE._terms):
+            full = self.loss_terms(batch)
+            return LossTerms(batch=full.batch, pairwise=full.pairwise)
+        _, _, _, mu, log_var, z = self._codes(batch)
+        return self._divergence_terms(z, mu, log_var)
 
     # ---- Lightning -----------------------------------------------------------------------------
     def _common_step(self, batch: Any, stage: str) -> Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_dpvae.privacy.capture import AttributionError, capture_layers
-from lit_dpvae.privacy.terms import LossTermsError, loss_terms_of
+from lit_dpvae.privacy.terms import LossTermsError, batch_terms_of, loss_terms_of
 
 
 def probe_record_contract(module: nn.Module, batch: Any, n: int, *,
@@ -145,8 +145,56 @@ def probe_record_contract(module: nn.Module, batch: Any, n: int, *,
                         "i only. (Random numbers must be drawn in a fixed shape per batch, "
                         "not in a data-dependent count.)"
                     )
+        # 5: a model's batch_terms (the mechanisms' full-batch forward) must return exactly
+        # loss_terms' batch-wise and pairwise terms under the same draws, so what the probe
+        # checked above (codes of record i read record i only) holds for what is released.
+        if callable(getattr(module, "batch_terms", None)):
+            same_draws()
+            full = loss_terms_of(module, batch)
+            same_draws()
+            part = batch_terms_of(module, batch)
+            _refuse_other_batch_terms(module, full, part, reproducible is True)
     _refuse_state_changes(module, states)
     return n >= 3
+
+
+def _refuse_other_batch_terms(module: nn.Module, full: Any, part: Any,
+                              reproducible: bool) -> None:
+    """Check 5 of ``probe_record_contract``: ``batch_terms`` equals ``loss_terms``' batch-wise
+    and pairwise terms, bit for bit (values, codes, prior samples, weights, kernel types)."""
+    def same(a: Any, b: Any) -> bool:
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype):
+            return False
+        a, b = a.detach(), b.detach()  # NaN where both have it: validate() names those
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+    what = None
+    if set(full.batch) != set(part.batch) or set(full.pairwise) != set(part.pairwise):
+        what = (f"terms {sorted(part.batch)} / pairwise {sorted(part.pairwise)} against "
+                f"{sorted(full.batch)} / {sorted(full.pairwise)}")
+    else:
+        for name in full.batch:
+            if not same(full.batch[name], part.batch[name]):
+                what = f"the value of {name!r} differs"
+        for name, term in full.pairwise.items():
+            other = part.pairwise[name]
+            if not (same(term.codes, other.codes)
+                    and same(term.prior_samples, other.prior_samples)
+                    and float(term.weight) == float(other.weight)
+                    and type(term.kernel) is type(other.kernel)):
+                what = f"pairwise term {name!r} has other codes, prior samples, weight or kernel"
+    if what is None:
+        return
+    cause = "" if reproducible else (
+        " (loss_terms is not reproducible under the same torch RNG state, so the two cannot "
+        "be compared: draw randomness from the global torch RNG)")
+    raise LossTermsError(
+        f"{type(module).__name__}.batch_terms does not return loss_terms' batch-wise terms "
+        f"under the same random draws: {what}{cause}. The mechanisms compute the batch and "
+        "pairwise parts from batch_terms and the probe checks loss_terms: make batch_terms "
+        "return exactly loss_terms' batch and pairwise terms (same draws, in the same order), "
+        "or remove it")
 
 
 def _gradient_probe(module: nn.Module, batch: Any, n: int, inputs: list[Tensor],

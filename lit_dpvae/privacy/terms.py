@@ -218,6 +218,30 @@ def loss_terms_of(module: nn.Module, batch: Any) -> LossTerms:
     return terms
 
 
+def batch_terms_of(module: nn.Module, batch: Any) -> LossTerms:
+    """The batch-wise (and pairwise) terms of ``batch`` for a mechanism's full-batch forward:
+    ``module.batch_terms(batch)`` where the model defines it, else ``loss_terms(batch)``.
+
+    ``batch_terms`` is an optional speed-up (a VAE's divergence reads the codes only, so its
+    full-batch forward can skip the decoder): it must return exactly ``loss_terms``' batch
+    and pairwise terms under the same random draws, with no sample-wise terms (the record
+    blocks compute those). The record probe checks that equality (docs/privacy.md §1)."""
+    fn = getattr(module, "batch_terms", None)
+    if not callable(fn):
+        return loss_terms_of(module, batch)
+    terms = fn(batch)
+    if not isinstance(terms, LossTerms):
+        raise TypeError(
+            f"{type(module).__name__}.batch_terms returned {type(terms).__name__}; it must return "
+            "lit_dpvae.privacy.LossTerms(batch={...}, pairwise={...})")
+    if terms.sample:
+        raise LossTermsError(
+            f"{type(module).__name__}.batch_terms returned sample-wise terms "
+            f"{sorted(terms.sample)}: it returns only the batch-wise (and pairwise) terms; the "
+            "sample-wise ones come from loss_terms")
+    return terms
+
+
 def batch_size_of(batch: Any) -> int:
     """Number of records in a batch: the leading dimension of its first tensor."""
     if isinstance(batch, Tensor):

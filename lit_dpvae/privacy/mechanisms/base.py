@@ -42,7 +42,7 @@ from lit_dpvae.privacy.probe import (
     record_columns,
     remap_records,
 )
-from lit_dpvae.privacy.terms import LossTerms, batch_size_of, loss_terms_of
+from lit_dpvae.privacy.terms import LossTerms, batch_size_of, batch_terms_of, loss_terms_of
 
 Stats = dict[str, dict[str, Tensor]]
 
@@ -309,6 +309,15 @@ class Mechanism:
         self.last_terms = terms
         return terms
 
+    def batch_forward(self, module: nn.Module, batch: Any, n: int) -> LossTerms:
+        """The batch-wise (and pairwise) terms of the whole batch, from one forward
+        (``batch_terms_of``: the model's ``batch_terms`` where it has one, which skips the
+        decoder), validated; empty terms are left to the mechanism's own checks."""
+        terms = batch_terms_of(module, batch)
+        if terms.sample or terms.batch:
+            terms.validate(n)
+        return terms
+
     def record_block(self, world_size: int = 1) -> int:
         """Records per forward of the sample part: fixed for the run, never a function of the
         realised batch, so every record's forward and backward run with the same shapes. A
@@ -337,8 +346,15 @@ class Mechanism:
         computed the same way whatever else is in the batch. Returns the sum and the real
         records' sample terms (detached, for logging). ``check`` sees each block's terms;
         ``comm``: the run's collectives (its world size sets the block, ``record_block``)."""
-        if n == 0:
-            return {name: torch.zeros_like(p) for name, p in named_trainable(module).items()}, {}
+        if n == 0:  # a multi-process rank without records: nothing to clip, but the logged
+            # terms need the model's keys (shape [0]), or train/* logging's all-reduce would
+            # not line up across ranks; one forward on the empty batch, local, RNG-neutral
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    torch.no_grad(), collectives.active(LOCAL):
+                empty = loss_terms_of(module, batch).sample
+            return ({name: torch.zeros_like(p) for name, p in named_trainable(module).items()},
+                    {k: v.detach() for k, v in empty.items()})
         # A batch item the library cannot open (the probe warns about it) may hold records it
         # cannot split: one unblocked forward then (docs/privacy.md §7).
         size = n if opaque_leaves(batch) else self.record_block(comm.world_size)

@@ -161,7 +161,7 @@ class PairwiseDPSGD(Mechanism):
             return {part: comm.all_reduce(v) for part, v in self.zeros(module).items()}
         params = named_trainable(module)
 
-        def check(terms: LossTerms) -> None:
+        def check_batch(terms: LossTerms) -> None:  # the batch-wise and pairwise terms
             if not terms.pairwise:
                 raise ValueError(
                     "the model declares no pairwise-decomposable divergence "
@@ -185,17 +185,23 @@ class PairwiseDPSGD(Mechanism):
                     "num_pairwise_terms=... to the mechanism: each adds 8·C_p to the "
                     "sensitivity)"
                 )
+
+        def check(terms: LossTerms) -> None:  # a record block's full terms
+            check_batch(terms)
             if terms.per_record() is None:
                 raise ValueError("PairwiseDPSGD needs at least one sample-wise term")
 
         # The pairwise and batch parts from one forward of the whole batch (first: its
-        # reparameterisation draws are the step's first), whose layer calls the latent Gram
-        # reads; the sample part in fixed-size blocks of records (each record computed the
-        # same way whatever else is in the batch).
+        # reparameterisation draws are the step's first; the model's batch_terms where it has
+        # one, so no decoder), whose layer calls the latent Gram reads; the sample part in
+        # fixed-size blocks of records (each record computed the same way whatever else is
+        # in the batch).
         with capture_layers(module) as cap:
-            terms = self.forward_terms(module, batch, n)
-        check(terms)
-        sample, _ = self.blocked_sample_sum(module, batch, n, check, comm)
+            terms = self.batch_forward(module, batch, n)
+        check_batch(terms)
+        sample, logged = self.blocked_sample_sum(module, batch, n, check, comm)
+        self.last_terms = LossTerms(sample=logged,
+                                    batch={k: v.detach() for k, v in terms.batch.items()})
         stats: Stats = {"sample": comm.all_reduce(sample)}
         pair_params = self.select(params, "pairwise")
         pairwise = {name: torch.zeros_like(p) for name, p in pair_params.items()}

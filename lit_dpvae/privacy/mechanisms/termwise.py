@@ -162,19 +162,21 @@ class TermwiseDPSGD(Mechanism):
                 )
 
         # The batch part from one forward of the whole batch (first: its reparameterisation
-        # draws are the step's first); the sample part in fixed-size blocks of records (each
-        # record computed the same way whatever else is in the batch).
-        h = None
+        # draws are the step's first; the model's batch_terms where it has one, so no decoder);
+        # the sample part in fixed-size blocks of records (each record computed the same way
+        # whatever else is in the batch).
+        h, batch_terms = None, {}
         if "batch" in self.parts:
-            terms = self.forward_terms(module, batch, n)
+            terms = self.batch_forward(module, batch, n)
             check(terms)
+            batch_terms = {k: v.detach() for k, v in terms.batch.items()}
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 h = grads_of(terms.batch_total(), batch_params, retain=False)
+            del terms
         sample, logged = self.blocked_sample_sum(module, batch, n, check, comm)
         stats: Stats = {"sample": comm.all_reduce(sample)}
         if h is not None:
             stats["batch"] = clip_vector(comm.all_reduce(h), self.batch_max_grad_norm)
-        else:
-            self.last_terms = LossTerms(sample=logged)
+        self.last_terms = LossTerms(sample=logged, batch=batch_terms)
         return stats

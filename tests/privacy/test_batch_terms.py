@@ -1,0 +1,143 @@
+"""``batch_terms``: the mechanisms' full-batch forward skips the decoder without changing a
+single released bit, and a ``batch_terms`` that disagrees with ``loss_terms`` is refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lit_dpvae.models import ClusterVAE, InfoVAE, SparseVAE
+from lit_dpvae.privacy import LossTerms, LossTermsError, TermwiseDPSGD
+from lit_dpvae.privacy.mechanisms.pairwise import PairwiseDPSGD
+from lit_dpvae.privacy.terms import batch_terms_of
+
+MODELS = {
+    "info": lambda: InfoVAE(data_shape=(12,), latent_dim=3, hidden=(16,)),
+    "cluster-mmd": lambda: ClusterVAE(data_shape=(12,), latent_dim=3, hidden=(16,),
+                                      n_components=4),
+    "cluster-akl": lambda: ClusterVAE(data_shape=(12,), latent_dim=3, hidden=(16,),
+                                      n_components=4, divergence="aggregate_kl"),
+    "sparse-dim_mmd": lambda: SparseVAE(data_shape=(12,), latent_dim=3, hidden=(16,),
+                                        divergence="dim_mmd"),
+}
+
+
+def _batch(n: int = 7, seed: int = 0) -> tuple[torch.Tensor]:
+    return (torch.rand(n, 12, generator=torch.Generator().manual_seed(seed)),)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_batch_terms_are_loss_terms_batch_part_under_the_same_draws(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    batch = _batch()
+    torch.manual_seed(1)
+    full = model.loss_terms(batch)
+    after_full = torch.get_rng_state()
+    torch.manual_seed(1)
+    part = batch_terms_of(model, batch)
+    assert torch.equal(torch.get_rng_state(), after_full)  # the same draws, in the same order
+    assert not part.sample and set(part.batch) == set(full.batch) == {model.divergence_key}
+    for key in full.batch:
+        assert torch.equal(part.batch[key], full.batch[key])
+    assert set(part.pairwise) == set(full.pairwise)
+    for key, term in full.pairwise.items():
+        assert torch.equal(part.pairwise[key].codes, term.codes)
+        assert torch.equal(part.pairwise[key].prior_samples, term.prior_samples)
+
+
+def _mechanism(kind: str):
+    if kind == "termwise":
+        return TermwiseDPSGD(max_grad_norm=0.5, batch_max_grad_norm=0.2, noise_multiplier=1.0)
+    return PairwiseDPSGD(max_grad_norm=0.5, pair_max_grad_norm=0.1, noise_multiplier=1.0)
+
+
+@pytest.mark.parametrize("kind,name", [("termwise", "info"), ("termwise", "cluster-akl"),
+                                       ("pairwise", "info"), ("pairwise", "cluster-mmd")])
+def test_a_private_step_is_bitwise_the_same_with_or_without_batch_terms(kind, name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    without = copy.deepcopy(model)
+    without.batch_terms = None  # not callable: the full loss_terms forward, as before
+    decoder_calls = {id(model): 0, id(without): 0}
+    for m in (model, without):
+        m.decoder.register_forward_hook(
+            lambda *_, key=id(m): decoder_calls.__setitem__(key, decoder_calls[key] + 1))
+    updates = []
+    for m in (model, without):
+        mech = _mechanism(kind)
+        mech.set_sampling(8.0)
+        torch.manual_seed(3)
+        gen = torch.Generator().manual_seed(5)
+        steps = []
+        for seed in (0, 1):  # two steps: the first one probes the model
+            stats = mech.aggregate(m, _batch(7 + seed, seed))
+            steps.append(mech.privatize(stats, expected_batch_size=8, generator=gen))
+        updates.append((steps, torch.get_rng_state()))
+    (got, rng_got), (want, rng_want) = updates
+    # The same probe forwards in both, plus check 5's one loss_terms for the fast path; then
+    # per step the fast path decodes once (the record block), the full forward twice:
+    # without − with = 2 steps · 1 − 1.
+    assert decoder_calls[id(without)] - decoder_calls[id(model)] == 1
+    assert torch.equal(rng_got, rng_want)
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Doubled(InfoVAE):
+    """A batch_terms that is not loss_terms' batch part (twice the divergence)."""
+
+    def batch_terms(self, batch):
+        terms = super().batch_terms(batch)
+        terms.batch = {k: 2.0 * v for k, v in terms.batch.items()}
+        return terms
+
+
+class _OtherCodes(InfoVAE):
+    """Codes of another draw than loss_terms' (the pairwise part would bound other codes)."""
+
+    def batch_terms(self, batch):
+        torch.randn(1)
+        return super().batch_terms(batch)
+
+
+class _WithSample(InfoVAE):
+    def batch_terms(self, batch):
+        terms = super().batch_terms(batch)
+        terms.sample = {"recon": torch.zeros(batch[0].shape[0])}
+        return terms
+
+
+@pytest.mark.parametrize("kind", ["termwise", "pairwise"])
+@pytest.mark.parametrize("cls,match", [(_Doubled, "value of 'mmd' differs"),
+                                       (_OtherCodes, "batch_terms does not return"),
+                                       (_WithSample, "returned sample-wise terms")])
+def test_a_batch_terms_other_than_loss_terms_is_refused(kind, cls, match):
+    torch.manual_seed(0)
+    model = cls(data_shape=(12,), latent_dim=3, hidden=(16,))
+    mech = _mechanism(kind)
+    mech.set_sampling(8.0)
+    with pytest.raises(LossTermsError, match=match):
+        mech.aggregate(model, _batch())
+
+
+def test_a_subclass_with_its_own_loss_terms_gets_its_own_batch_terms():
+    class Scaled(InfoVAE):
+        def loss_terms(self, batch):
+            terms = super().loss_terms(batch)
+            return LossTerms(sample=terms.sample,
+                             batch={k: 3.0 * v for k, v in terms.batch.items()},
+                             pairwise=terms.pairwise)
+
+    torch.manual_seed(0)
+    model = Scaled(data_shape=(12,), latent_dim=3, hidden=(16,))
+    torch.manual_seed(1)
+    full = model.loss_terms(_batch())
+    torch.manual_seed(1)
+    part = model.batch_terms(_batch())
+    assert torch.equal(part.batch["mmd"], full.batch["mmd"]) and not part.sample
+    mech = _mechanism("termwise")
+    mech.set_sampling(8.0)
+    mech.aggregate(model, _batch())  # passes the probe's check 5
