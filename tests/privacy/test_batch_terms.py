@@ -62,9 +62,14 @@ def test_a_private_step_is_bitwise_the_same_with_or_without_batch_terms(kind, na
     without = copy.deepcopy(model)
     without.batch_terms = None  # not callable: the full loss_terms forward, as before
     decoder_calls = {id(model): 0, id(without): 0}
+
+    def counter(key: int):
+        def hook(*_):
+            decoder_calls[key] += 1
+        return hook
+
     for m in (model, without):
-        m.decoder.register_forward_hook(
-            lambda *_, key=id(m): decoder_calls.__setitem__(key, decoder_calls[key] + 1))
+        m.decoder.register_forward_hook(counter(id(m)))
     updates = []
     for m in (model, without):
         mech = _mechanism(kind)
