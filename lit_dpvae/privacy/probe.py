@@ -145,23 +145,68 @@ def probe_record_contract(module: nn.Module, batch: Any, n: int, *,
                         "i only. (Random numbers must be drawn in a fixed shape per batch, "
                         "not in a data-dependent count.)"
                     )
-        # 5: a model's batch_terms (the mechanisms' full-batch forward) must return exactly
-        # loss_terms' batch-wise and pairwise terms under the same draws, so what the probe
-        # checked above (codes of record i read record i only) holds for what is released.
-        if callable(getattr(module, "batch_terms", None)):
-            same_draws()
-            full = loss_terms_of(module, batch)
-            same_draws()
-            part = batch_terms_of(module, batch)
-            _refuse_other_batch_terms(module, full, part, reproducible is True)
     _refuse_state_changes(module, states)
     return n >= 3
 
 
-def _refuse_other_batch_terms(module: nn.Module, full: Any, part: Any,
-                              reproducible: bool) -> None:
-    """Check 5 of ``probe_record_contract``: ``batch_terms`` equals ``loss_terms``' batch-wise
-    and pairwise terms, bit for bit (values, codes, prior samples, weights, kernel types)."""
+def verify_batch_terms(module: nn.Module, batch: Any, n: int) -> str | None:
+    """May the model's ``batch_terms`` stand in for ``loss_terms`` in the mechanisms'
+    full-batch forward (docs/privacy.md §1 (e))? None when verified on this batch, else the
+    reason; the mechanism then keeps ``loss_terms`` (the probed path) for the module.
+
+    On ``batch_terms``' own output: (a) and (b) of the gradient probe on its pairwise codes
+    (their autograd graph, which the pairwise part's latent Gram reads, must not reach other
+    records' rows), then, in the order training runs it — after a forward of another batch
+    (the records reversed), so state a forward leaves behind shows — ``batch_terms(batch)``
+    must equal the following ``loss_terms(batch)``' batch-wise and pairwise terms bit for bit
+    under the same draws. RNG-neutral; every rank runs the same forwards (collectives), a
+    failed check included. A probe, not a proof, like ``probe_record_contract``."""
+    devices = [t.device for t in _tensors(batch) if t.device.type == "cuda"][:1]
+    states = _module_state(module)
+    py_rng, np_rng = random.getstate(), np.random.get_state()
+    reason = None
+    with torch.random.fork_rng(devices=devices), _restoring(py_rng, np_rng):
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(devices[0]) if devices else None
+
+        def same_draws() -> None:
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, devices[0])
+            random.setstate(py_rng)
+            np.random.set_state(np_rng)
+
+        records = _probe_records(n) if n >= 2 else []
+        for with_inputs in (True, False):
+            probe_batch, inputs = _with_grad_inputs(batch, n) if with_inputs else (batch, [])
+            same_draws()
+            try:
+                _gradient_probe(module, probe_batch, n, inputs, records, batch_terms_of)
+                break
+            except (LossTermsError, AttributionError, TypeError) as error:
+                reason = str(error)
+                break
+            except RuntimeError:
+                if not with_inputs:
+                    raise
+        same_draws()
+        loss_terms_of(module, remap_records(batch, list(range(n))[::-1], n) if n >= 2 else batch)
+        same_draws()
+        try:
+            part = batch_terms_of(module, batch)
+        except (LossTermsError, TypeError) as error:
+            part, reason = None, reason or str(error)
+        same_draws()
+        full = loss_terms_of(module, batch)
+        if part is not None:
+            reason = reason or _batch_terms_difference(full, part)
+    _refuse_state_changes(module, states)
+    return reason
+
+
+def _batch_terms_difference(full: Any, part: Any) -> str | None:
+    """How ``batch_terms``' output differs from ``loss_terms``' batch-wise and pairwise terms
+    (values, codes, prior samples, weights, kernel types, bit for bit), or None."""
     def same(a: Any, b: Any) -> bool:
         if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
                 and a.dtype == b.dtype):
@@ -169,39 +214,29 @@ def _refuse_other_batch_terms(module: nn.Module, full: Any, part: Any,
         a, b = a.detach(), b.detach()  # NaN where both have it: validate() names those
         return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
-    what = None
     if set(full.batch) != set(part.batch) or set(full.pairwise) != set(part.pairwise):
-        what = (f"terms {sorted(part.batch)} / pairwise {sorted(part.pairwise)} against "
-                f"{sorted(full.batch)} / {sorted(full.pairwise)}")
-    else:
-        for name in full.batch:
-            if not same(full.batch[name], part.batch[name]):
-                what = f"the value of {name!r} differs"
-        for name, term in full.pairwise.items():
-            other = part.pairwise[name]
-            if not (same(term.codes, other.codes)
-                    and same(term.prior_samples, other.prior_samples)
-                    and float(term.weight) == float(other.weight)
-                    and type(term.kernel) is type(other.kernel)):
-                what = f"pairwise term {name!r} has other codes, prior samples, weight or kernel"
-    if what is None:
-        return
-    cause = "" if reproducible else (
-        " (loss_terms is not reproducible under the same torch RNG state, so the two cannot "
-        "be compared: draw randomness from the global torch RNG)")
-    raise LossTermsError(
-        f"{type(module).__name__}.batch_terms does not return loss_terms' batch-wise terms "
-        f"under the same random draws: {what}{cause}. The mechanisms compute the batch and "
-        "pairwise parts from batch_terms and the probe checks loss_terms: make batch_terms "
-        "return exactly loss_terms' batch and pairwise terms (same draws, in the same order), "
-        "or remove it")
+        return (f"it returns terms {sorted(part.batch)} / pairwise {sorted(part.pairwise)}, "
+                f"loss_terms {sorted(full.batch)} / {sorted(full.pairwise)}")
+    for name in full.batch:
+        if not same(full.batch[name], part.batch[name]):
+            return f"the value of {name!r} differs from loss_terms'"
+    for name, term in full.pairwise.items():
+        other = part.pairwise[name]
+        if not (same(term.codes, other.codes) and same(term.prior_samples, other.prior_samples)
+                and float(term.weight) == float(other.weight)
+                and type(term.kernel) is type(other.kernel)):
+            return (f"pairwise term {name!r} has other codes, prior samples, weight or kernel "
+                    "than loss_terms' (random draws between the codes and the prior samples, "
+                    "e.g. decoder dropout, shift them)")
+    return None
 
 
 def _gradient_probe(module: nn.Module, batch: Any, n: int, inputs: list[Tensor],
-                    records: list[int]) -> None:
-    """Checks 1-2 of ``probe_sample_terms`` (one forward)."""
+                    records: list[int], terms_of: Callable[[nn.Module, Any], Any] = loss_terms_of
+                    ) -> None:
+    """Checks 1-2 of ``probe_sample_terms`` (one forward of ``terms_of``)."""
     with torch.enable_grad(), capture_layers(module) as cap:
-        terms = loss_terms_of(module, batch)
+        terms = terms_of(module, batch)
         if n < 2:
             return
         outputs = [c.output for c in cap.calls if c.output.requires_grad]

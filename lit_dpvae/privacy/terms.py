@@ -225,7 +225,8 @@ def batch_terms_of(module: nn.Module, batch: Any) -> LossTerms:
     ``batch_terms`` is an optional speed-up (a VAE's divergence reads the codes only, so its
     full-batch forward can skip the decoder): it must return exactly ``loss_terms``' batch
     and pairwise terms under the same random draws, with no sample-wise terms (the record
-    blocks compute those). The record probe checks that equality (docs/privacy.md §1)."""
+    blocks compute those). The mechanisms call it only once the record probe verified that
+    (``lit_dpvae.privacy.probe.verify_batch_terms``, docs/privacy.md §1 (e))."""
     fn = getattr(module, "batch_terms", None)
     if not callable(fn):
         return loss_terms_of(module, batch)

@@ -41,6 +41,7 @@ from lit_dpvae.privacy.probe import (
     probe_record_contract,
     record_columns,
     remap_records,
+    verify_batch_terms,
 )
 from lit_dpvae.privacy.terms import LossTerms, batch_size_of, batch_terms_of, loss_terms_of
 
@@ -175,6 +176,7 @@ class Mechanism:
         state = self.__dict__.copy()
         state.pop("_owner", None)  # a weak reference does not pickle (spawned processes)
         state.pop("_columns", None)  # decided again on the first batch the copy sees
+        state.pop("_fast", None)  # verified again on the copy's first probed batch
         return state
 
     def bind(self, owner: object) -> None:
@@ -295,12 +297,38 @@ class Mechanism:
         if n < 2 and not comm.distributed:
             return
         complete = probe_record_contract(module, batch, n, collective=comm.distributed)
+        self.verify_batch_forward(module, batch, n, comm)
         if comm.distributed:  # one decision for all ranks: probed again until every rank was
             device = next((p.device for p in module.parameters()), torch.device("cpu"))
             done = comm.all_reduce({"complete": torch.tensor([float(complete)], device=device)})
             complete = int(done["complete"].item()) == comm.world_size
         if complete:  # else (n = 2: no replacement check) the next batch is probed too
             self._probed = module
+
+    def verify_batch_forward(self, module: nn.Module, batch: Any, n: int,
+                             comm: Collectives = LOCAL) -> None:
+        """Decide, once per module, whether ``batch_forward`` may call the model's
+        ``batch_terms`` (:func:`lit_dpvae.privacy.probe.verify_batch_terms` on a probed batch,
+        one decision for all ranks); where it may not, the full ``loss_terms`` forward is used,
+        with a warning that says why."""
+        fast = getattr(self, "_fast", None)
+        if not callable(getattr(module, "batch_terms", None)) or (
+                fast is not None and fast[0] is module):
+            return
+        reason = verify_batch_terms(module, batch, n)
+        ok = reason is None
+        if comm.distributed:
+            device = next((p.device for p in module.parameters()), torch.device("cpu"))
+            votes = comm.all_reduce({"ok": torch.tensor([float(ok)], device=device)})["ok"]
+            ok = int(votes.item()) == comm.world_size
+            reason = reason or "it differs from loss_terms on another process's records"
+        self._fast = (module, ok)
+        if not ok:
+            warnings.warn(
+                f"lit_dpvae: {type(module).__name__}.batch_terms is not used: "
+                f"{reason.rstrip('.')}. The "
+                "batch-wise and pairwise parts are computed from the full loss_terms forward "
+                "instead (slower, and what the record probe checked).", stacklevel=3)
 
     def forward_terms(self, module: nn.Module, batch: Any, n: int) -> LossTerms:
         """The model's validated loss terms of ``batch`` (kept in ``last_terms`` for logging)."""
@@ -310,10 +338,13 @@ class Mechanism:
         return terms
 
     def batch_forward(self, module: nn.Module, batch: Any, n: int) -> LossTerms:
-        """The batch-wise (and pairwise) terms of the whole batch, from one forward
-        (``batch_terms_of``: the model's ``batch_terms`` where it has one, which skips the
-        decoder), validated; empty terms are left to the mechanism's own checks."""
-        terms = batch_terms_of(module, batch)
+        """The batch-wise (and pairwise) terms of the whole batch, from one forward: the
+        model's ``batch_terms`` (no decoder) where ``verify_batch_forward`` verified it for
+        this module, else ``loss_terms``; validated; empty terms are left to the mechanism's
+        own checks."""
+        fast = getattr(self, "_fast", None)
+        verified = fast is not None and fast[0] is module and fast[1]
+        terms = batch_terms_of(module, batch) if verified else loss_terms_of(module, batch)
         if terms.sample or terms.batch:
             terms.validate(n)
         return terms
