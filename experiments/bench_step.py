@@ -69,6 +69,7 @@ from lit_dpvae.privacy.mechanisms import (  # noqa: E402
     mechanism_class,
     mechanism_names,
 )
+from lit_dpvae.privacy.terms import register_batch_terms  # noqa: E402
 
 MODELS = ("mlp", "conv")
 BACKENDS = ("ghost", "hooks", "functorch")
@@ -141,6 +142,7 @@ class BenchVAE(nn.Module):
                                                        self.mmd_weight)})
 
 
+@register_batch_terms  # batch_terms is loss_terms' _divergence, by construction
 class MLPVAE(BenchVAE):
     """784-400-20: Linear 784→400, ReLU, Linear 400→40; decoder 20→400→784."""
 
@@ -167,6 +169,7 @@ class _Unflatten(nn.Module):
         return x.reshape(x.shape[0], *self.shape)
 
 
+@register_batch_terms  # batch_terms is loss_terms' _divergence, by construction
 class ConvVAE(BenchVAE):
     """1×28×28: two stride-2 convs (32, 64) → Linear 2·d_z; decoder Linear → 64·7·7, two
     (nearest Upsample×2 + Conv2d k3) blocks. No BatchNorm, no ConvTranspose2d."""

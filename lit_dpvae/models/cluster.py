@@ -11,11 +11,13 @@ from lit_dpvae.divergences import MMD, MMD_BANDWIDTHS, AggregateKL
 from lit_dpvae.metrics.latent import assign_clusters, cluster_purity, nmi
 from lit_dpvae.models.base import BaseVAE
 from lit_dpvae.priors import MixtureOfGaussians
+from lit_dpvae.privacy.terms import register_batch_terms
 
 #: The divergences ClusterVAE offers, and the default λ of each.
 CLUSTER_DIVERGENCES = {"mmd": 10.0, "aggregate_kl": 1.0}
 
 
+@register_batch_terms
 class ClusterVAE(BaseVAE):
     """ℓ_i = recon_i + β·(1/K) Σ_k [log q(z_ik|x_i) − log p(z_ik)], p = Σ_c π_c N(μ_c, s² I),
     plus λ·D between the batch's aggregate posterior and the mixture, which pulls the batch's

@@ -9,8 +9,10 @@ from torch import Tensor
 
 from lit_dpvae.divergences import MMD, MMD_BANDWIDTHS
 from lit_dpvae.models.base import BaseVAE
+from lit_dpvae.privacy.terms import register_batch_terms
 
 
+@register_batch_terms
 class InfoVAE(BaseVAE):
     """MMD-VAE: ℓ_i = recon_i + β·KL(q(z|x_i) ‖ N(0, I)), plus λ·MMD²({z_i}, {w_m ~ N(0, I)}).
 

@@ -13,6 +13,7 @@ from lit_dpvae.divergences import SPIKE_BANDWIDTHS, DimensionWiseMMD
 from lit_dpvae.metrics.latent import hoyer_sparsity
 from lit_dpvae.models.base import BaseVAE
 from lit_dpvae.priors import SpikeAndSlab
+from lit_dpvae.privacy.terms import register_batch_terms
 
 #: λ of the per-record Hoyer penalty (``divergence="hoyer"``) by likelihood, chosen on
 #: validation splits (experiments/results/divergence_effect.md): the Gaussian reconstruction's
@@ -34,6 +35,7 @@ def _default_lam(divergence: str, likelihood: Any, schema: Any) -> float:
     return HOYER_LAM_BY_LIKELIHOOD.get(name, default) if isinstance(name, str) else default
 
 
+@register_batch_terms
 class SparseVAE(BaseVAE):
     """ℓ_i = recon_i + β·(1/K) Σ_k [log q(z_ik|x_i) − log p(z_ik)] + hoyer_i, p = spike-and-slab,
     with the sparsity term (``divergence="hoyer"``, the default)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from lit_dpvae.models.base import BaseVAE
+from lit_dpvae.privacy.terms import register_batch_terms
 
 
+@register_batch_terms
 class VanillaVAE(BaseVAE):
     """ELBO VAE: ℓ_i = −E_q log p(x_i|z) + β·KL(N(μ_i, σ_i²) ‖ N(0, I)) (closed form).
 

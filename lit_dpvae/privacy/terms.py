@@ -218,19 +218,45 @@ def loss_terms_of(module: nn.Module, batch: Any) -> LossTerms:
     return terms
 
 
+#: Model classes whose ``batch_terms`` the mechanisms may use (exact types, not subclasses):
+#: those whose ``batch_terms`` computes ``loss_terms``' batch-wise and pairwise terms by the
+#: same code, so no state or draw can differ between the two (``register_batch_terms``).
+_TRUSTED_BATCH_TERMS: set[type] = set()
+
+
+def register_batch_terms(cls: type) -> type:
+    """Let the mechanisms call ``cls.batch_terms`` for the full-batch forward of the batch and
+    pairwise parts (a class decorator). Only for a class whose ``batch_terms`` is, by
+    construction, ``loss_terms``' batch part (the same functions, the same draws in the same
+    order, no state shared with the rest of ``loss_terms``): that cannot be checked from
+    outside (review of 2026-12-04: state handed from ``batch_terms`` to ``loss_terms``, or
+    read from the previous forward, passed every probe and released up to 4.9× a part's
+    bound). The library registers its own pairings; a subclass is not covered (register it
+    too only if it keeps that property). The probe still verifies each registered model
+    (``lit_dpvae.privacy.probe.verify_batch_terms``)."""
+    _TRUSTED_BATCH_TERMS.add(cls)
+    return cls
+
+
+def has_trusted_batch_terms(module: nn.Module) -> bool:
+    """The module's exact class is registered and no instance attribute shadows a method."""
+    return (type(module) in _TRUSTED_BATCH_TERMS and callable(getattr(module, "batch_terms", None))
+            and not {"batch_terms", "loss_terms"} & set(vars(module)))
+
+
 def batch_terms_of(module: nn.Module, batch: Any) -> LossTerms:
     """The batch-wise (and pairwise) terms of ``batch`` for a mechanism's full-batch forward:
-    ``module.batch_terms(batch)`` where the model defines it, else ``loss_terms(batch)``.
+    ``module.batch_terms(batch)`` where the model's class is registered
+    (``register_batch_terms``), else ``loss_terms(batch)``.
 
-    ``batch_terms`` is an optional speed-up (a VAE's divergence reads the codes only, so its
-    full-batch forward can skip the decoder): it must return exactly ``loss_terms``' batch
-    and pairwise terms under the same random draws, with no sample-wise terms (the record
-    blocks compute those). The mechanisms call it only once the record probe verified that
+    ``batch_terms`` is a speed-up (a VAE's divergence reads the codes only, so its full-batch
+    forward can skip the decoder): it must return exactly ``loss_terms``' batch and pairwise
+    terms under the same random draws, with no sample-wise terms (the record blocks compute
+    those). The mechanisms call it only once the record probe verified that as well
     (``lit_dpvae.privacy.probe.verify_batch_terms``, docs/privacy.md §1 (e))."""
-    fn = getattr(module, "batch_terms", None)
-    if not callable(fn):
+    if not has_trusted_batch_terms(module):
         return loss_terms_of(module, batch)
-    terms = fn(batch)
+    terms = module.batch_terms(batch)
     if not isinstance(terms, LossTerms):
         raise TypeError(
             f"{type(module).__name__}.batch_terms returned {type(terms).__name__}; it must return "

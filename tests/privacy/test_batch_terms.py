@@ -12,8 +12,9 @@ import torch
 
 from lit_dpvae.models import ClusterVAE, InfoVAE, SparseVAE
 from lit_dpvae.privacy import LossTerms, TermwiseDPSGD
+from lit_dpvae.privacy import terms as terms_module
 from lit_dpvae.privacy.mechanisms.pairwise import PairwiseDPSGD
-from lit_dpvae.privacy.terms import batch_terms_of
+from lit_dpvae.privacy.terms import batch_terms_of, has_trusted_batch_terms
 
 MODELS = {
     "info": lambda: InfoVAE(data_shape=(12,), latent_dim=3, hidden=(16,)),
@@ -154,6 +155,7 @@ class _DecoderDropout(InfoVAE):
         return torch.nn.functional.dropout(super().decode(z, onehot), 0.1, self.training)
 
 
+@pytest.mark.parametrize("registered", [False, True])
 @pytest.mark.parametrize("kind", ["termwise", "pairwise"])
 @pytest.mark.parametrize("cls,why", [(_Doubled, "value of 'mmd' differs"),
                                      (_OtherCodes, "differs|other codes"),
@@ -161,9 +163,15 @@ class _DecoderDropout(InfoVAE):
                                      (_GraphLeak, "depends on record"),
                                      (_StaleDecode, "differs"),
                                      (_DecoderDropout, "differs|other codes")])
-def test_a_batch_terms_that_cannot_stand_in_for_loss_terms_is_not_used(kind, cls, why):
-    """Whatever is wrong with batch_terms, the mechanism falls back to the probed loss_terms
-    forward: the same bits as without batch_terms, over steps on different batches."""
+def test_a_batch_terms_that_cannot_stand_in_for_loss_terms_is_not_used(kind, cls, why,
+                                                                       registered, monkeypatch):
+    """Whatever is wrong with batch_terms, the mechanism uses the probed loss_terms forward:
+    the same bits as without batch_terms, over steps on different batches. A subclass is not
+    trusted (its batch_terms is never called); registered, the probe's verification refuses
+    to use it and says why."""
+    if registered:
+        monkeypatch.setattr(terms_module, "_TRUSTED_BATCH_TERMS",
+                            {*terms_module._TRUSTED_BATCH_TERMS, cls})
     torch.manual_seed(0)
     model = cls(data_shape=(12,), latent_dim=3, hidden=(16,))
     without = copy.deepcopy(model)
@@ -180,12 +188,24 @@ def test_a_batch_terms_that_cannot_stand_in_for_loss_terms_is_not_used(kind, cls
                 m.train()
                 out.append(mech.aggregate(m, _batch(7 - 2 * seed, seed)))
         said = [str(w.message) for w in caught if "batch_terms is not used" in str(w.message)]
-        assert (len(said) == 1 and re.search(why, said[0])) if m is model else not said
+        if m is model and registered:
+            assert len(said) == 1 and re.search(why, said[0])
+            assert mech._fast == (m, False)
+        else:  # not trusted: never verified, never called
+            assert not said and getattr(mech, "_fast", None) is None
         releases.append(out)
     for a, b in zip(*releases):
         assert a.keys() == b.keys()
         for part in a:
             assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+
+
+def test_only_registered_classes_and_no_shadowing_instance_attributes_are_trusted():
+    model = InfoVAE(data_shape=(12,), latent_dim=3, hidden=(16,))
+    assert has_trusted_batch_terms(model)
+    assert not has_trusted_batch_terms(_Doubled(data_shape=(12,), latent_dim=3, hidden=(16,)))
+    model.batch_terms = model.batch_terms  # an instance attribute: could be anything
+    assert not has_trusted_batch_terms(model)
 
 
 def test_a_subclass_with_its_own_loss_terms_gets_its_own_batch_terms():
@@ -201,9 +221,15 @@ def test_a_subclass_with_its_own_loss_terms_gets_its_own_batch_terms():
     torch.manual_seed(1)
     full = model.loss_terms(_batch())
     torch.manual_seed(1)
-    part = model.batch_terms(_batch())
+    part = model.batch_terms(_batch())  # if someone registers it: still its own loss_terms'
     assert torch.equal(part.batch["mmd"], full.batch["mmd"]) and not part.sample
-    mech = _mechanism("termwise")
+    assert not has_trusted_batch_terms(model)  # a subclass: the mechanisms never call it
+
+
+def test_registered_library_models_are_verified_and_used():
+    torch.manual_seed(0)
+    model = InfoVAE(data_shape=(12,), latent_dim=3, hidden=(16,))
+    mech = _mechanism("pairwise")
     mech.set_sampling(8.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # verified: no fallback warning

@@ -43,7 +43,13 @@ from lit_dpvae.privacy.probe import (
     remap_records,
     verify_batch_terms,
 )
-from lit_dpvae.privacy.terms import LossTerms, batch_size_of, batch_terms_of, loss_terms_of
+from lit_dpvae.privacy.terms import (
+    LossTerms,
+    batch_size_of,
+    batch_terms_of,
+    has_trusted_batch_terms,
+    loss_terms_of,
+)
 
 Stats = dict[str, dict[str, Tensor]]
 
@@ -312,8 +318,7 @@ class Mechanism:
         one decision for all ranks); where it may not, the full ``loss_terms`` forward is used,
         with a warning that says why."""
         fast = getattr(self, "_fast", None)
-        if not callable(getattr(module, "batch_terms", None)) or (
-                fast is not None and fast[0] is module):
+        if not has_trusted_batch_terms(module) or (fast is not None and fast[0] is module):
             return
         reason = verify_batch_terms(module, batch, n)
         ok = reason is None
