@@ -54,34 +54,14 @@ def probe_record_contract(module: nn.Module, batch: Any, n: int, *,
     a smaller batch is probed again on the next batch (``Mechanism.probe_sample_terms``)."""
     if n < 2 and not collective:
         return False
-    devices = [t.device for t in _tensors(batch) if t.device.type == "cuda"][:1]
     states = _module_state(module)
-    # fork_rng: the probe must not shift the model's random stream (exact resume relies on it)
-    py_rng, np_rng = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=devices), _restoring(py_rng, np_rng):
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state(devices[0]) if devices else None
-
-        def same_draws() -> None:  # every forward starts from the same global RNG states
-            torch.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, devices[0])
-            random.setstate(py_rng)
-            np.random.set_state(np_rng)
-
+    # the probe must not shift the model's random stream (exact resume relies on it)
+    with _same_draws(batch) as same_draws:
         records = _probe_records(n) if n >= 2 else []
         # 1-2: gradients of each probed record's values (inputs made non-leaf clones, so a
         # model may still write them in place; a model that cannot run on inputs that
         # require grad, e.g. one calling .numpy(), gets the layer-row check only).
-        for with_inputs in (True, False):
-            probe_batch, inputs = _with_grad_inputs(batch, n) if with_inputs else (batch, [])
-            same_draws()
-            try:
-                _gradient_probe(module, probe_batch, n, inputs, records)
-                break
-            except RuntimeError as error:
-                if not with_inputs or isinstance(error, (LossTermsError, AttributionError)):
-                    raise
+        _gradient_checks(module, batch, n, records, same_draws)
         # 3: replacement probe. A control forward on the same batch first: where the model's
         # randomness is not reproduced by the global RNG (its own generator, Python's
         # random), records cannot be compared across forwards and the check is skipped.
@@ -161,34 +141,14 @@ def verify_batch_terms(module: nn.Module, batch: Any, n: int) -> str | None:
     must equal the following ``loss_terms(batch)``' batch-wise and pairwise terms bit for bit
     under the same draws. RNG-neutral; every rank runs the same forwards (collectives), a
     failed check included. A probe, not a proof, like ``probe_record_contract``."""
-    devices = [t.device for t in _tensors(batch) if t.device.type == "cuda"][:1]
     states = _module_state(module)
-    py_rng, np_rng = random.getstate(), np.random.get_state()
     reason = None
-    with torch.random.fork_rng(devices=devices), _restoring(py_rng, np_rng):
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state(devices[0]) if devices else None
-
-        def same_draws() -> None:
-            torch.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state(cuda_rng, devices[0])
-            random.setstate(py_rng)
-            np.random.set_state(np_rng)
-
+    with _same_draws(batch) as same_draws:
         records = _probe_records(n) if n >= 2 else []
-        for with_inputs in (True, False):
-            probe_batch, inputs = _with_grad_inputs(batch, n) if with_inputs else (batch, [])
-            same_draws()
-            try:
-                _gradient_probe(module, probe_batch, n, inputs, records, batch_terms_of)
-                break
-            except (LossTermsError, AttributionError, TypeError) as error:
-                reason = str(error)
-                break
-            except RuntimeError:
-                if not with_inputs:
-                    raise
+        try:
+            _gradient_checks(module, batch, n, records, same_draws, batch_terms_of)
+        except (LossTermsError, AttributionError, TypeError) as error:
+            reason = str(error)
         same_draws()
         loss_terms_of(module, remap_records(batch, list(range(n))[::-1], n) if n >= 2 else batch)
         same_draws()
@@ -229,6 +189,23 @@ def _batch_terms_difference(full: Any, part: Any) -> str | None:
                     "than loss_terms' (random draws between the codes and the prior samples, "
                     "e.g. decoder dropout, shift them)")
     return None
+
+
+def _gradient_checks(module: nn.Module, batch: Any, n: int, records: list[int],
+                     same_draws: Callable[[], None],
+                     terms_of: Callable[[nn.Module, Any], Any] = loss_terms_of) -> None:
+    """Checks 1-2 with the batch's inputs made non-leaf clones that require grad (a model may
+    still write them in place); a model that cannot run on such inputs (one calling
+    ``.numpy()``) gets the layer-row check only."""
+    for with_inputs in (True, False):
+        probe_batch, inputs = _with_grad_inputs(batch, n) if with_inputs else (batch, [])
+        same_draws()
+        try:
+            _gradient_probe(module, probe_batch, n, inputs, records, terms_of)
+            return
+        except RuntimeError as error:
+            if not with_inputs or isinstance(error, (LossTermsError, AttributionError)):
+                raise
 
 
 def _gradient_probe(module: nn.Module, batch: Any, n: int, inputs: list[Tensor],
@@ -292,6 +269,27 @@ def _refuse_cross_record(label: str, i: int, n: int, input_grads: tuple,
                 "clipped per record: compute them outside the trainable layers' per-record "
                 "calls (e.g. as a batch-wise term), or freeze the parameters they use."
             )
+
+
+@contextlib.contextmanager
+def _same_draws(batch: Any) -> Iterator[Callable[[], None]]:
+    """RNG-neutral block whose ``same_draws()`` resets the torch (CPU and the batch's CUDA
+    device), Python and NumPy global RNGs to their states at entry: every probe forward then
+    starts from the same draws."""
+    devices = [t.device for t in _tensors(batch) if t.device.type == "cuda"][:1]
+    py_rng, np_rng = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=devices), _restoring(py_rng, np_rng):
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(devices[0]) if devices else None
+
+        def same_draws() -> None:
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, devices[0])
+            random.setstate(py_rng)
+            np.random.set_state(np_rng)
+
+        yield same_draws
 
 
 @contextlib.contextmanager
