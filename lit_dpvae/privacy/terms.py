@@ -238,10 +238,39 @@ def register_batch_terms(cls: type) -> type:
     return cls
 
 
+#: Where the types of a trusted model's submodules may come from: torch's own layers and the
+#: library's (an injected module of another origin could see that ``batch_terms`` encodes
+#: without decoding and act on it: 4.6C and 2.2× 8·C_p released in review, 2026-12-04).
+_TRUSTED_MODULE_ORIGINS = ("torch.nn.", "lit_dpvae.")
+
+
+def _plain(module: nn.Module) -> bool:
+    """No instance-level method, no hook but the library's own capture hooks."""
+    shadowed = {name for name, value in vars(module).items()
+                if callable(value) and not isinstance(value, nn.Module)
+                and callable(getattr(type(module), name, None))}
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values(),
+             *module._backward_hooks.values(), *module._backward_pre_hooks.values()]
+    return not shadowed and all(getattr(h, "_lit_dpvae_capture", False) for h in hooks)
+
+
 def has_trusted_batch_terms(module: nn.Module) -> bool:
-    """The module's exact class is registered and no instance attribute shadows a method."""
-    return (type(module) in _TRUSTED_BATCH_TERMS and callable(getattr(module, "batch_terms", None))
-            and not {"batch_terms", "loss_terms"} & set(vars(module)))
+    """May the mechanisms call ``module.batch_terms``? Its exact class is registered
+    (``register_batch_terms``), every submodule is one of torch's or the library's own layer
+    types, and neither the module nor a submodule has an instance-level method or a hook
+    (the library's own capture hooks aside), nor is a global module hook set: then
+    ``batch_terms`` runs exactly the code ``loss_terms`` runs for its batch part."""
+    if type(module) not in _TRUSTED_BATCH_TERMS or not callable(getattr(module, "batch_terms",
+                                                                          None)):
+        return False
+    global_hooks = [*nn.modules.module._global_forward_hooks.values(),
+                    *nn.modules.module._global_forward_pre_hooks.values(),
+                    *nn.modules.module._global_backward_hooks.values()]
+    if not all(getattr(h, "_lit_dpvae_capture", False) for h in global_hooks):
+        return False
+    return all(_plain(sub) and (sub is module
+                                or type(sub).__module__.startswith(_TRUSTED_MODULE_ORIGINS))
+               for sub in module.modules())
 
 
 def batch_terms_of(module: nn.Module, batch: Any) -> LossTerms:

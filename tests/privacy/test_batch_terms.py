@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lit_dpvae.models import ClusterVAE, InfoVAE, SparseVAE
+from lit_dpvae.models.base import BaseVAE
 from lit_dpvae.privacy import LossTerms, TermwiseDPSGD
 from lit_dpvae.privacy import terms as terms_module
 from lit_dpvae.privacy.mechanisms.pairwise import PairwiseDPSGD
@@ -59,20 +60,20 @@ def _mechanism(kind: str):
 
 @pytest.mark.parametrize("kind,name", [("termwise", "info"), ("termwise", "cluster-akl"),
                                        ("pairwise", "info"), ("pairwise", "cluster-mmd")])
-def test_a_private_step_is_bitwise_the_same_with_or_without_batch_terms(kind, name):
+def test_a_private_step_is_bitwise_the_same_with_or_without_batch_terms(kind, name,
+                                                                          monkeypatch):
     torch.manual_seed(0)
     model = MODELS[name]()
     without = copy.deepcopy(model)
     without.batch_terms = None  # not callable: the full loss_terms forward, as before
     decoder_calls = {id(model): 0, id(without): 0}
+    decode = BaseVAE.decode
 
-    def counter(key: int):
-        def hook(*_):
-            decoder_calls[key] += 1
-        return hook
+    def counted(self, *args, **kwargs):  # on the class: a hook would make the model untrusted
+        decoder_calls[id(self)] += 1
+        return decode(self, *args, **kwargs)
 
-    for m in (model, without):
-        m.decoder.register_forward_hook(counter(id(m)))
+    monkeypatch.setattr(BaseVAE, "decode", counted)
     updates = []
     for m in (model, without):
         mech = _mechanism(kind)
@@ -235,3 +236,78 @@ def test_registered_library_models_are_verified_and_used():
         warnings.simplefilter("error")  # verified: no fallback warning
         mech.aggregate(model, _batch())
     assert mech._fast == (model, True)
+
+
+class _RememberingEncoder(torch.nn.Module):
+    """An injected encoder that can tell batch_terms (no decoder call) from loss_terms, with a
+    decoder sharing its context (review: 4.6C on the sample part, 2.2× 8·C_p)."""
+
+    def __init__(self, inner, context):
+        super().__init__()
+        self.inner, self.context = inner, context
+
+    def forward(self, x, *rest):
+        mu, log_var = self.inner(x, *rest)
+        previous, self.context["mean"] = self.context.get("mean"), x.detach().mean(0)
+        if previous is not None:
+            mu = mu + 20.0 * (previous - self.context["mean"])[: mu.shape[1]]
+        return mu, log_var
+
+
+class _ForgettingDecoder(torch.nn.Module):
+    def __init__(self, inner, context):
+        super().__init__()
+        self.inner, self.context = inner, context
+
+    def forward(self, z, *rest):
+        self.context["mean"] = None
+        return self.inner(z, *rest)
+
+
+def test_injected_modules_hooks_and_instance_methods_are_not_trusted():
+    kw = dict(data_shape=(12,), latent_dim=3, hidden=(16,))
+    torch.manual_seed(0)
+    base, context = InfoVAE(**kw), {}
+    injected = InfoVAE(**kw, encoder=_RememberingEncoder(base.encoder, context),
+                       decoder=_ForgettingDecoder(base.decoder, context))
+    assert not has_trusted_batch_terms(injected)  # a module type of the user's
+    assert has_trusted_batch_terms(base)
+    handle = base.decoder.register_forward_hook(lambda *_: None)  # user code on a layer
+    assert not has_trusted_batch_terms(base)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
+    try:
+        assert not has_trusted_batch_terms(base)
+    finally:
+        handle.remove()
+    base.encoder.forward = base.encoder.forward  # an instance-level method on a submodule
+    assert not has_trusted_batch_terms(base)
+    del base.encoder.forward
+    base.decode = base.decode  # ... or on the model
+    assert not has_trusted_batch_terms(base)
+    del base.decode
+    assert has_trusted_batch_terms(base)
+    # the injected model runs the probed loss_terms forward: the unregistered path's bits
+    mech = _mechanism("pairwise")
+    mech.set_sampling(8.0)
+    torch.manual_seed(3)
+    mech.aggregate(injected, _batch())
+    assert getattr(mech, "_fast", None) is None
+
+
+def test_the_fast_path_is_taken_in_a_lightning_fit():
+    import lightning.pytorch as pl
+
+    from lit_dpvae.data import ArrayDataModule
+    from lit_dpvae.strategy import DPStrategy
+
+    x = torch.rand(200, 12, generator=torch.Generator().manual_seed(0))
+    dm = ArrayDataModule(x, value_range=(0, 1), batch_size=32)
+    model = InfoVAE(data_shape=(12,), latent_dim=3, hidden=(16,))
+    strategy = DPStrategy(noise_multiplier=1.0, noise_seed=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batch_terms is not used.*")
+        pl.Trainer(strategy=strategy, accelerator="cpu", max_steps=2, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_val_batches=0).fit(model, dm)
+    assert strategy.mechanism._fast == (model, True)
