@@ -235,7 +235,22 @@ def register_batch_terms(cls: type) -> type:
     too only if it keeps that property). The probe still verifies each registered model
     (``lit_dpvae.privacy.probe.verify_batch_terms``)."""
     _TRUSTED_BATCH_TERMS.add(cls)
+    _CLASS_SNAPSHOTS[cls] = _class_methods(cls)
     return cls
+
+
+#: The methods (along the MRO) of each registered class when it was registered: a class-level
+#: monkeypatch of one (``InfoVAE.encode = ...``, or on ``BaseVAE``) makes the class untrusted
+#: (review: a patched encode/decode pair that saw batch_terms' call pattern released 4.6C).
+_CLASS_SNAPSHOTS: dict[type, dict[tuple[str, str], int]] = {}
+
+
+def _class_methods(cls: type) -> dict[tuple[str, str], int]:
+    """``(class, name) -> id`` of every callable or descriptor in the class dictionaries along
+    the MRO (raw entries: a descriptor may build a new object on each access)."""
+    return {(klass.__qualname__, name): id(value) for klass in cls.__mro__
+            for name, value in vars(klass).items()
+            if callable(value) or hasattr(value, "__get__")}
 
 
 #: Where the types of a trusted model's submodules may come from: torch's own layers and the
@@ -259,10 +274,15 @@ def has_trusted_batch_terms(module: nn.Module) -> bool:
     (``register_batch_terms``), every submodule is one of torch's or the library's own layer
     types, and neither the module nor a submodule has an instance-level method or a hook
     (the library's own capture hooks aside), nor is a global module hook set: then
-    ``batch_terms`` runs exactly the code ``loss_terms`` runs for its batch part."""
+    ``batch_terms`` runs exactly the code ``loss_terms`` runs for its batch part; and no
+    method of the class or its bases was replaced since it was registered. Not covered: a
+    module type whose ``__module__`` is forged to torch's or the library's, and class-level
+    patches of torch's or the library's layer types (docs/privacy.md §1 (e))."""
     if type(module) not in _TRUSTED_BATCH_TERMS or not callable(getattr(module, "batch_terms",
                                                                           None)):
         return False
+    if _class_methods(type(module)) != _CLASS_SNAPSHOTS.get(type(module)):
+        return False  # a method of the class (or of a base class) was replaced since
     global_hooks = [*nn.modules.module._global_forward_hooks.values(),
                     *nn.modules.module._global_forward_pre_hooks.values(),
                     *nn.modules.module._global_backward_hooks.values()]

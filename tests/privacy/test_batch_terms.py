@@ -67,13 +67,14 @@ def test_a_private_step_is_bitwise_the_same_with_or_without_batch_terms(kind, na
     without = copy.deepcopy(model)
     without.batch_terms = None  # not callable: the full loss_terms forward, as before
     decoder_calls = {id(model): 0, id(without): 0}
-    decode = BaseVAE.decode
+    owners = {id(model.likelihood): id(model), id(without.likelihood): id(without)}
+    log_prob = type(model.likelihood).log_prob
 
-    def counted(self, *args, **kwargs):  # on the class: a hook would make the model untrusted
-        decoder_calls[id(self)] += 1
-        return decode(self, *args, **kwargs)
+    def counted(self, *args, **kwargs):  # the likelihood runs once per decode; counted on its
+        decoder_calls[owners[id(self)]] += 1  # class (a hook or a patch of the model's class
+        return log_prob(self, *args, **kwargs)  # would make the model untrusted)
 
-    monkeypatch.setattr(BaseVAE, "decode", counted)
+    monkeypatch.setattr(type(model.likelihood), "log_prob", counted)
     updates = []
     for m in (model, without):
         mech = _mechanism(kind)
@@ -173,6 +174,8 @@ def test_a_batch_terms_that_cannot_stand_in_for_loss_terms_is_not_used(kind, cls
     if registered:
         monkeypatch.setattr(terms_module, "_TRUSTED_BATCH_TERMS",
                             {*terms_module._TRUSTED_BATCH_TERMS, cls})
+        monkeypatch.setitem(terms_module._CLASS_SNAPSHOTS, cls,
+                            terms_module._class_methods(cls))
     torch.manual_seed(0)
     model = cls(data_shape=(12,), latent_dim=3, hidden=(16,))
     without = copy.deepcopy(model)
@@ -311,3 +314,17 @@ def test_the_fast_path_is_taken_in_a_lightning_fit():
                    enable_checkpointing=False, enable_progress_bar=False,
                    enable_model_summary=False, limit_val_batches=0).fit(model, dm)
     assert strategy.mechanism._fast == (model, True)
+
+
+def test_a_class_level_monkeypatch_makes_the_class_untrusted(monkeypatch):
+    model = InfoVAE(data_shape=(12,), latent_dim=3, hidden=(16,))
+    assert has_trusted_batch_terms(model)
+    decode = BaseVAE.decode
+    monkeypatch.setattr(BaseVAE, "decode", lambda self, *a, **k: decode(self, *a, **k))
+    assert not has_trusted_batch_terms(model)  # on a base class: every pairing
+    monkeypatch.undo()
+    assert has_trusted_batch_terms(model)
+    monkeypatch.setattr(InfoVAE, "encode", BaseVAE.encode)  # any class-level assignment
+    assert not has_trusted_batch_terms(model)
+    monkeypatch.undo()
+    assert has_trusted_batch_terms(model)
